@@ -1,0 +1,17 @@
+"""Gradient reducers: one contract, many compression methods.
+
+    from sparsecomm import reducers
+    reducers.available()
+    r = reducers.build("exdyna", density=0.001)
+    avg = r.reduce(grads)    # a collective: every rank calls it, in the same order
+    r.memory, r.stats, r.state_dict(), r.load_state_dict(state)
+"""
+from .base import Reducer, Step
+from .comm import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
+from .exchange import LayoutMismatchError, NonFiniteGradientError
+from .registry import available, build, lookup, method_options, register
+from . import methods  # noqa: F401  (registers every method)
+
+__all__ = ["available", "build", "lookup", "method_options", "register", "Reducer", "Step", "Communicator",
+           "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator", "LayoutMismatchError",
+           "NonFiniteGradientError"]

@@ -1,0 +1,141 @@
+"""Communicators: the only place reducers touch ``torch.distributed``.
+
+A reducer gets its collectives (all-reduce, all-gather, broadcast) from a
+:class:`Communicator`. The default wraps a ``torch.distributed`` process group (gloo on
+CPU tensors, NCCL on CUDA tensors); :class:`SoloCommunicator` serves a single worker
+without any process group. Other implementations (for example simulated workers in one
+process) only need the three ``_``-prefixed primitives.
+
+Every collective is counted, per worker, in two ways (methods.md, section 5):
+
+``bytes_sent``
+    bytes this worker handed to the collective (for a broadcast: the root's payload,
+    nothing for the receivers). With one worker the collective is the identity, but the
+    payload a method hands over is still counted, so figures compare across worker counts.
+``bytes_wire``
+    an estimate of the bytes that reach this worker over the network under ring
+    algorithms: all-reduce of n bytes ``2(P-1)/P * n``; all-gather of n bytes per worker
+    ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Communicator", "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator"]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Communicator:
+    """Blocking collectives over ``size`` workers, with per-step byte counters."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        if size < 1 or not 0 <= rank < size:
+            raise ValueError(f"invalid rank {rank} for a world of size {size}")
+        self.rank = rank
+        self.size = size
+        self.bytes_sent = 0
+        self.bytes_wire = 0.0
+
+    def reset_counters(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_wire = 0.0
+
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over all workers, in place; every worker gets identical bits."""
+        n = _nbytes(tensor)
+        self.bytes_sent += n
+        self.bytes_wire += 2.0 * (self.size - 1) / self.size * n
+        if self.size > 1 and tensor.numel() > 0:
+            self._all_reduce(tensor)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Gather equal-shaped tensors from all workers into a new ``[size, *shape]`` tensor."""
+        n = _nbytes(tensor)
+        self.bytes_sent += n
+        self.bytes_wire += float((self.size - 1) * n)
+        tensor = tensor.contiguous()
+        if self.size == 1:
+            return tensor.unsqueeze(0).clone()
+        out = torch.empty((self.size * tensor.numel(),), dtype=tensor.dtype, device=tensor.device)
+        if tensor.numel() > 0:
+            self._all_gather(out, tensor.view(-1))
+        return out.view(self.size, *tensor.shape)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Overwrite ``tensor`` on every worker with the copy held by worker ``src``."""
+        if not 0 <= src < self.size:
+            raise ValueError(f"broadcast source {src} is outside the world of size {self.size}")
+        n = _nbytes(tensor)
+        if self.rank == src:
+            self.bytes_sent += n
+        elif self.size > 1:
+            self.bytes_wire += float(n)
+        if self.size > 1 and tensor.numel() > 0:
+            self._broadcast(tensor, src)
+        return tensor
+
+    # Primitives implemented by subclasses; only called with size > 1 and non-empty tensors.
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+class SoloCommunicator(Communicator):
+    """One worker, no process group: every collective is the identity."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1)
+
+
+_all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor")
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Collectives of a ``torch.distributed`` process group (``None``: the default group)."""
+
+    def __init__(self, group: Any = None) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("torch.distributed is not initialized; pass group=None without a "
+                               "process group for a single worker, or call init_process_group first")
+        self.group = group
+        super().__init__(dist.get_rank(group), dist.get_world_size(group))
+        self._global_ranks = [dist.get_global_rank(group, r) if group is not None else r
+                              for r in range(self.size)]
+
+    def _all_reduce(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        _all_gather_flat(out, tensor, group=self.group)
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        dist.broadcast(tensor, src=self._global_ranks[src], group=self.group)
+
+    def __getstate__(self) -> dict:
+        raise TypeError("a communicator holds a process group and cannot be pickled; "
+                        "save the reducer's state_dict() instead")
+
+
+def make_communicator(group: Any = None) -> Communicator:
+    """The communicator for ``group``: a :class:`Communicator` is used as is; ``None`` means the
+    default process group when one is initialized, else a single worker."""
+    if isinstance(group, Communicator):
+        return group
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return SoloCommunicator()
+    return ProcessGroupCommunicator(group)

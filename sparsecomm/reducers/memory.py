@@ -1,0 +1,85 @@
+"""Error feedback: the residual each worker carries from one step to the next.
+
+Each worker compresses ``x = g + m`` instead of its gradient ``g``; after the exchange
+``m`` becomes what did not get across (Seide et al. 2014; Karimireddy et al. 2019). With
+error feedback off, ``x = g`` and ``m`` stays zero.
+
+Two flat buffers alternate: ``x`` is built in one while ``m`` is kept in the other, so a
+step that is abandoned (for example skipped for a non-finite gradient) leaves ``m``
+untouched, and no step allocates.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .layout import Layout
+
+__all__ = ["ErrorFeedback"]
+
+
+class ErrorFeedback:
+    """Residual memory ``m`` and the compensated vector ``x`` of one worker."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = bool(enabled)
+        self._m: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+
+    def allocate(self, layout: Layout, residual: torch.Tensor | None = None) -> None:
+        """(Re)create the buffers for ``layout``, optionally starting from a saved residual."""
+        d = layout.numel
+        self._m = torch.zeros(d, dtype=layout.dtype, device=layout.device)
+        self._x = torch.empty(d, dtype=layout.dtype, device=layout.device)
+        if residual is not None:
+            if residual.numel() != d:
+                raise ValueError(f"saved residual has {residual.numel()} elements, the gradients {d}")
+            self._m.copy_(residual.reshape(-1))
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """The flat residual ``m`` (zeros when error feedback is off)."""
+        if self._m is None:
+            raise RuntimeError("no residual yet: reduce() has not been called")
+        return self._m
+
+    @property
+    def allocated(self) -> bool:
+        return self._m is not None
+
+    def compensate(self, grads: Sequence[torch.Tensor], layout: Layout) -> torch.Tensor:
+        """Build and return the flat ``x = g + m`` (``x = g`` when off). ``x`` is an internal
+        buffer: valid until the next call, not to be handed to users."""
+        x = self._x
+        assert x is not None and self._m is not None
+        if self.enabled:
+            for (a, b), g in zip(layout.segments, grads):
+                torch.add(self._m[a:b], g.reshape(-1), out=x[a:b])
+        else:
+            layout.flatten(grads, out=x)
+        return x
+
+    def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor) -> None:
+        """The step went through: the new residual is ``x`` with the ``sent`` positions zeroed."""
+        if self.enabled:
+            if sent.numel():
+                x[sent] = 0
+            self._swap(x)
+
+    def commit_all(self, x: torch.Tensor) -> None:
+        """Everything was sent: the residual becomes zero."""
+        if self.enabled:
+            x.zero_()
+            self._swap(x)
+
+    def commit_dense(self, x: torch.Tensor, approximation: torch.Tensor) -> None:
+        """A dense approximation was sent: the residual is ``x - approximation``."""
+        if self.enabled:
+            x.sub_(approximation)
+            self._swap(x)
+
+    def _swap(self, x: torch.Tensor) -> None:
+        if x.data_ptr() != self._x.data_ptr():
+            raise RuntimeError("commit expects the buffer returned by compensate()")
+        self._m, self._x = self._x, self._m

@@ -1,0 +1,84 @@
+"""SAGE: a hard threshold rescaled every step to track a target density."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..base import Step
+from ..control import SageScaling
+from ..exchange import gather_counts
+from ..layout import Layout
+from ..registry import register
+from ..selection import initial_threshold, search_block, slovin_sample_size, target_count, threshold_select
+from .sparse import SparseReducer
+
+
+@register
+class Sage(SparseReducer):
+    """SAGE (Yoon, Jeong & Oh, J. Supercomputing 2023): hard threshold with lambda_0 =
+    1/(2 sqrt(k)) rescaled by alpha * beta * gamma every step (see
+    :class:`~sparsecomm.reducers.control.SageScaling`); each worker's own density tracks c.
+
+    Thresholds stay in sync across workers (the authors' code lets each worker sample with
+    its own random stream, so thresholds drift apart): every worker samples the same
+    ``n_s`` positions (Slovin's formula with error ``sample_error``; one indexed gather), the
+    sampled means ride on the step's handshake and are averaged, and the examined counts
+    for ``d_exam`` are summed with one 8-byte all-reduce, so every worker derives the same
+    lambda from the same global statistics.
+    """
+
+    name = "sage"
+    summary = "hard threshold rescaled every step to track the target density (synced across workers)"
+
+    def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, **common: Any) -> None:
+        if not isinstance(sample_error, (int, float)) or not 0 < sample_error < 1:
+            raise ValueError(f"sample_error must be in (0, 1), got {sample_error!r}")
+        super().__init__(exchange=exchange, **common)
+        self.sample_error = float(sample_error)
+        self._generator = torch.Generator()
+        self._generator.manual_seed(self.seed)
+        self._control: SageScaling | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "sample_error": self.sample_error}
+
+    def _configure(self, layout: Layout) -> None:
+        k = target_count(self.density, layout.numel)
+        self._control = SageScaling(self.density, initial_threshold(k))
+        self._samples = slovin_sample_size(layout.numel, self.sample_error)
+
+    def _run(self, step: Step) -> torch.Tensor:
+        x, control, d = step.x, self._control, step.d
+        assert control is not None
+        block = search_block(self.density)
+        with step.phase("select"):
+            positions = torch.randint(0, max(d, 1), (self._samples,), generator=self._generator)
+            sampled = x[positions.to(x.device)].abs().float().mean() if self._samples else 0.0
+        header = step.handshake(extras=[sampled])
+        sampled_mean = sum(header.extras[:, 0].tolist()) / self.comm.size  # rank order
+        if not control.started:
+            control.start(sampled_mean)
+        else:
+            alpha = control.alpha(sampled_mean)
+            with step.phase("select"):
+                examined = threshold_select(x, control.threshold * alpha, step.layout.index_dtype, block=block).numel()
+            with step.phase("comm"):
+                total = self.comm.all_reduce_(torch.tensor([examined], dtype=torch.float64, device=x.device))
+            control.update(sampled_mean, alpha, float(total) / (self.comm.size * d) if d else 0.0)
+        with step.phase("select"):
+            idx = threshold_select(x, control.threshold, step.layout.index_dtype, block=block)
+        with step.phase("comm"):
+            counts = gather_counts(self.comm, idx.numel(), x.device)
+        avg = self._send(step, idx, counts)
+        step.stats.update(threshold=control.threshold, sampled_mean=sampled_mean, **control.last)
+        return avg
+
+    def _method_state(self) -> dict[str, Any]:
+        assert self._control is not None
+        return {"control": self._control.state_dict(), "generator": self._generator.get_state()}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        assert self._control is not None
+        self._control.load_state_dict(state["control"])
+        self._generator.set_state(state["generator"])

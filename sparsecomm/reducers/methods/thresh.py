@@ -1,0 +1,71 @@
+"""Hard-threshold sparsification with a fixed threshold."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..base import Step
+from ..layout import Layout
+from ..registry import register
+from ..selection import (initial_threshold, search_block, target_count, threshold_select,
+                         threshold_select_segments)
+from .sparse import SparseReducer
+
+SCOPES = ("flat", "layer")
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    if threshold is None:
+        return None
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not math.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
+    return float(threshold)
+
+
+@register
+class HardThreshold(SparseReducer):
+    """Hard threshold (Sahu et al., NeurIPS 2021): send every coordinate with |x| >= lambda,
+    a constant. By default lambda = 1 / (2 sqrt(k)) with k = max(1, floor(c * d)) (their rule
+    of thumb for the density one would use with top-k); with ``scope="layer"`` each tensor
+    gets 1 / (2 sqrt(k_t)) from its own size. An explicit ``threshold`` applies everywhere.
+    The achieved density is whatever lambda gives."""
+
+    name = "thresh"
+    summary = "hard threshold |x| >= lambda, lambda fixed (default 1/(2 sqrt(k)))"
+
+    def __init__(self, *, threshold: float | None = None, scope: str = "flat", exchange: str = "gather",
+                 **common: Any) -> None:
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+        super().__init__(exchange=exchange, **common)
+        self.threshold = check_threshold(threshold)
+        self.scope = scope
+        self._lambdas: list[float] = []
+        self._flat = 0.0
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "threshold": self.threshold, "scope": self.scope}
+
+    def _configure(self, layout: Layout) -> None:
+        if self.threshold is None and self.scope == "layer":
+            self._lambdas = [initial_threshold(target_count(self.density, n)) for n in layout.sizes]
+        else:
+            self._lambdas = []
+            self._flat = self.threshold or initial_threshold(target_count(self.density, layout.numel))
+
+    def _run(self, step: Step) -> torch.Tensor:
+        x, layout = step.x, step.layout
+        block = search_block(self.density)
+        with step.phase("select"):
+            if self._lambdas:
+                idx = threshold_select_segments(x, self._lambdas, layout.segments, layout.index_dtype, block)
+            else:
+                idx = threshold_select(x, self._flat, layout.index_dtype, block=block)
+        header = step.handshake(count=idx.numel())
+        avg = self._send(step, idx, header.counts)
+        if not self._lambdas:
+            step.stats["threshold"] = self._flat
+        return avg

@@ -1,0 +1,51 @@
+"""Top-k sparsification, per tensor and over the whole vector."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..base import Step
+from ..layout import Layout
+from ..registry import register
+from ..selection import target_count, topk, topk_per_segment
+from .sparse import SparseReducer
+
+
+@register
+class TopK(SparseReducer):
+    """Layer-wise top-k (as in the PowerSGD and "rethinking" research code): in each tensor
+    the k_t = max(1, floor(c * numel_t)) largest |x|."""
+
+    name = "topk"
+    summary = "layer-wise top-k: the k_t largest |x| of every tensor"
+
+    def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
+        super().__init__(exchange=exchange, **common)
+        self._ks: list[int] = []
+
+    def _configure(self, layout: Layout) -> None:
+        self._ks = [target_count(self.density, n) for n in layout.sizes]
+
+    def _run(self, step: Step) -> torch.Tensor:
+        with step.phase("select"):
+            idx = topk_per_segment(step.x, step.layout.segments, self._ks, step.layout.index_dtype)
+        header = step.handshake(count=idx.numel())
+        return self._send(step, idx, header.counts)
+
+
+@register
+class GlobalTopK(SparseReducer):
+    """Global top-k: the k = max(1, floor(c * d)) largest |x| of the flat vector."""
+
+    name = "global_topk"
+    summary = "top-k over the whole flat vector"
+
+    def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
+        super().__init__(exchange=exchange, **common)
+
+    def _run(self, step: Step) -> torch.Tensor:
+        with step.phase("select"):
+            idx = topk(step.x, target_count(self.density, step.d), step.layout.index_dtype)
+        header = step.handshake(count=idx.numel())
+        return self._send(step, idx, header.counts)

@@ -1,0 +1,63 @@
+"""Method names to reducer classes, and ``build`` with option checking."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import Reducer
+
+__all__ = ["register", "available", "build", "lookup", "method_options", "COMMON_OPTIONS"]
+
+_REGISTRY: dict[str, type[Reducer]] = {}
+
+# Accepted by every method (keyword arguments of Reducer.__init__ beyond build's own).
+COMMON_OPTIONS = ("nonfinite", "sync_timing")
+_BUILD_ARGS = ("density", "error_feedback", "group", "seed")
+
+
+def register(cls: type[Reducer]) -> type[Reducer]:
+    """Class decorator: make ``cls`` buildable under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"reducer name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_REGISTRY)
+
+
+def lookup(name: str) -> type[Reducer]:
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown reducer {name!r}; available: {', '.join(available())}") from None
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The method-specific options of ``name`` with their defaults (common ones excluded)."""
+    cls = lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    return {p.name: p.default for p in params.values()
+            if p.kind is p.KEYWORD_ONLY and p.name not in _BUILD_ARGS + COMMON_OPTIONS}
+
+
+def build(name: str, density: float = 0.001, error_feedback: bool = True, group: Any = None,
+          seed: int = 0, **options: Any) -> Reducer:
+    """Build the reducer registered as ``name``.
+
+    ``density`` is the target fraction of coordinates to send (0 < density <= 1); ``group``
+    a ``torch.distributed`` process group, a :class:`~sparsecomm.reducers.comm.Communicator`,
+    or None (the default group when initialized, else a single worker). ``options`` are the
+    method's own (see ``method_options(name)``) plus ``nonfinite`` ("raise" or "skip") and
+    ``sync_timing`` (synchronise CUDA at phase boundaries for a true time split).
+    """
+    cls = lookup(name)
+    allowed = sorted(method_options(name)) + list(COMMON_OPTIONS)
+    for key in options:
+        if key not in allowed:
+            raise ValueError(f"unknown option {key!r} for reducer {name!r}; allowed: {', '.join(allowed)}")
+    return cls(density=density, error_feedback=error_feedback, group=group, seed=seed, **options)

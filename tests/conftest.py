@@ -1,0 +1,16 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from dist_cluster import Clusters  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def clusters():
+    """``clusters(P)``: a live P-process gloo cluster, shared by the whole session."""
+    pool = Clusters()
+    yield pool
+    pool.close()
