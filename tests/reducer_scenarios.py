@@ -89,7 +89,7 @@ def call_reduce(name: str, grads_by_rank: Callable[[int, int], list[torch.Tensor
     out = []
     for t in range(steps):
         g = grads_by_rank(me, t)
-        before = flat(r.memory)
+        before = flat(r.memory) if r.memory else torch.zeros_like(flat(g))
         avg = r.reduce(g)
         out.append({"avg": flat(avg), "memory": flat(r.memory), "memory_before": before, "stats": r.stats,
                     "x": flat(g), "shapes": [tuple(a.shape) for a in avg], "dtypes": [a.dtype for a in avg]})
@@ -152,17 +152,22 @@ def shape_changes_everywhere(rank: int, step: int) -> list[torch.Tensor]:
     return make_grads(((10, 4), (3,)) if step == 0 else ((10, 5), (3,)), rank, step)
 
 
-def drifting_grads(rank: int, step: int, d: int = 24_000, seed: int = 11) -> list[torch.Tensor]:
-    """Heavy-tailed gradients whose scale drifts by a factor of 4 over 400 steps and back."""
+SETTLE = 300
+
+
+def drifting_grads(rank: int, step: int, d: int = 20_000, seed: int = 11) -> list[torch.Tensor]:
+    """Gaussian gradients with a fixed per-coordinate spread: constant scale for ``SETTLE``
+    steps, then the scale drifts up by a factor of 2 and back down over the next 400."""
     import math
 
+    spread = torch.rand(d, generator=torch.Generator().manual_seed(seed)) + 0.5
     gen = torch.Generator().manual_seed(seed * 7919 + rank * 104_729 + step)
-    scale = 0.01 * 2 ** (2 * math.sin(math.pi * step / 400))
-    base = torch.randn(d, generator=gen) * torch.rand(d, generator=gen).pow(2)
-    return [(base[: d // 3] * scale).view(-1, 8), base[d // 3:] * scale]
+    scale = 0.01 * 2 ** math.sin(math.pi * max(0, step - SETTLE) / 400)
+    g = torch.randn(d, generator=gen) * spread * scale
+    return [g[:8000].view(-1, 4), g[8000:]]
 
 
-def track_density(name: str, steps: int = 400, density: float = 0.002) -> list[dict[str, float]]:
+def track_density(name: str, steps: int = SETTLE + 400, density: float = 0.01) -> list[dict[str, float]]:
     """Per-step density stats of ``name`` on :func:`drifting_grads`."""
     me = rank()
     r = reducers.build(name, density=density)

@@ -59,7 +59,10 @@ def threshold_select(x: torch.Tensor, threshold: float, index_dtype: torch.dtype
         return _direct(x[start:end], threshold).add_(start).to(index_dtype)
     nb = (end - start) // block
     main = x[start:start + nb * block].view(nb, block)
-    hot = torch.nonzero((main.amax(dim=1) >= threshold) | (main.amin(dim=1) <= -threshold)).view(-1)
+    # A block is searched unless all of it lies strictly inside (-threshold, threshold); a
+    # NaN makes its block's extremes NaN, so that block is searched too.
+    cold = (main.amax(dim=1) < threshold) & (main.amin(dim=1) > -threshold)
+    hot = torch.nonzero(cold.logical_not_()).view(-1)
     rows = main[hot]
     hit = torch.nonzero(rows.abs() >= threshold)
     found = hot[hit[:, 0]].mul_(block).add_(hit[:, 1]).add_(start)
