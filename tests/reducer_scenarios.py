@@ -34,8 +34,9 @@ def rank() -> int:
 
 def run_steps(name: str, density: float = 0.05, steps: int = 5, shapes=SHAPES, seed: int = 0,
               scale: float = 0.02, dtype: torch.dtype = torch.float32, error_feedback: bool = True,
-              options: dict | None = None, solo: bool = False) -> dict[str, Any]:
-    """Reduce ``steps`` steps of known gradients; report averages, residuals and stats."""
+              options: dict | None = None, solo: bool = False, into_grads: bool = False) -> dict[str, Any]:
+    """Reduce ``steps`` steps of known gradients; report averages, residuals and stats. With
+    ``into_grads`` the average is written over the gradients (``out=grads``)."""
     group = reducers.SoloCommunicator() if solo else None
     r = reducers.build(name, density=density, error_feedback=error_feedback, seed=seed, group=group,
                        **(options or {}))
@@ -43,7 +44,9 @@ def run_steps(name: str, density: float = 0.05, steps: int = 5, shapes=SHAPES, s
     me = 0 if solo else rank()
     for t in range(steps):
         g = make_grads(shapes, me, t, seed, scale, dtype)
-        avg = r.reduce(g)
+        avg = r.reduce(g, out=g) if into_grads else r.reduce(g)
+        if into_grads:
+            assert all(a is b for a, b in zip(avg, g)), "out= must return the given tensors"
         assert [a.shape for a in avg] == [x.shape for x in g], "shapes changed"
         assert all(a.dtype == x.dtype and a.device == x.device for a, x in zip(avg, g)), "dtype/device changed"
         out["avg"].append(flat(avg))

@@ -63,3 +63,18 @@ def test_method_across_processes(clusters, P, case):
         assert stats["bytes_wire"] > 0
     else:
         assert stats["bytes_wire"] == 0
+
+
+@pytest.mark.parametrize("name", reducers.available())
+def test_writing_into_the_gradients_gives_the_same_average(clusters, name):
+    plain, into = (clusters(3).run(run_steps, name, density=DENSITY, steps=3, into_grads=flag) for flag in (False, True))
+    for r in range(3):
+        for t in range(3):
+            assert torch.equal(plain[r]["avg"][t], into[r]["avg"][t])
+            assert torch.equal(plain[r]["memory"][t], into[r]["memory"][t])
+
+
+def test_out_of_another_layout_is_refused():
+    r = reducers.build("topk", density=0.5)
+    with pytest.raises(ValueError, match=r"out does not match the gradients: tensor 0 has shape \(3,\)"):
+        r.reduce([torch.randn(4)], out=[torch.empty(3)])

@@ -25,8 +25,9 @@ class Step:
     """One ``reduce`` call as a method sees it: the compensated vector, the communicator, the
     handshake, the phase timer, the error-feedback commit and the stats being filled."""
 
-    def __init__(self, reducer: "Reducer", layout: Layout, x: torch.Tensor) -> None:
+    def __init__(self, reducer: "Reducer", layout: Layout, x: torch.Tensor, reuse_output: bool = False) -> None:
         self.reducer = reducer
+        self._reuse_output = reuse_output
         self.comm: Communicator = reducer.comm
         self.layout = layout
         self.x = x
@@ -41,6 +42,17 @@ class Step:
     @property
     def d(self) -> int:
         return self.layout.numel
+
+    def output(self) -> torch.Tensor:
+        """A zeroed flat vector to build the average in: a fresh one, or the reducer's own
+        reusable buffer when the caller asked for the result to be copied into ``out``."""
+        if self._reuse_output:
+            return self.reducer._buffer("output").zero_()
+        return torch.zeros(self.d, dtype=self.layout.dtype, device=self.layout.device)
+
+    def scratch(self) -> torch.Tensor:
+        """A reusable flat float buffer of length d (for |x| and the like)."""
+        return self.reducer._buffer("scratch")
 
     def handshake(self, count: int | torch.Tensor = 0, extras: Iterable[float | torch.Tensor] = ()) -> Header:
         """The step's first collective (see :func:`exchange.handshake`); call it exactly once,
@@ -107,6 +119,7 @@ class Reducer(abc.ABC):
         self._timer = PhaseTimer(sync_timing)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
         self.steps = 0
@@ -125,9 +138,11 @@ class Reducer(abc.ABC):
         """The method-specific options this reducer was built with."""
         return {}
 
-    def reduce(self, grads: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    def reduce(self, grads: Iterable[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Average ``grads`` over all workers (a collective). Returns new tensors of the same
-        shapes, dtype and device, bit-identical on every rank."""
+        shapes, dtype and device, bit-identical on every rank; or, given ``out`` (tensors of the
+        same layout, which may be ``grads`` themselves), writes the average there and returns it,
+        allocating nothing per step."""
         grads = list(grads)
         problem = None
         if self._layout is None:
@@ -143,20 +158,30 @@ class Reducer(abc.ABC):
             step._problem = problem
             step.handshake()  # raises on every rank
             raise AssertionError("unreachable")
+        if out is not None:
+            out = list(out)
+            wrong = layout.difference(out)
+            if wrong is not None:
+                raise ValueError(f"out does not match the gradients: {wrong.replace('gradient', 'tensor')}")
         with self._timer("select"):
-            x = self._memory.compensate(grads, layout) if self.compensates else layout.flatten(grads)
-            step = Step(self, layout, x)
+            x = self._memory.compensate(grads, layout)
+            step = Step(self, layout, x, reuse_output=out is not None)
             step._finite = _all_finite(x)
         try:
             avg = self._run(step)
         except SkipStep as skip:
-            return self._skip(layout, skip)
+            return self._skip(layout, skip, out)
         if step.header is None:
             raise RuntimeError(f"reducer {self.name!r} finished a step without its handshake")
         if self._memory.enabled and not step.committed:
             raise RuntimeError(f"reducer {self.name!r} finished a step without updating its residual")
         self.steps += 1
         self._record(step)
+        if out is not None:
+            torch._foreach_copy_(out, layout.split(avg))
+            return out
+        if avg.data_ptr() == x.data_ptr():  # the method averaged in place in the internal buffer
+            avg = avg.clone()
         return layout.split(avg)
 
     @property
@@ -257,7 +282,16 @@ class Reducer(abc.ABC):
             self._load_method_state(pending["method_state"])
         log.debug("reducer %s set up for %s on rank %d/%d", self.name, layout.describe(), self.rank, self.world_size)
 
-    def _skip(self, layout: Layout, skip: SkipStep) -> list[torch.Tensor]:
+    def _buffer(self, name: str) -> torch.Tensor:
+        """A flat buffer of the layout's length, dtype and device, kept for reuse."""
+        buf = self._buffers.get(name)
+        layout = self._layout
+        assert layout is not None
+        if buf is None or buf.numel() != layout.numel or buf.dtype != layout.dtype or buf.device != layout.device:
+            buf = self._buffers[name] = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
+        return buf
+
+    def _skip(self, layout: Layout, skip: SkipStep, out: list[torch.Tensor] | None) -> list[torch.Tensor]:
         self.skipped_steps += 1
         log.warning("reducer %s skipped step %d: non-finite gradient on rank(s) %s", self.name, self.steps, skip.ranks)
         self._raw_stats = {"step": self.steps, "skipped": True, "skipped_steps": self.skipped_steps,
@@ -267,6 +301,9 @@ class Reducer(abc.ABC):
                            "t_select": self._timer.totals.get("select", 0.0),
                            "t_comm": self._timer.totals.get("comm", 0.0)}
         self._stats = None
+        if out is not None:
+            torch._foreach_zero_(out)
+            return out
         return layout.split(torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device))
 
     def _record(self, step: Step) -> None:

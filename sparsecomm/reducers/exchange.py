@@ -143,11 +143,10 @@ def union_of(indices: Sequence[torch.Tensor], d: int) -> torch.Tensor:
     return torch.nonzero(mask).view(-1).to(cat.dtype)
 
 
-def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor,
-                      counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
+                      avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse gather-sum: all-gather every worker's (index, value) pairs, add them in rank
-    order, divide by P. Returns ``(avg, union of all indices)``."""
-    avg = torch.zeros_like(x)
+    order into the zeroed ``avg``, divide by P. Returns ``(avg, union of all indices)``."""
     n = max(counts) if counts else 0
     if n == 0:
         return avg, idx[:0]
@@ -165,24 +164,23 @@ def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor,
 
 
 def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
-                    disjoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Union all-reduce: all-gather indices, then all-reduce everyone's ``x`` at the union.
-
-    With ``disjoint`` (exclusive partitions) the union is the plain concatenation in rank
-    order. Returns ``(avg, union)``."""
+                    avg: torch.Tensor, disjoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Union all-reduce: all-gather indices, then all-reduce everyone's ``x`` at the union,
+    written into the zeroed ``avg``. With ``disjoint`` (exclusive partitions) the union is the
+    plain concatenation in rank order. Returns ``(avg, union)``."""
     n = max(counts) if counts else 0
     if n == 0:
-        return torch.zeros_like(x), idx[:0]
+        return avg, idx[:0]
     table = comm.all_gather(_pack([idx], n))
     received = [_unpack(table[w], n, c, (idx.dtype,))[0] for w, c in enumerate(counts) if c]
     union = torch.cat(received) if disjoint else union_of(received, x.numel())
-    return allreduce_at(comm, x, union), union
+    return allreduce_at(comm, x, union, avg), union
 
 
-def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """The mean over workers of ``x`` at ``positions`` (identical on all workers), zero elsewhere."""
+def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+    """Write the mean over workers of ``x`` at ``positions`` (the same on all workers) into the
+    zeroed ``avg``."""
     values = x[positions]
     comm.all_reduce_(values)
-    avg = torch.zeros_like(x)
     avg[positions] = values / comm.size if comm.size > 1 else values
     return avg

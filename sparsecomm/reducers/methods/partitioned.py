@@ -11,7 +11,7 @@ from ..exchange import union_allreduce
 from ..layout import Layout
 from ..placement import BlockPartitions, EqualPartitions, Partitions
 from ..registry import register
-from ..selection import initial_threshold, search_block, target_count, threshold_select
+from ..selection import ThresholdSearch, initial_threshold, target_count
 
 
 class PartitionedThreshold(Reducer):
@@ -26,6 +26,7 @@ class PartitionedThreshold(Reducer):
         super().__init__(**common)
         self._partitions: Partitions | None = None
         self._control: MultiplicativeScaling | None = None
+        self._search = ThresholdSearch(self.density)
 
     def _partitioning(self, d: int) -> Partitions:
         raise NotImplementedError
@@ -47,12 +48,12 @@ class PartitionedThreshold(Reducer):
         threshold = control.threshold
         start, end = parts.bounds()[parts.owned(step.index, self.rank)]
         with step.phase("select"):
-            idx = threshold_select(x, threshold, step.layout.index_dtype, start, end, search_block(self.density))
+            idx = self._search(x, threshold, step.layout.index_dtype, start, end, step.scratch())
             if idx.numel() == 0 and end > start:
                 idx = torch.tensor([start + step.index % (end - start)], dtype=idx.dtype, device=x.device)
         header = step.handshake(count=idx.numel())
         with step.phase("comm"):
-            avg, union = union_allreduce(self.comm, x, idx, header.counts, disjoint=True)
+            avg, union = union_allreduce(self.comm, x, idx, header.counts, step.output(), disjoint=True)
         step.commit_sparse(union)
         total, d = sum(header.counts), step.d
         step.stats.update(density=total / d if d else 0.0, local_density=idx.numel() / d if d else 0.0,

@@ -32,7 +32,7 @@ class RandomK(Reducer):
         with step.phase("select"):
             positions = sample_distinct(step.d, k, self._generator).to(step.x.device, step.layout.index_dtype)
         with step.phase("comm"):
-            avg = allreduce_at(self.comm, step.x, positions)
+            avg = allreduce_at(self.comm, step.x, positions, step.output())
         step.commit_sparse(positions)
         step.stats.update(density=k / step.d if step.d else 0.0, local_density=k / step.d if step.d else 0.0)
         return avg

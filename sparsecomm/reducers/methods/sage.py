@@ -10,7 +10,7 @@ from ..control import SageScaling
 from ..exchange import gather_counts
 from ..layout import Layout
 from ..registry import register
-from ..selection import initial_threshold, search_block, slovin_sample_size, target_count, threshold_select
+from ..selection import ThresholdSearch, initial_threshold, slovin_sample_size, target_count
 from .sparse import SparseReducer
 
 
@@ -39,6 +39,7 @@ class Sage(SparseReducer):
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
         self._control: SageScaling | None = None
+        self._search = ThresholdSearch(self.density)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "sample_error": self.sample_error}
@@ -51,7 +52,6 @@ class Sage(SparseReducer):
     def _run(self, step: Step) -> torch.Tensor:
         x, control, d = step.x, self._control, step.d
         assert control is not None
-        block = search_block(self.density)
         with step.phase("select"):
             positions = torch.randint(0, max(d, 1), (self._samples,), generator=self._generator)
             sampled = x[positions.to(x.device)].abs().float().mean() if self._samples else 0.0
@@ -62,12 +62,13 @@ class Sage(SparseReducer):
         else:
             alpha = control.alpha(sampled_mean)
             with step.phase("select"):
-                examined = threshold_select(x, control.threshold * alpha, step.layout.index_dtype, block=block).numel()
+                examined = self._search(x, control.threshold * alpha, step.layout.index_dtype,
+                                        scratch=step.scratch()).numel()
             with step.phase("comm"):
                 total = self.comm.all_reduce_(torch.tensor([examined], dtype=torch.float64, device=x.device))
             control.update(sampled_mean, alpha, float(total) / (self.comm.size * d) if d else 0.0)
         with step.phase("select"):
-            idx = threshold_select(x, control.threshold, step.layout.index_dtype, block=block)
+            idx = self._search(x, control.threshold, step.layout.index_dtype, scratch=step.scratch())
         with step.phase("comm"):
             counts = gather_counts(self.comm, idx.numel(), x.device)
         avg = self._send(step, idx, counts)

@@ -30,9 +30,9 @@ class SparseReducer(Reducer):
         """Exchange the positions ``idx`` selected by this worker; return the flat average."""
         with step.phase("comm"):
             if self.exchange == "gather":
-                avg, union = sparse_gather_sum(self.comm, step.x, idx, counts)
+                avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output())
             else:
-                avg, union = union_allreduce(self.comm, step.x, idx, counts)
+                avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
         step.commit_sparse(idx if self.exchange == "gather" else union)
         d = step.d
         step.stats.update(density=union.numel() / d if d else 0.0,

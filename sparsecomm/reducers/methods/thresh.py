@@ -9,8 +9,7 @@ import torch
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
-from ..selection import (initial_threshold, search_block, target_count, threshold_select,
-                         threshold_select_segments)
+from ..selection import ThresholdSearch, initial_threshold, target_count, threshold_select_segments
 from .sparse import SparseReducer
 
 SCOPES = ("flat", "layer")
@@ -45,6 +44,7 @@ class HardThreshold(SparseReducer):
         self.scope = scope
         self._lambdas: list[float] = []
         self._flat = 0.0
+        self._search = ThresholdSearch(self.density)
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "threshold": self.threshold, "scope": self.scope}
@@ -58,12 +58,11 @@ class HardThreshold(SparseReducer):
 
     def _run(self, step: Step) -> torch.Tensor:
         x, layout = step.x, step.layout
-        block = search_block(self.density)
         with step.phase("select"):
             if self._lambdas:
-                idx = threshold_select_segments(x, self._lambdas, layout.segments, layout.index_dtype, block)
+                idx = threshold_select_segments(x, self._lambdas, layout.segments, layout.index_dtype)
             else:
-                idx = threshold_select(x, self._flat, layout.index_dtype, block=block)
+                idx = self._search(x, self._flat, layout.index_dtype, scratch=step.scratch())
         header = step.handshake(count=idx.numel())
         avg = self._send(step, idx, header.counts)
         if not self._lambdas:

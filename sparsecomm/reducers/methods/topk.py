@@ -29,7 +29,7 @@ class TopK(SparseReducer):
 
     def _run(self, step: Step) -> torch.Tensor:
         with step.phase("select"):
-            idx = topk_per_segment(step.x, step.layout.segments, self._ks, step.layout.index_dtype)
+            idx = topk_per_segment(step.x, step.layout.segments, self._ks, step.layout.index_dtype, step.scratch())
         header = step.handshake(count=idx.numel())
         return self._send(step, idx, header.counts)
 
@@ -46,6 +46,6 @@ class GlobalTopK(SparseReducer):
 
     def _run(self, step: Step) -> torch.Tensor:
         with step.phase("select"):
-            idx = topk(step.x, target_count(self.density, step.d), step.layout.index_dtype)
+            idx = topk(step.x, target_count(self.density, step.d), step.layout.index_dtype, step.scratch())
         header = step.handshake(count=idx.numel())
         return self._send(step, idx, header.counts)
