@@ -1,0 +1,82 @@
+"""ResNet-20: the CIFAR ResNet of He et al., CVPR 2016, section 4.2.
+
+A 3x3 convolution to 16 channels, three stages of 3 BasicBlocks with 16, 32 and 64 channels
+on 32x32, 16x16 and 8x8 maps, global average pooling and a linear classifier. Shortcuts are
+option A: identity, subsampled by 2 and zero-padded in channels where the stage changes, so
+they hold no parameters. Weights start from He (Kaiming) normal initialisation, as in the paper.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import positive_int
+from .registry import register_model
+
+__all__ = ["PadShortcut", "CifarBasicBlock", "HeResNet", "resnet20"]
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut: keep every ``stride``-th pixel and zero-pad the channels evenly."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        if out_planes < in_planes:
+            raise ValueError(f"a padding shortcut cannot shrink channels ({in_planes} -> {out_planes})")
+        self.stride = stride
+        self.pad_front = (out_planes - in_planes) // 2
+        self.pad_back = out_planes - in_planes - self.pad_front
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
+
+
+class CifarBasicBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm; a parameter-free shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Identity() if stride == 1 and in_planes == planes else PadShortcut(in_planes, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class HeResNet(nn.Module):
+    """The 6n+2-layer CIFAR ResNet; ``blocks_per_stage`` is n (3 for ResNet-20)."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+        super().__init__()
+        n = positive_int("blocks_per_stage", blocks_per_stage)
+        num_classes = positive_int("num_classes", num_classes)
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers = []
+        in_planes = 16
+        for i, planes in enumerate((16, 32, 64)):
+            for j in range(n):
+                layers.append(CifarBasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                in_planes = planes
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(64, num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@register_model("resnet20")
+def resnet20(num_classes: int = 10) -> HeResNet:
+    """ResNet-20 (269,722 parameters for 10 classes)."""
+    return HeResNet(3, num_classes)
