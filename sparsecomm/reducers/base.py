@@ -207,6 +207,13 @@ class Reducer(abc.ABC):
             self._stats = {k: _plain(v) for k, v in self._raw_stats.items()}
         return dict(self._stats)
 
+    def stat(self, key: str, default: Any = None) -> Any:
+        """One of :attr:`stats`, computing only that one (``residual_norm`` costs a pass over
+        the residual; the others are free)."""
+        if self._stats is not None:
+            return self._stats.get(key, default)
+        return _plain(self._raw_stats[key]) if key in self._raw_stats else default
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume bit-exactly: counters, residual, method state."""
         layout = self._layout

@@ -1,0 +1,74 @@
+"""The task interface: a model, its data shard, its loss and its evaluation."""
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from ..train.config import RunConfig
+from ..train.distributed import Job
+
+__all__ = ["Task"]
+
+
+class Task(abc.ABC):
+    """One benchmark as the training loop sees it.
+
+    Every rank builds the same task; ``batches`` yields this rank's own, disjoint part of the
+    training data, and every rank gets the same number of batches per epoch (collectives need
+    it). ``evaluate`` is a collective: each rank scores its own part of the evaluation data,
+    the sums are added over ranks, and every rank returns the same numbers.
+    """
+
+    names: ClassVar[tuple[str, ...]] = ()
+    metric: ClassVar[str] = "accuracy"          # the headline metric, for summary.json's "best"
+    higher_is_better: ClassVar[bool] = True
+    metric_split: ClassVar[str] = "test"
+
+    def __init__(self, cfg: RunConfig, job: Job) -> None:
+        self.cfg = cfg
+        self.job = job
+        self.device = job.device
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model, built from ``cfg.model`` and ``cfg.model_options`` plus what the data
+        dictates (class count, vocabulary size, user and item counts)."""
+
+    @abc.abstractmethod
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch, the same on every rank."""
+
+    @abc.abstractmethod
+    def batches(self, epoch: int, start: int) -> Iterator[Any]:
+        """This rank's training batches of ``epoch``, from batch ``start`` on (for resuming)."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Forward pass and the scalar training loss of one batch."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Evaluation records, one per split: ``{"split": "test", "accuracy": ...}``."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before the first batch of every epoch (also when resuming mid-epoch)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Task state a mid-epoch resume needs (e.g. a language model's hidden state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def option(self, key: str, default: Any) -> Any:
+        """A ``task_options`` value (unknown keys are refused by :meth:`check_options`)."""
+        return self.cfg.task_options.get(key, default)
+
+    def check_options(self, allowed: tuple[str, ...]) -> None:
+        unknown = sorted(set(self.cfg.task_options) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown task option(s) {unknown} for task {self.cfg.task!r}; "
+                             f"allowed: {', '.join(allowed) or 'none'}")

@@ -1,0 +1,1 @@
+"""Training: configuration, the one training loop, records and checkpoints."""

@@ -1,0 +1,104 @@
+"""Joining the job's process group and choosing this process's device.
+
+The launcher (``run.sh``, ``torchrun``, SLURM or MPI through ``run.sh``) exports the
+torchrun variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``; without ``WORLD_SIZE`` the process runs alone, with no process group.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Job", "join", "leave"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """This process's place in the job: rank, world size, local rank and device."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on any rank (a collective)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks, in float64 (a collective; identical on every rank)."""
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
+def join(device: str = "auto", timeout_s: float = 1800.0) -> Job:
+    """Join the process group described by the environment (or run alone) and pick a device:
+    with CUDA, GPU ``LOCAL_RANK`` and NCCL; otherwise the CPU and gloo."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    assert world is not None and rank is not None and local_rank is not None
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is out of range for WORLD_SIZE={world}")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for but no CUDA device is visible")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible on this node")
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        for var in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(var):
+                raise RuntimeError(f"WORLD_SIZE={world} but {var} is not set; start the job with run.sh or torchrun")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        log.info("rank %d/%d joined (%s, %s)", rank, world, backend, dev)
+    return Job(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

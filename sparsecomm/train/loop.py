@@ -1,0 +1,341 @@
+"""The one training loop, shared by every task and every reducer."""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import reducers
+from ..tasks import build_task
+from .checkpoint import Checkpoints
+from .config import RunConfig
+from .distributed import Job
+from .optim import LearningRate, build_optimizer, peak_lr
+from .records import Recorder, environment, run_name
+
+__all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
+
+log = logging.getLogger(__name__)
+
+# What SLURM sends before a time limit or preemption (--signal), and what schedulers send to stop.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# Per-step measurements averaged into each training line of metrics.jsonl.
+_MEANS = ("density", "local_density", "bytes_sent", "bytes_wire", "t_data", "t_forward", "t_backward",
+          "t_select", "t_comm", "t_step")
+
+
+class Stopped(Exception):
+    """Training stopped early with a checkpoint written (a signal, or ``max_steps``)."""
+
+    def __init__(self, reason: str, signum: int | None = None) -> None:
+        super().__init__(reason)
+        self.signum = signum
+
+
+class Trainer:
+    """Builds task, model, optimizer and reducer from a configuration and trains, evaluating,
+    recording and checkpointing as configured. Resumes from the run directory's latest
+    checkpoint unless ``fresh``."""
+
+    def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
+        self.cfg = cfg.validate()
+        self.job = job
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank
+        self.task = build_task(cfg, job)
+        self.model = self.task.build_model().to(job.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(job.world), job.world), cfg.optimizer.lr,
+                                     cfg.schedule)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule(0.0))
+        rc = cfg.reducer
+        self.reducer = reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
+                                      seed=cfg.seed, sync_timing=cfg.records.profile, **rc.options)
+        torch.manual_seed(cfg.seed + 7919 * (job.rank + 1))  # per-rank stream (dropout)
+        self.steps_per_epoch = self.task.steps_per_epoch()
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"task {cfg.task!r} yields no training batch per worker (batch size "
+                             f"{cfg.batch_per_worker(job.world)} x {job.world} workers exceeds the training data)")
+        self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.world)
+        self.checkpoints = Checkpoints(self.run_dir, job)
+        self.recorder = Recorder(self.run_dir, job.is_main, cfg.records.tensorboard)
+        self.step = 0
+        self.elapsed = 0.0
+        self.totals = {"bytes_sent": 0.0, "bytes_wire": 0.0, "density": 0.0, "local_density": 0.0,
+                       "steps": 0, "skipped": 0}
+        self.best: dict[str, Any] | None = None
+        self.evaluations: list[dict[str, Any]] = []
+        self._signal: int | None = None
+        self._window: dict[str, float] = {}
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
+        self._loss_count = 0
+        resumed = self.checkpoints.exists() and not fresh
+        if resumed:
+            self._resume()
+        backend = "nccl" if job.device.type == "cuda" and job.world > 1 else ("gloo" if job.world > 1 else "none")
+        self.recorder.write_config(cfg, environment(job.world, backend, str(job.device)))
+        self.recorder.open(self.step if resumed else None)
+        if job.is_main:
+            log.info("run %s: %s, %d workers, %d steps per epoch, %d steps in all%s", self.run_dir, cfg.task,
+                     job.world, self.steps_per_epoch, self.total_steps,
+                     f", resumed at step {self.step}" if resumed else "")
+
+    # ------------------------------------------------------------------------- running
+    def run(self) -> dict[str, Any]:
+        """Train to the end (or until stopped) and return the summary."""
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            self._train()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.recorder.close()
+        return self._summary()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signal = signum
+        log.warning("rank %d received %s: will checkpoint and stop after this step",
+                    self.job.rank, signal.Signals(signum).name)
+
+    def _train(self) -> None:
+        cfg, job = self.cfg, self.job
+        started = time.perf_counter() - self.elapsed
+        while self.step < self.total_steps:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            self.task.begin_epoch(epoch)
+            steps_here = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch) - start
+            progress = _progress(job.is_main and cfg.records.progress, steps_here, f"epoch {epoch}")
+            mark = time.perf_counter()
+            before = self.step
+            for batch in self.task.batches(epoch, start):
+                fetched = time.perf_counter()
+                self._train_step(batch, epoch, fetched - mark)
+                progress.update(1)
+                self.elapsed = time.perf_counter() - started
+                if self.step % cfg.records.log_every == 0:
+                    self._log_training(epoch)
+                stop = self._stop_reason()
+                if stop is not None:
+                    progress.close()
+                    self._checkpoint()
+                    raise Stopped(*stop)
+                if self.step - epoch * self.steps_per_epoch >= steps_here + start:
+                    break
+                mark = time.perf_counter()
+            progress.close()
+            if self.step == before:
+                raise RuntimeError(f"task {cfg.task!r} yielded no batch for epoch {epoch} from batch {start} "
+                                   f"although {self.steps_per_epoch} were announced")
+            finished_epoch = self.step % self.steps_per_epoch == 0
+            last = self.step >= self.total_steps
+            if finished_epoch and ((epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last:
+                self._evaluate(epoch + 1 if finished_epoch else self.step / self.steps_per_epoch)
+                self.elapsed = time.perf_counter() - started
+            every = cfg.records.checkpoint_every
+            if last or (finished_epoch and every and (epoch + 1) % every == 0):
+                self._checkpoint()
+
+    def _train_step(self, batch: Any, epoch: int, t_data: float) -> None:
+        cfg, model, sync = self.cfg, self.model, self._sync
+        lr = self.schedule(self.step / self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        sync()
+        t0 = time.perf_counter()
+        loss = self.task.loss(model, batch)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        grads = []
+        for p in self.params:
+            if p.grad is None:  # a parameter this batch did not reach: its gradient is zero
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        self.reducer.reduce(grads, out=grads)
+        sync()
+        t3 = time.perf_counter()
+        r = self.reducer
+        skipped = bool(r.stat("skipped"))
+        if not skipped:
+            if cfg.clip_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_norm)
+            self.optimizer.step()
+        sync()
+        t4 = time.perf_counter()
+        self.step += 1
+        self._loss_sum += loss.detach().to(torch.float64)
+        self._loss_count += 1
+        measured = {"density": r.stat("density", 0.0), "local_density": r.stat("local_density", 0.0),
+                    "bytes_sent": r.stat("bytes_sent", 0), "bytes_wire": r.stat("bytes_wire", 0.0),
+                    "t_data": t_data, "t_forward": t1 - t0, "t_backward": t2 - t1,
+                    "t_select": r.stat("t_select", 0.0), "t_comm": r.stat("t_comm", 0.0),
+                    "t_step": t4 - t3}
+        for key, value in measured.items():
+            self._window[key] = self._window.get(key, 0.0) + float(value)
+        self._window["n"] = self._window.get("n", 0.0) + 1
+        for key in ("bytes_sent", "bytes_wire", "density", "local_density"):
+            self.totals[key] += float(measured[key])
+        self.totals["steps"] += 1
+        self.totals["skipped"] += int(skipped)
+        self._lr = lr
+
+    def _sync(self) -> None:
+        if self.cfg.records.profile and self.job.device.type == "cuda":
+            torch.cuda.synchronize(self.job.device)
+
+    def _stop_reason(self) -> tuple[str, int | None] | None:
+        """Agreed by every rank (one tiny all-reduce per step): stop now?"""
+        by_signal = self.job.any(self._signal is not None)
+        if by_signal:
+            return f"stopped by a signal at step {self.step}", self._signal or signal.SIGTERM
+        if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps and self.step < self.total_steps:
+            return f"stopped at max_steps={self.cfg.max_steps}", None
+        return None
+
+    # -------------------------------------------------------------------- measurements
+    def _log_training(self, epoch: int) -> None:
+        n = self._window.pop("n", 0.0)
+        if not n:
+            return
+        loss_sum, count = self.job.sum([float(self._loss_sum), float(self._loss_count)])
+        record: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
+                                  "loss": loss_sum / count if count else float("nan"), "lr": self._lr}
+        record.update({key: self._window.get(key, 0.0) / n for key in _MEANS})
+        stats = self.reducer.stats
+        for key in ("threshold", "residual_norm", "load_imbalance"):
+            if key in stats:
+                record[key] = stats[key]
+        record["skipped_steps"] = self.totals["skipped"]
+        record["time"] = self.elapsed
+        self.recorder.log(record)
+        self._window = {}
+        self._loss_sum.zero_()
+        self._loss_count = 0
+
+    def _evaluate(self, epoch: float) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            results = self.task.evaluate(self.model)
+        for result in results:
+            record = {"step": self.step, "epoch": epoch, **result, "time": self.elapsed,
+                      "bytes_sent": self.totals["bytes_sent"]}
+            self.evaluations.append(record)
+            self.recorder.log(record)
+            if result.get("split") == self.task.metric_split and self.task.metric in result:
+                value = result[self.task.metric]
+                better = self.best is None or (value > self.best["value"] if self.task.higher_is_better
+                                               else value < self.best["value"])
+                if better:
+                    self.best = {"value": value, "epoch": epoch, "step": self.step, "time": self.elapsed}
+        if self.job.is_main and results:
+            log.info("epoch %s: %s", f"{epoch:g}", "; ".join(
+                ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()) for r in results))
+
+    def _summary(self) -> dict[str, Any]:
+        steps = max(self.totals["steps"], 1)
+        final = {}
+        for record in self.evaluations:
+            final[record["split"]] = {k: v for k, v in record.items() if k not in ("split",)}
+        summary = {
+            "run": self.run_dir.name,
+            "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name,
+            "target_density": self.cfg.reducer.density, "workers": self.job.world,
+            "steps": self.step, "epochs": self.step / self.steps_per_epoch, "complete": self.step >= self.total_steps,
+            "metric": self.task.metric, "higher_is_better": self.task.higher_is_better,
+            "final": final,
+            "best": self.best,
+            "mean_density": self.totals["density"] / steps,
+            "mean_local_density": self.totals["local_density"] / steps,
+            "total_bytes_sent": self.totals["bytes_sent"], "total_bytes_wire": self.totals["bytes_wire"],
+            "bytes_sent_per_step": self.totals["bytes_sent"] / steps,
+            "skipped_steps": self.totals["skipped"],
+            "wall_time": self.elapsed,
+            "time_to_best": None if self.best is None else self.best["time"],
+        }
+        self.recorder.write_summary(summary)
+        return summary
+
+    # --------------------------------------------------------------------- checkpoints
+    def _checkpoint(self) -> None:
+        shared = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                  "step": self.step, "elapsed": self.elapsed, "totals": dict(self.totals),
+                  "best": self.best, "evaluations": self.evaluations, "config": self.cfg.to_dict()}
+        local = {"reducer": self.reducer.state_dict(), "task": self.task.state_dict(),
+                 "rng": _rng_state(self.job.device), "window": dict(self._window),
+                 "loss": [float(self._loss_sum), self._loss_count]}
+        self.checkpoints.save(f"step-{self.step:09d}", shared, local, {"step": self.step})
+        if self.job.is_main:
+            log.info("checkpoint at step %d in %s", self.step, self.checkpoints.root)
+
+    def _resume(self) -> None:
+        shared, local, info = self.checkpoints.load()
+        saved = shared["config"]
+        mine = self.cfg.to_dict()
+        keys = ("task", "model", "model_options", "task_options", "seed", "clip_norm", "data", "optimizer",
+                "schedule", "reducer")
+        differ = [k for k in keys if _identity(saved.get(k), k) != _identity(mine.get(k), k)]
+        if differ:
+            raise ValueError(f"the checkpoint in {self.checkpoints.root} was written with other settings "
+                             f"({', '.join(differ)} differ); start a fresh run (--fresh) or use another output "
+                             f"directory")
+        self.model.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.step = int(shared["step"])
+        self.elapsed = float(shared["elapsed"])
+        self.totals = dict(shared["totals"])
+        self.best = shared["best"]
+        self.evaluations = list(shared["evaluations"])
+        self.reducer.load_state_dict(local["reducer"])
+        self.task.load_state_dict(local["task"])
+        _set_rng_state(local["rng"], self.job.device)
+        self._window = dict(local["window"])
+        self._loss_sum.fill_(local["loss"][0])
+        self._loss_count = int(local["loss"][1])
+
+
+def _identity(section: Any, key: str) -> Any:
+    """The part of a config section that changes results (paths and loader workers do not)."""
+    if key == "data" and isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in ("dir", "cache_dir", "loader_workers")}
+    return section
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(active: bool, total: int, desc: str):
+    if not active:
+        return _NoProgress()
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)

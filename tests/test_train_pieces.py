@@ -1,0 +1,155 @@
+"""The training loop's parts on one process: configuration, learning rate, checkpoints, records."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+import yaml
+
+from sparsecomm.train.checkpoint import CheckpointError, Checkpoints, write_atomic
+from sparsecomm.train.config import ConfigError, ScheduleConfig, OptimizerConfig, apply_overrides, load_config
+from sparsecomm.train.distributed import Job
+from sparsecomm.train.optim import LearningRate, build_optimizer, peak_lr
+from sparsecomm.train.records import Recorder, run_name
+
+SOLO = Job(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+
+
+def write_preset(tmp_path, data):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_preset_and_overrides(tmp_path):
+    path = write_preset(tmp_path, {"task": "mnist", "model": "mnist_cnn", "epochs": 2,
+                                   "optimizer": {"lr": 0.1, "momentum": 0.9}, "reducer": {"name": "topk"}})
+    cfg = load_config(path, ["optimizer.lr=0.05", "reducer.options.exchange=union", "data.batch_size=16",
+                             "schedule.milestones=[1, 2]", "clip_norm=null"])
+    assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9
+    assert cfg.reducer.options == {"exchange": "union"} and cfg.reducer.name == "topk"
+    assert cfg.data.batch_size == 16 and cfg.schedule.milestones == [1.0, 2.0] and cfg.epochs == 2.0
+    assert cfg.to_dict()["optimizer"]["betas"] == [0.9, 0.999]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimizer.learning_rate=1"], "unknown setting 'optimizer.learning_rate'; allowed in optimizer: name, lr"),
+    (["bogus=1"], "unknown setting 'bogus'; allowed in the top level: task, model"),
+    (["data.batch_size=abc"], "data.batch_size must be an integer, got 'abc'"),
+    (["records.progress=3"], "records.progress must be true or false"),
+    (["optimizer.lr"], "is not of the form section.key=value"),
+    (["epochs=2", "epochs.x=1"], "'epochs' is not a section"),
+    (["epochs.x=1"], "epochs must be a number"),
+])
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, ["task=mnist", "model=mnist_cnn"] + overrides)
+
+
+def test_validation_and_missing_preset(tmp_path):
+    with pytest.raises(ConfigError, match="task is not set; model is not set"):
+        load_config(None, []).validate()
+    with pytest.raises(ConfigError, match="optimizer.name must be one of"):
+        load_config(None, ["task=a", "model=b", "optimizer.name=lamb"]).validate()
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_apply_overrides_leaves_the_input_alone():
+    data = {"a": {"b": 1}}
+    out = apply_overrides(data, ["a.b=2", "a.c.d=x"])
+    assert data == {"a": {"b": 1}} and out == {"a": {"b": 2, "c": {"d": "x"}}}
+
+
+def test_learning_rate_scaling_warmup_and_decay():
+    cfg = OptimizerConfig(lr=0.1, reference_batch=128, scale_with_workers=True)
+    peak = peak_lr(cfg, batch_size=32, workers=8)
+    assert peak == pytest.approx(0.2)
+    lr = LearningRate(peak, base=0.1, cfg=ScheduleConfig(warmup_epochs=5, milestones=[150, 250], gamma=0.1))
+    assert lr(0) == pytest.approx(0.1) and lr(2.5) == pytest.approx(0.15) and lr(5) == pytest.approx(0.2)
+    assert lr(149.9) == pytest.approx(0.2) and lr(150) == pytest.approx(0.02) and lr(260) == pytest.approx(0.002)
+    assert LearningRate(1.0, 1.0, ScheduleConfig(milestones=[4, 5], gamma=0.5))(5.5) == pytest.approx(0.25)
+
+
+def test_no_weight_decay_on_norm_and_bias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    opt = build_optimizer(model, OptimizerConfig(name="sgd", weight_decay=1e-4, decay_norm_and_bias=False,
+                                                 momentum=0.9, nesterov=True), lr=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 1e-4 and all(p.ndim > 1 for p in decayed["params"])
+    assert plain["weight_decay"] == 0 and len(plain["params"]) == 4  # conv bias, bn weight + bias, linear bias
+    adam = build_optimizer(model, OptimizerConfig(name="adam", betas=(0.25, 0.5)), lr=0.01)
+    assert adam.param_groups[0]["betas"] == (0.25, 0.5)
+
+
+def test_run_names_tell_settings_apart():
+    a = load_config(None, ["task=cifar10", "model=resnet18", "reducer.name=exdyna", "reducer.density=0.001"])
+    assert run_name(a, 4) == "cifar10-resnet18-exdyna-c0.001-P4-b32-seed0"
+    b = load_config(None, ["task=cifar10", "model=resnet18", "name=my run/1"])
+    assert run_name(b, 4) == "my_run_1"
+
+
+def test_write_atomic_never_leaves_a_partial_file(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(target, broken)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["f.bin"]
+    write_atomic(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new"
+
+
+def test_checkpoints_keep_the_latest_and_refuse_bad_files(tmp_path):
+    ck = Checkpoints(tmp_path, SOLO)
+    assert not ck.exists()
+    ck.save("step-1", {"model": {"w": torch.ones(2)}}, {"rng": torch.get_rng_state()}, {"step": 1})
+    ck.save("step-2", {"model": {"w": torch.zeros(2)}}, {"rng": torch.get_rng_state()}, {"step": 2})
+    assert sorted(p.name for p in ck.root.iterdir()) == ["latest.json", "step-2"]
+    shared, local, info = ck.load()
+    assert torch.equal(shared["model"]["w"], torch.zeros(2)) and info["step"] == 2 and local["rank"] == 0
+    # truncated
+    path = ck.root / "step-2" / "shared.pt"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=r"shared.pt cannot be read"):
+        ck.load()
+    # foreign: a plain torch file
+    torch.save({"weights": torch.ones(1)}, path)
+    with pytest.raises(CheckpointError, match=r"shared.pt is not a sparsecomm checkpoint"):
+        ck.load()
+    # a pickled object weights_only refuses
+    torch.save({"format": "sparsecomm.checkpoint/1", "obj": signal.Signals.SIGTERM}, path)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ck.load()
+    # another world size
+    info_path = ck.pointer
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "world": 4}))
+    with pytest.raises(CheckpointError, match="written by 4 workers; this job has 1"):
+        ck.load()
+
+
+def test_recorder_drops_lines_after_the_resumed_step(tmp_path):
+    rec = Recorder(tmp_path, active=True)
+    rec.open(None)
+    for step in (10, 20, 30):
+        rec.log({"step": step, "loss": 1.0})
+    rec.close()
+    with open(rec.metrics_path, "a") as f:
+        f.write('{"step": 40, "lo')  # cut short by a kill
+    rec = Recorder(tmp_path, active=True)
+    rec.open(keep_until_step=20)
+    rec.log({"step": 30, "loss": 0.5})
+    rec.close()
+    steps = [json.loads(line)["step"] for line in rec.metrics_path.read_text().splitlines()]
+    assert steps == [10, 20, 30]
+    assert not Recorder(tmp_path / "other", active=False).run_dir.exists()
