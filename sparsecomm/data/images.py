@@ -1,0 +1,258 @@
+"""Image classification data sets read whole into memory: CIFAR-10/100, MNIST, Fashion-MNIST.
+
+Each split loads as an :class:`ImageSet`: uint8 images ``[N, H, W, C]`` and int64 labels, read
+from the layout ``prepare_dataset.sh`` writes under the data directory::
+
+    cifar10/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}   official batches, or
+    cifar10/{train,test}/<class>/*.{jpg,png}                                 an image-folder copy
+    cifar100/cifar-100-python/{train, test, meta}                            or cifar100/{train,test}/<class>/...
+    mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]                  the same for fashion-mnist/
+
+The official CIFAR batches are unpickled here rather than through torchvision, whose classes
+check the archive's md5 sums. An image folder is decoded once with PIL and cached as an .npz
+file; class labels are the sorted folder names, which for CIFAR-10 and CIFAR-100 is the
+official label order. Files inside a class folder are read in natural order (``2.jpg`` before
+``10.jpg``), so the JPEG copy keeps the original order within each class.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import pickle
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["ImageSet", "IMAGE_DATASETS", "load_images", "load_cifar", "load_mnist", "read_idx"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+CACHE_VERSION = 1
+
+_CIFAR_BATCHES = {
+    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+                "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_labels", "fine_label_names"),
+}
+_IDX_PREFIX = {"train": "train", "test": "t10k"}
+_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot")
+# IDX type codes (the third magic byte) and the big-endian dtypes they stand for.
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One split in memory: ``images`` uint8 ``[N, H, W, C]``, ``labels`` int64 ``[N]``."""
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+def load_images(data_dir: str | os.PathLike, name: str, split: str,
+                cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> ImageSet:
+    """Load ``split`` of data set ``name`` (one of :data:`IMAGE_DATASETS`) from ``data_dir``."""
+    if name in _CIFAR_BATCHES:
+        return load_cifar(data_dir, name, split, cache_dir=cache_dir, progress=progress)
+    if name in ("mnist", "fashion-mnist"):
+        return load_mnist(data_dir, name, split)
+    raise ValueError(f"unknown image data set {name!r}; expected one of {IMAGE_DATASETS}")
+
+
+# --- CIFAR ---------------------------------------------------------------------------------
+
+def load_cifar(data_dir: str | os.PathLike, name: str, split: str,
+               cache_dir: str | os.PathLike | None = None, progress: bool | None = None) -> ImageSet:
+    """CIFAR-10 or CIFAR-100 from ``data_dir/name``: official python batches if present, else an image folder.
+
+    ``cache_dir`` holds the decoded image folder (default ``data_dir/name/.cache``); ``progress``
+    shows a progress bar while decoding (default: only on a terminal).
+    """
+    if name not in _CIFAR_BATCHES:
+        raise ValueError(f"unknown CIFAR data set {name!r}; expected 'cifar10' or 'cifar100'")
+    _check_split(split)
+    root = Path(data_dir) / name
+    batch_dir, files, meta, label_key, names_key = _CIFAR_BATCHES[name]
+    if all((root / batch_dir / f).is_file() for f in files[split]):
+        return _read_cifar_batches(name, split, root / batch_dir, files[split], meta, label_key, names_key)
+    if (root / split).is_dir():
+        return _read_image_folder(name, split, root / split, Path(cache_dir) if cache_dir else root / ".cache",
+                                  progress)
+    raise FileNotFoundError(
+        f"no {name} {split} data in {root}: expected the official batches "
+        f"{batch_dir}/{{{', '.join(files[split])}}} or an image folder {split}/<class>/*.jpg; "
+        f"run `./prepare_dataset.sh {name}`")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        try:
+            batch = pickle.load(f, encoding="latin1")
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise ValueError(f"{path}: not a CIFAR python batch ({e})") from e
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, expected a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _read_cifar_batches(name: str, split: str, folder: Path, files: list[str], meta: str,
+                        label_key: str, names_key: str) -> ImageSet:
+    """Concatenate the official pickled batches: ``data`` [n, 3072] uint8 rows (R, G, B planes)."""
+    images, labels = [], []
+    for file in files:
+        batch = _unpickle(folder / file)
+        if "data" not in batch or label_key not in batch:
+            raise ValueError(f"{folder / file}: missing 'data' or {label_key!r} (keys: {sorted(batch)})")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(batch[label_key]):
+            raise ValueError(f"{folder / file}: data of shape {data.shape} for {len(batch[label_key])} labels; "
+                             f"expected [n, 3072]")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    classes: tuple[str, ...] = ()
+    if (folder / meta).is_file():
+        classes = tuple(n.decode() if isinstance(n, bytes) else str(n)
+                        for n in _unpickle(folder / meta).get(names_key, ()))
+    return ImageSet(name, split, torch.from_numpy(np.ascontiguousarray(np.concatenate(images))),
+                    torch.from_numpy(np.concatenate(labels)), classes)
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _list_image_folder(folder: Path) -> tuple[list[str], list[list[str]]]:
+    """Sorted class folder names and, per class, its image file names in natural order."""
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    files = [sorted((e.name for e in os.scandir(folder / c) if e.is_file()
+                     and e.name.lower().endswith(IMAGE_SUFFIXES)), key=_natural_key) for c in classes]
+    if not classes or not any(files):
+        raise FileNotFoundError(f"no images in {folder}: expected {folder}/<class>/*.jpg "
+                                f"(image types {', '.join(IMAGE_SUFFIXES)})")
+    return classes, files
+
+
+def _folder_mtime(folder: Path, classes: list[str]) -> float:
+    """Latest modification time of the split folder and its class folders."""
+    return max([folder.stat().st_mtime] + [(folder / c).stat().st_mtime for c in classes])
+
+
+def _read_image_folder(name: str, split: str, folder: Path, cache_dir: Path, progress: bool | None) -> ImageSet:
+    """Decode ``folder/<class>/*`` to uint8 arrays, through an .npz cache in ``cache_dir``."""
+    classes, files = _list_image_folder(folder)
+    counts = np.array([len(f) for f in files], dtype=np.int64)
+    cache = cache_dir / f"{name}-{split}-v{CACHE_VERSION}.npz"
+    if cache.is_file() and cache.stat().st_mtime > _folder_mtime(folder, classes):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if list(z["classes"]) == classes and np.array_equal(z["counts"], counts):
+                    log.info("%s %s: %d images from cache %s", name, split, len(z["labels"]), cache)
+                    return ImageSet(name, split, torch.from_numpy(z["images"]), torch.from_numpy(z["labels"]),
+                                    tuple(classes))
+            log.info("%s %s: cache %s does not match %s; decoding again", name, split, cache, folder)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+            log.warning("%s %s: unreadable cache %s (%s); decoding again", name, split, cache, e)
+    images, labels = _decode(folder, classes, files, progress, f"{name} {split}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, labels=labels, classes=np.array(classes), counts=counts)
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.warning("%s %s: could not write cache %s (%s); it will be decoded again next time", name, split, cache, e)
+    return ImageSet(name, split, torch.from_numpy(images), torch.from_numpy(labels), tuple(classes))
+
+
+def _decode(folder: Path, classes: list[str], files: list[list[str]], progress: bool | None,
+            what: str) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+    from tqdm import tqdm
+
+    paths = [folder / c / f for c, fs in zip(classes, files) for f in fs]
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f) for f in files])
+    start = time.perf_counter()
+    images = None
+    for i, path in enumerate(tqdm(paths, desc=f"decoding {what}", unit="img",
+                                  disable=None if progress is None else not progress)):
+        with Image.open(path) as im:
+            a = np.asarray(im.convert("RGB"))
+        if images is None:
+            images = np.empty((len(paths),) + a.shape, dtype=np.uint8)
+        elif a.shape != images.shape[1:]:
+            raise ValueError(f"{path}: image of shape {a.shape}, but {paths[0]} has {images.shape[1:]}")
+        images[i] = a
+    log.info("%s: decoded %d images from %s in %.1f s", what, len(paths), folder, time.perf_counter() - start)
+    return images, labels
+
+
+# --- MNIST / Fashion-MNIST -----------------------------------------------------------------
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (raw, or gzipped if the name ends in .gz) as a numpy array of its declared type and shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise ValueError(f"{path}: cannot read ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {raw[:4].hex() or 'missing'}; "
+                         f"expected 0000 then a type code in {[hex(c) for c in _IDX_DTYPES]} and a rank)")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes for {ndim} dimensions)")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = 4 + 4 * ndim + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(f"{path}: {len(raw)} bytes, but its header declares shape {shape} of {dtype} "
+                         f"({expected} bytes); the file is {'truncated' if len(raw) < expected else 'too long'}")
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_file(folder: Path, stem: str, name: str) -> Path:
+    for candidate in (folder / stem, folder / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{folder / stem}(.gz) not found; {name} expects "
+                            f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, raw or .gz, in {folder}; "
+                            f"run `./prepare_dataset.sh {name}`")
+
+
+def load_mnist(data_dir: str | os.PathLike, name: str, split: str) -> ImageSet:
+    """MNIST or Fashion-MNIST ``split`` from the four IDX files in ``data_dir/name``."""
+    if name not in ("mnist", "fashion-mnist"):
+        raise ValueError(f"unknown IDX data set {name!r}; expected 'mnist' or 'fashion-mnist'")
+    _check_split(split)
+    folder = Path(data_dir) / name
+    image_path = _idx_file(folder, f"{_IDX_PREFIX[split]}-images-idx3-ubyte", name)
+    label_path = _idx_file(folder, f"{_IDX_PREFIX[split]}-labels-idx1-ubyte", name)
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"{image_path}: expected uint8 images [n, rows, cols], got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}")
+    classes = _FASHION_CLASSES if name == "fashion-mnist" else tuple(str(i) for i in range(10))
+    return ImageSet(name, split, torch.from_numpy(images[..., None]), torch.from_numpy(labels.astype(np.int64)),
+                    classes)
