@@ -28,3 +28,6 @@ def build_task(cfg: RunConfig, job: Job) -> Task:
     if cls is None:
         raise ValueError(f"unknown task {cfg.task!r}; available: {', '.join(available_tasks())}")
     return cls(cfg, job)
+
+
+from . import convex, image, language, recommendation  # noqa: E402,F401  (registers the tasks)

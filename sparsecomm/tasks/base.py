@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from ..train.config import RunConfig
 from ..train.distributed import Job
 
-__all__ = ["Task"]
+__all__ = ["Task", "load_on_main_first"]
 
 
 class Task(abc.ABC):
@@ -72,3 +72,25 @@ class Task(abc.ABC):
         if unknown:
             raise ValueError(f"unknown task option(s) {unknown} for task {self.cfg.task!r}; "
                              f"allowed: {', '.join(allowed) or 'none'}")
+
+
+T = TypeVar("T")
+
+
+def load_on_main_first(job: Job, load: Callable[[], T]) -> T:
+    """Run ``load`` on rank 0 first, then on the other ranks: data that is decoded or
+    preprocessed once and cached is then built by one process and read by the others. If
+    rank 0 fails, every rank raises (instead of the others waiting forever)."""
+    value: Any = None
+    error: BaseException | None = None
+    if job.is_main:
+        try:
+            value = load()
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    failed = job.any(error is not None)  # a collective: the other ranks wait here for rank 0
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("rank 0 failed to load the data (see its log)")
+    return value if job.is_main else load()

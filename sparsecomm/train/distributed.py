@@ -69,10 +69,15 @@ def _env_int(name: str, default: int | None = None) -> int | None:
 
 def join(device: str = "auto", timeout_s: float = 1800.0) -> Job:
     """Join the process group described by the environment (or run alone) and pick a device:
-    with CUDA, GPU ``LOCAL_RANK`` and NCCL; otherwise the CPU and gloo."""
-    world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    with CUDA, GPU ``LOCAL_RANK`` and NCCL; otherwise the CPU and gloo. A process group that
+    is already initialised is used as it is."""
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local_rank = _env_int("LOCAL_RANK", rank)
+    else:
+        world = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        local_rank = _env_int("LOCAL_RANK", 0)
     assert world is not None and rank is not None and local_rank is not None
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is out of range for WORLD_SIZE={world}")
