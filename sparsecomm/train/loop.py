@@ -72,6 +72,7 @@ class Trainer:
         self.best: dict[str, Any] | None = None
         self.evaluations: list[dict[str, Any]] = []
         self._signal: int | None = None
+        self._saved_step: int | None = None
         self._window: dict[str, float] = {}
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
         self._loss_count = 0
@@ -109,24 +110,19 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.task.begin_epoch(epoch)
-            steps_here = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch) - start
-            progress = _progress(job.is_main and cfg.records.progress, steps_here, f"epoch {epoch}")
+            end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)  # this segment's last step
+            progress = _progress(job.is_main and cfg.records.progress, end - self.step, f"epoch {epoch}")
             mark = time.perf_counter()
             before = self.step
             for batch in self.task.batches(epoch, start):
-                fetched = time.perf_counter()
-                self._train_step(batch, epoch, fetched - mark)
+                self._train_step(batch, epoch, time.perf_counter() - mark)
                 progress.update(1)
                 self.elapsed = time.perf_counter() - started
                 if self.step % cfg.records.log_every == 0:
                     self._log_training(epoch)
-                stop = self._stop_reason()
-                if stop is not None:
-                    progress.close()
-                    self._checkpoint()
-                    raise Stopped(*stop)
-                if self.step - epoch * self.steps_per_epoch >= steps_here + start:
+                if self.step >= end:
                     break
+                self._stop_if_asked(progress)  # not at a segment's end: evaluation comes first there
                 mark = time.perf_counter()
             progress.close()
             if self.step == before:
@@ -134,12 +130,26 @@ class Trainer:
                                    f"although {self.steps_per_epoch} were announced")
             finished_epoch = self.step % self.steps_per_epoch == 0
             last = self.step >= self.total_steps
-            if finished_epoch and ((epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last:
+            if (finished_epoch and (epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last:
                 self._evaluate(epoch + 1 if finished_epoch else self.step / self.steps_per_epoch)
                 self.elapsed = time.perf_counter() - started
             every = cfg.records.checkpoint_every
             if last or (finished_epoch and every and (epoch + 1) % every == 0):
                 self._checkpoint()
+            if not last:
+                self._stop_if_asked(None)
+
+    def _stop_if_asked(self, progress: Any) -> None:
+        """Checkpoint (unless this step's is written) and raise :class:`Stopped` when every
+        rank agrees a stop was asked for."""
+        stop = self._stop_reason()
+        if stop is None:
+            return
+        if progress is not None:
+            progress.close()
+        if self._saved_step != self.step:
+            self._checkpoint()
+        raise Stopped(*stop)
 
     def _train_step(self, batch: Any, epoch: int, t_data: float) -> None:
         cfg, model, sync = self.cfg, self.model, self._sync
@@ -274,6 +284,7 @@ class Trainer:
                  "rng": _rng_state(self.job.device), "window": dict(self._window),
                  "loss": [float(self._loss_sum), self._loss_count]}
         self.checkpoints.save(f"step-{self.step:09d}", shared, local, {"step": self.step})
+        self._saved_step = self.step
         if self.job.is_main:
             log.info("checkpoint at step %d in %s", self.step, self.checkpoints.root)
 

@@ -1,0 +1,203 @@
+"""The training loop end to end: every task on tiny data in the real formats, records, exact
+resume across 2 gloo workers, real MovieLens 100K, and bad input."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import tiny_data
+import train_scenarios as ts
+from sparsecomm.train.checkpoint import CheckpointError
+from sparsecomm.train.cli import main as cli_main
+from sparsecomm.train.config import load_config
+from sparsecomm.train.distributed import join
+from sparsecomm.train.loop import Stopped, Trainer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TRAIN_KEYS = {"step", "epoch", "loss", "lr", "density", "local_density", "bytes_sent", "bytes_wire", "t_forward",
+              "t_backward", "t_select", "t_comm", "t_step", "t_data", "time"}
+
+# task -> (model, model options, extra overrides, evaluation keys)
+TASKS = {
+    "cifar10": ("resnet20", {}, ["data.batch_size=8"], {"accuracy", "top5"}),
+    "cifar100": ("resnet20", {}, ["data.batch_size=8"], {"accuracy", "top5"}),
+    "mnist": ("mnist_cnn", {}, ["data.batch_size=16"], {"accuracy"}),
+    "fashion-mnist": ("mnist_cnn", {}, ["data.batch_size=16"], {"accuracy"}),
+    "ptb": ("lstm_lm", {"emsize": 16, "nhid": 16, "nlayers": 2, "dropout": 0.2}, ["data.batch_size=4",
+            "task_options.bptt=8", "clip_norm=0.5"], {"perplexity"}),
+    "wikitext2": ("lstm_lm", {"emsize": 16, "nhid": 16, "nlayers": 1, "dropout": 0.0}, ["data.batch_size=4",
+                  "task_options.bptt=8", "data.eval_batch_size=3"], {"perplexity"}),
+    "ml-100k": ("neumf", {"factors": 8, "mlp_layers": [16, 8]}, ["data.batch_size=128", "optimizer.name=adam",
+                "optimizer.lr=0.01"], {"hr@10", "ndcg@10"}),
+    "ml-1m": ("neumf", {"factors": 8, "mlp_layers": [16, 8]}, ["data.global_batch_size=256", "optimizer.name=adam",
+              "optimizer.lr=0.01"], {"hr@10", "ndcg@10"}),
+    "ml-20m": ("neumf", {"factors": 8, "mlp_layers": [16, 8]}, ["data.batch_size=128", "optimizer.name=adam",
+               "optimizer.lr=0.01"], {"hr@10", "ndcg@10"}),
+    "logreg": ("logreg", {}, ["task_options.path=tiny.svm", "task_options.l2=0.001", "data.batch_size=16",
+               "optimizer.lr=0.5"], {"accuracy", "loss"}),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny_data.write_all(tmp_path_factory.mktemp("data"))
+
+
+def overrides(task, data_dir, out, reducer="exdyna", extra=(), epochs=1):
+    model, options, task_extra, _ = TASKS[task]
+    return [f"task={task}", f"model={model}", f"model_options={json.dumps(options)}", f"data.dir={data_dir}",
+            f"output_dir={out}", f"reducer.name={reducer}", "reducer.density=0.05", f"epochs={epochs}",
+            "optimizer.lr=0.05", "records.log_every=2", "records.progress=false", *task_extra, *extra]
+
+
+def run_solo(ov, fresh=False):
+    """Train in this process; returns (trainer, summary), summary None when stopped early."""
+    cfg = load_config(None, ov)
+    trainer = Trainer(cfg, join("cpu"), fresh=fresh)
+    try:
+        return trainer, trainer.run()
+    except Stopped:
+        return trainer, None
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_task_trains_evaluates_and_records(task, data_dir, tmp_path):
+    trainer, summary = run_solo(overrides(task, data_dir, tmp_path))
+    run = trainer.run_dir
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [l for l in lines if "split" not in l]
+    evals = [l for l in lines if "split" in l]
+    assert train and TRAIN_KEYS <= set(train[0]), set(train[0]) ^ TRAIN_KEYS
+    assert "threshold" in train[0] and "residual_norm" in train[0]
+    assert evals and TASKS[task][3] <= set(evals[0]), evals[0]
+    assert all(math.isfinite(l["loss"]) for l in train)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["environment"]["world_size"] == 1 and config["task"] == task and "git_commit" in config["environment"]
+    saved = json.loads((run / "summary.json").read_text())
+    for key in ("final", "best", "mean_density", "total_bytes_sent", "wall_time", "time_to_best"):
+        assert key in saved
+    assert saved["total_bytes_sent"] > 0 and 0 < saved["mean_density"] <= 1
+
+
+def final_state(run_dir):
+    ck = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    folder = run_dir / "checkpoints" / ck["tag"]
+    shared = torch.load(folder / "shared.pt", weights_only=True)
+    ranks = [torch.load(folder / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    return shared, ranks
+
+
+def assert_same_end(a_dir, b_dir):
+    (sa, ra), (sb, rb) = final_state(a_dir), final_state(b_dir)
+    assert sa["step"] == sb["step"]
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), f"parameter {key} differs"
+    for r in range(2):
+        assert torch.equal(ra[r]["reducer"]["residual"], rb[r]["reducer"]["residual"]), f"rank {r} residual differs"
+    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.startswith("t_") and k != "time"}  # noqa: E731
+                           for l in lines]
+    assert strip((a_dir / "metrics.jsonl").read_text().splitlines()) == \
+        strip((b_dir / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("task,stop", [("mnist", "max_steps"), ("mnist", "signal"), ("ptb", "max_steps")])
+def test_stopped_and_resumed_run_ends_bit_identical(clusters, data_dir, tmp_path, task, stop):
+    """2 gloo workers: an interrupted run, resumed, ends exactly where an uninterrupted one does."""
+    c = clusters(2)
+    base = overrides(task, data_dir, tmp_path / "straight", epochs=1.5)
+    straight = c.run(ts.train, base)
+    assert all(s["complete"] for s in straight)
+    resumed_ov = overrides(task, data_dir, tmp_path / "resumed", epochs=1.5)
+    if stop == "max_steps":
+        first = c.run(ts.train, resumed_ov + ["max_steps=5"])
+    else:
+        first = c.run(ts.train, resumed_ov, signal_rank=1, signal_step=2)  # SIGTERM to rank 1 during step 3
+    assert all("stopped" in f for f in first), first
+    assert {f["step"] for f in first} == {3 if stop == "signal" else 5}, "every rank stops at the same step"
+    if stop == "signal":
+        assert {f["signum"] for f in first} == {15}
+    second = c.run(ts.train, resumed_ov)
+    assert all(s["complete"] for s in second)
+    run = lambda root: next(root.iterdir())  # noqa: E731
+    assert_same_end(run(tmp_path / "straight"), run(tmp_path / "resumed"))
+
+
+@pytest.mark.skipif(not (SHARED / "movielens-100k" / "ml-100k.zip").is_file(), reason="../shared/data absent")
+def test_movielens_100k_trains_one_short_epoch_on_two_workers(clusters, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(SHARED / "movielens-100k" / "ml-100k.zip") as z:
+        z.extractall(tmp_path / "data")
+    ov = ["task=ml-100k", "model=neumf", f"data.dir={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}",
+          "model_options={factors: 16, mlp_layers: [64, 32, 16], dropout: 0.0}", "data.global_batch_size=32768",
+          "optimizer.name=adam", "optimizer.lr=0.005", "optimizer.betas=[0.25, 0.5]", "reducer.name=exdyna",
+          "reducer.density=0.05", "epochs=1", "records.progress=false", "records.log_every=5"]
+    results = clusters(2).run(ts.train, ov)
+    test = results[0]["final"]["test"]
+    for key in ("hr@10", "ndcg@10"):
+        assert results[1]["final"]["test"][key] == test[key], "both ranks report the same evaluation"
+    assert results[0]["steps"] == (99_057 * 5 // 2) // 16_384
+    assert 0.0 < test["hr@10"] <= 1.0 and 0.0 < test["ndcg@10"] <= test["hr@10"]
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh mnist"):
+        run_solo(overrides("mnist", tmp_path / "empty", tmp_path))
+    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh ptb"):
+        run_solo(overrides("ptb", tmp_path / "empty", tmp_path))
+    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh ml-1m"):
+        run_solo(overrides("ml-1m", tmp_path / "empty", tmp_path))
+
+
+def test_corrupt_file_is_named(tmp_path):
+    root = tiny_data.write_mnist(tmp_path / "data")
+    path = root / "mnist" / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):
+        run_solo(overrides("mnist", root, tmp_path))
+
+
+def test_unknown_model_task_or_preset(data_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown model 'resnet19'; available: .*resnet18"):
+        run_solo(overrides("mnist", data_dir, tmp_path) + ["model=resnet19"])
+    with pytest.raises(ValueError, match="unknown task 'imagenet'; available: cifar10"):
+        run_solo(overrides("mnist", data_dir, tmp_path) + ["task=imagenet"])
+    assert cli_main(["--preset", "resnet18-imagenet"]) == 2
+    assert "unknown preset 'resnet18-imagenet'; available: " in capsys.readouterr().err
+    assert cli_main(["--preset", "mnist-cnn", "--set", "optimizer.momentun=0.9"]) == 2
+    assert "unknown setting 'optimizer.momentun'" in capsys.readouterr().err
+
+
+def test_truncated_checkpoint_is_named_on_resume(data_dir, tmp_path):
+    ov = overrides("mnist", data_dir, tmp_path, extra=["max_steps=2"])
+    trainer, _ = run_solo(ov)
+    folder = next(p for p in (trainer.run_dir / "checkpoints").iterdir() if p.is_dir())
+    (folder / "rank-0.pt").write_bytes((folder / "rank-0.pt").read_bytes()[:64])
+    with pytest.raises(CheckpointError, match=r"rank-0.pt cannot be read"):
+        run_solo(ov)
+    trainer, _ = run_solo(ov, fresh=True)  # --fresh ignores it
+    assert trainer.step == 2
+
+
+def test_resume_refuses_other_settings(data_dir, tmp_path):
+    ov = overrides("mnist", data_dir, tmp_path, extra=["max_steps=2", "name=fixed"])
+    run_solo(ov)
+    with pytest.raises(ValueError, match="other settings \\(optimizer differ\\)"):
+        run_solo(ov + ["optimizer.lr=0.5"])
+
+
+def test_plots_compare_runs(data_dir, tmp_path):
+    from sparsecomm.plot import main as plot_main
+
+    dirs = []
+    for reducer in ("exact", "exdyna"):
+        trainer, _ = run_solo(overrides("mnist", data_dir, tmp_path / "runs", reducer=reducer, epochs=2))
+        dirs.append(str(trainer.run_dir))
+    assert plot_main(dirs + ["--out", str(tmp_path / "fig")]) == 0
+    for name in ("metric_vs_epoch.png", "metric_vs_bytes.png", "density_vs_step.png", "time_breakdown.png"):
+        assert (tmp_path / "fig" / name).stat().st_size > 5000
+    assert plot_main([str(tmp_path)]) == 2
