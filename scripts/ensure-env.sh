@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
-# Source this file: it makes sure the project's virtual environment exists and is current,
-# then sets PY to its python. The environment is created from pyproject.toml (pinned torch
-# and torchvision, numpy, pandas, pyyaml, tqdm, matplotlib, pytest) on first use and again
-# whenever pyproject.toml changes. SPARSECOMM_VENV overrides where it lives (default .venv).
+# Source this file: it makes sure the project's Python environment exists and is current, then
+# sets PY to its python. On first use (and again whenever pyproject.toml changes) it creates
+#   - a virtual environment in .venv from pyproject.toml (pinned torch and torchvision, numpy,
+#     pandas, pyyaml, tqdm, matplotlib, pytest), or
+#   - when conda is on PATH and there is no .venv yet, the conda environment of environment.yml
+#     in .conda-env (SPARSECOMM_ENV=venv forces the virtual environment).
+# SPARSECOMM_VENV overrides where the virtual environment lives; PYTHON picks the interpreter
+# that creates it.
 _sc_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-_sc_venv=${SPARSECOMM_VENV:-$_sc_root/.venv}
-_sc_stamp=$_sc_venv/.sparsecomm-installed
-_sc_want=$(cd "$_sc_root" && sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -x "$_sc_venv/bin/python" ] || [ "$(cat "$_sc_stamp" 2>/dev/null)" != "$_sc_want" ]; then
-    _sc_python=${PYTHON:-python3}
-    if ! "$_sc_python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-        echo "sparsecomm: need Python >= 3.10 to create the environment; set PYTHON=/path/to/python3" >&2
-        return 1 2>/dev/null || exit 1
+_sc_want=$(cd "$_sc_root" && cat pyproject.toml environment.yml | sha256sum | cut -d' ' -f1)
+_sc_fail() {
+    echo "sparsecomm: $1" >&2
+    return 1 2>/dev/null || exit 1
+}
+if [ -z "${SPARSECOMM_VENV:-}" ] && [ "${SPARSECOMM_ENV:-}" != venv ] && [ ! -x "$_sc_root/.venv/bin/python" ] \
+        && command -v conda >/dev/null 2>&1; then
+    _sc_env=$_sc_root/.conda-env
+    if [ ! -x "$_sc_env/bin/python" ] || [ "$(cat "$_sc_env/.sparsecomm-installed" 2>/dev/null)" != "$_sc_want" ]; then
+        echo "sparsecomm: creating the conda environment $_sc_env from environment.yml (first use; takes minutes)" >&2
+        if [ -x "$_sc_env/bin/python" ]; then
+            (cd "$_sc_root" && conda env update --prune -p "$_sc_env" -f environment.yml) || _sc_fail "conda env update failed"
+        else
+            (cd "$_sc_root" && conda env create -p "$_sc_env" -f environment.yml) || _sc_fail "conda env create failed"
+        fi
+        echo "$_sc_want" > "$_sc_env/.sparsecomm-installed"
     fi
-    echo "sparsecomm: setting up the Python environment in $_sc_venv (first use; torch is large, this takes minutes)" >&2
-    "$_sc_python" -m venv "$_sc_venv" &&
-        "$_sc_venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$_sc_root[test]" &&
-        echo "$_sc_want" > "$_sc_stamp" || {
-            echo "sparsecomm: installing the environment failed (see pip's message above)" >&2
-            return 1 2>/dev/null || exit 1
-        }
+    PY=$_sc_env/bin/python
+else
+    _sc_venv=${SPARSECOMM_VENV:-$_sc_root/.venv}
+    if [ ! -x "$_sc_venv/bin/python" ] || [ "$(cat "$_sc_venv/.sparsecomm-installed" 2>/dev/null)" != "$_sc_want" ]; then
+        _sc_python=${PYTHON:-python3}
+        "$_sc_python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+            || _sc_fail "need Python >= 3.10 to create the environment; set PYTHON=/path/to/python3"
+        echo "sparsecomm: setting up the Python environment in $_sc_venv (first use; torch is large, this takes minutes)" >&2
+        "$_sc_python" -m venv "$_sc_venv" \
+            && "$_sc_venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$_sc_root[test]" \
+            && echo "$_sc_want" > "$_sc_venv/.sparsecomm-installed" \
+            || _sc_fail "installing the environment failed (see pip's message above)"
+    fi
+    PY=$_sc_venv/bin/python
 fi
-PY=$_sc_venv/bin/python
-unset _sc_root _sc_venv _sc_stamp _sc_want _sc_python
+unset _sc_root _sc_want _sc_env _sc_venv _sc_python
+unset -f _sc_fail

@@ -89,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
 
-    from .distributed import join, leave
+    from .distributed import join, leave, lost_ranks
     from .loop import Stopped, Trainer
 
-    job = join(cfg.device)
+    try:
+        job = join(cfg.device, watchdog=True)
+    except (ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
     try:
         trainer = Trainer(cfg, job, fresh=args.fresh)
         summary = trainer.run()
@@ -104,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         leave()
         return 2
+    except RuntimeError as exc:
+        if job.world > 1:
+            lost = lost_ranks()
+            if lost is None or lost:
+                who = "rank 0 or the launcher (the job's rendezvous store is unreachable)" if lost is None \
+                    else f"rank(s) {', '.join(map(str, lost))}"
+                log.error("lost %s: a collective failed (%s); stopping this rank too",
+                          who, str(exc).strip().splitlines()[-1][:300])
+                return 1
+        raise
     leave()
     if job.is_main:
         best = summary.get("best")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Job", "join", "leave"]
+__all__ = ["Job", "join", "leave", "lost_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,14 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-def join(device: str = "auto", timeout_s: float = 1800.0) -> Job:
+_watchdog = None
+
+
+def join(device: str = "auto", timeout_s: float = 1800.0, watchdog: bool = False) -> Job:
     """Join the process group described by the environment (or run alone) and pick a device:
     with CUDA, GPU ``LOCAL_RANK`` and NCCL; otherwise the CPU and gloo. A process group that
-    is already initialised is used as it is."""
+    is already initialised is used as it is. With ``watchdog``, a lost rank stops every rank
+    within ``SPARSECOMM_HEARTBEAT_TIMEOUT`` seconds (default 30; see :mod:`.watchdog`)."""
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
         local_rank = _env_int("LOCAL_RANK", rank)
@@ -101,9 +105,32 @@ def join(device: str = "auto", timeout_s: float = 1800.0) -> Job:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         log.info("rank %d/%d joined (%s, %s)", rank, world, backend, dev)
+    if watchdog and world > 1:
+        _start_watchdog(rank, world)
     return Job(rank=rank, world=world, local_rank=local_rank, device=dev)
 
 
+def _start_watchdog(rank: int, world: int) -> None:
+    global _watchdog
+    from .watchdog import Watchdog
+
+    timeout = float(os.environ.get("SPARSECOMM_HEARTBEAT_TIMEOUT", "30"))
+    interval = float(os.environ.get("SPARSECOMM_HEARTBEAT_INTERVAL", str(min(2.0, timeout / 5))))
+    store = dist.distributed_c10d._get_default_store()
+    _watchdog = Watchdog(store, rank, world, interval=interval, timeout=timeout).start()
+
+
+def lost_ranks() -> list[int] | None:
+    """Which ranks stopped beating (see :meth:`Watchdog.lost_ranks`); [] without a watchdog,
+    None when the job's store is unreachable (rank 0 or the launcher is gone)."""
+    return [] if _watchdog is None else _watchdog.lost_ranks()
+
+
 def leave() -> None:
+    """Stop the watchdog (marking this rank done) and leave the process group."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

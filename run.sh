@@ -1,0 +1,266 @@
+#!/usr/bin/env bash
+# sparsecomm: run one training job.
+#
+# Pick what to run by editing the variables below, or by setting them in the environment
+# (MODEL=vgg16 ./run.sh). Then start it in any of these ways:
+#
+#   ./run.sh                        plain: starts NPROC workers on this machine itself
+#   sbatch pararun                  SLURM: pararun starts run.sh on every task with srun
+#   mpirun -np 4 ./run.sh           Open MPI, MPICH or Intel MPI; add -hostfile for several nodes
+#   srun -n 4 ./run.sh              inside an allocation
+#   torchrun --nproc_per_node 4 -m sparsecomm.train --preset ...   (the trainer without run.sh)
+#
+# run.sh finds out who started it and takes rank, world size, local rank and the rendezvous
+# address from there; the world size always comes from the launcher.
+
+# ---------------------------------------------------------------- what to run -------------
+PRESET=${PRESET:-resnet18-cifar10}  # a file in cnn-lstm/presets or ncf/presets (ls them, or
+                                    # python -m sparsecomm.train --list-presets)
+MODEL=${MODEL:-}                    # empty: the preset's model (resnet18)
+DATASET=${DATASET:-}                # empty: the preset's data set (cifar10)
+REDUCER=${REDUCER:-}                # empty: the preset's reducer (exdyna)
+DENSITY=${DENSITY:-}                # empty: the preset's target density (0.001)
+EPOCHS=${EPOCHS:-}                  # empty: the preset's (200)
+SEED=${SEED:-}                      # empty: the preset's (0)
+NPROC=${NPROC:-}                    # workers for a plain run (empty: one per GPU, else 2)
+DATA_DIR=${DATA_DIR:-}              # empty: ./data beside this script
+OUTPUT_DIR=${OUTPUT_DIR:-}          # empty: ./runs beside this script
+EXTRA_ARGS=${EXTRA_ARGS:-}          # more trainer options, e.g. "--set optimizer.lr=0.05 --fresh"
+# -------------------------------------------------------------------------------------------
+
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's sparsecomm, installed or not
+DATA_DIR=${DATA_DIR:-$ROOT/data}
+OUTPUT_DIR=${OUTPUT_DIR:-$ROOT/runs}
+
+say() { echo "run.sh${RANK:+ [rank $RANK]}: $*" >&2; }
+die() { say "error: $*"; exit 2; }
+
+# ----------------------------------------------------------- who started us? --------------
+detect_launcher() {
+    if [[ -n "${TORCHELASTIC_RUN_ID:-}${GROUP_RANK:-}" && -n "${RANK:-}" && -n "${WORLD_SIZE:-}" ]]; then
+        LAUNCHER=torchrun
+        LOCAL_SIZE=${LOCAL_WORLD_SIZE:-}
+    elif [[ -n "${SLURM_STEP_NUM_TASKS:-}" && -n "${SLURM_PROCID:-}" ]]; then
+        LAUNCHER=slurm
+        RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_STEP_NUM_TASKS LOCAL_RANK=${SLURM_LOCALID:-0}
+        LOCAL_SIZE=$(slurm_local_tasks)
+        JOB_KEY="slurm-${SLURM_JOB_ID:-0}-${SLURM_STEP_ID:-0}"
+    elif [[ -n "${OMPI_COMM_WORLD_SIZE:-}" ]]; then
+        LAUNCHER="Open MPI"
+        RANK=$OMPI_COMM_WORLD_RANK WORLD_SIZE=$OMPI_COMM_WORLD_SIZE
+        LOCAL_RANK=${OMPI_COMM_WORLD_LOCAL_RANK:-0} LOCAL_SIZE=${OMPI_COMM_WORLD_LOCAL_SIZE:-}
+        JOB_KEY="ompi-${PMIX_NAMESPACE:-${OMPI_MCA_orte_ess_jobid:-${OMPI_MCA_ess_base_jobid:-$PPID}}}"
+    elif [[ -n "${PMI_SIZE:-}" && -n "${PMI_RANK:-}" ]]; then
+        LAUNCHER="MPICH/Intel MPI"
+        RANK=$PMI_RANK WORLD_SIZE=$PMI_SIZE LOCAL_RANK=${MPI_LOCALRANKID:-${PMI_LOCAL_RANK:-0}}
+        LOCAL_SIZE=${MPI_LOCALNRANKS:-${PMI_LOCAL_SIZE:-}}
+        JOB_KEY="pmi-${PMI_KVSNAME:-${PMI_ID:-$PPID}}"
+    elif [[ -n "${RANK:-}" && -n "${WORLD_SIZE:-}" ]]; then
+        LAUNCHER="environment"  # RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set by hand or another tool
+        LOCAL_SIZE=${LOCAL_WORLD_SIZE:-}
+    else
+        LAUNCHER=""
+    fi
+}
+
+slurm_local_tasks() {  # tasks of this step on this node, from e.g. "2(x3),1"
+    local spec=${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-}} node=${SLURM_NODEID:-0} i=0 part n reps
+    IFS=, read -ra parts <<< "$spec"
+    for part in "${parts[@]}"; do
+        n=${part%%(*}; reps=1
+        [[ $part == *"(x"* ]] && reps=${part##*(x} && reps=${reps%)}
+        if (( node < i + reps )); then echo "$n"; return; fi
+        i=$((i + reps))
+    done
+}
+
+first_slurm_host() {
+    local list=${SLURM_STEP_NODELIST:-${SLURM_JOB_NODELIST:-}}
+    if command -v scontrol >/dev/null 2>&1; then
+        scontrol show hostnames "$list" | head -n 1
+    else  # "node[01-04,07]" -> node01
+        local host=${list%%,*}
+        if [[ $host == *"["* ]]; then
+            local inside=${list#*[}; inside=${inside%%[-,\]]*}
+            host="${host%%\[*}$inside"
+        fi
+        echo "$host"
+    fi
+}
+
+my_address() {  # an address other hosts can reach: the first non-loopback IP, else the host name
+    local ip
+    ip=$(hostname -I 2>/dev/null | awk '{print $1}') || true
+    echo "${ip:-$(hostname)}"
+}
+
+free_port() {
+    "$PY" - <<'EOF'
+import socket
+s = socket.socket()
+s.bind(("", 0))
+print(s.getsockname()[1])
+EOF
+}
+
+port_is_free() {
+    "$PY" - "$1" <<'EOF'
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+EOF
+}
+
+# Where rank 0 listens. The seeds' `hostip` and `port` are accepted too. Without them, SLURM
+# gives the head node; under MPI, rank 0 publishes its address and a free port in a file under
+# OUTPUT_DIR (on several nodes that folder must be shared), and the others read it.
+rendezvous() {
+    MASTER_ADDR=${MASTER_ADDR:-${hostip:-}}
+    MASTER_PORT=${MASTER_PORT:-${port:-}}
+    if [[ -z "$MASTER_ADDR" && $LAUNCHER == slurm ]]; then
+        MASTER_ADDR=$(first_slurm_host)
+        MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+    fi
+    if [[ -n "$MASTER_ADDR" && -n "$MASTER_PORT" ]]; then
+        if [[ $RANK == 0 ]] && [[ $MASTER_ADDR == 127.* || $MASTER_ADDR == localhost || $MASTER_ADDR == "$(hostname)" \
+                || $MASTER_ADDR == "$(hostname -s)" || " $(hostname -I 2>/dev/null) " == *" $MASTER_ADDR "* ]] \
+                && ! port_is_free "$MASTER_PORT"; then
+            die "port $MASTER_PORT on $MASTER_ADDR is in use; unset MASTER_PORT (or port) or pick another"
+        fi
+        return
+    fi
+    local file="$OUTPUT_DIR/.rendezvous/${JOB_KEY:-job}"
+    if [[ $RANK == 0 ]]; then
+        mkdir -p "$(dirname "$file")"
+        MASTER_ADDR=${MASTER_ADDR:-$(my_address)}
+        MASTER_PORT=${MASTER_PORT:-$(free_port)}
+        echo "$MASTER_ADDR $MASTER_PORT" > "$file.tmp.$$" && mv "$file.tmp.$$" "$file"
+    else
+        local waited=0 started
+        started=$(date +%s)
+        # a file left by an earlier job with the same key is older than this job
+        until [[ -s "$file" ]] && (( $(stat -c %Y "$file") >= started - 30 )); do
+            sleep 0.5; waited=$((waited + 1))
+            (( waited < 240 )) || die "rank 0 did not publish its address in $file within 2 minutes; on several \
+nodes OUTPUT_DIR must be on a shared file system, or set MASTER_ADDR and MASTER_PORT (hostip/port)"
+        done
+        read -r MASTER_ADDR MASTER_PORT < "$file"
+    fi
+}
+
+# ------------------------------------------------------------- the environment -------------
+# Can this Python run the trainer of this checkout (its dependencies installed)?
+has_sparsecomm() { (cd / && PYTHONPATH=$ROOT "$1" -c "import torch, torchvision, yaml, sparsecomm.train.cli") >/dev/null 2>&1; }
+
+find_python() {
+    if [[ -x "$ROOT/.venv/bin/python" ]] && has_sparsecomm "$ROOT/.venv/bin/python"; then
+        PY=$ROOT/.venv/bin/python
+    elif [[ -x "$ROOT/.conda-env/bin/python" ]] && has_sparsecomm "$ROOT/.conda-env/bin/python"; then
+        PY=$ROOT/.conda-env/bin/python
+    elif has_sparsecomm "${PYTHON:-python3}"; then
+        PY=${PYTHON:-python3}
+    elif [[ -n "$LAUNCHER" ]]; then
+        die "sparsecomm is not installed for ${PYTHON:-python3}, and run.sh never installs under a launcher \
+(many ranks would race). Run ./run.sh --setup once on this machine (or \`pip install -e .\`), then start the job again"
+    else
+        say "sparsecomm is not installed: setting up its environment first (once)"
+        # shellcheck source=scripts/ensure-env.sh
+        source "$ROOT/scripts/ensure-env.sh"
+    fi
+}
+
+# ----------------------------------------------------------------- the data ---------------
+task_name() {  # the task the trainer will run, from DATASET or the preset
+    if [[ -n "$DATASET" ]]; then echo "$DATASET"; return; fi
+    "$PY" -m sparsecomm.train --preset "$PRESET" --print-config | sed -n 's/^task: *//p' | head -n 1
+}
+
+prepare_data() {
+    local task folder
+    task=$(task_name) || die "could not read preset $PRESET"
+    case $task in
+        logreg) return ;;  # a LIBSVM file the user provides
+        wikitext2) folder=wikitext-2 ;;
+        *) folder=$task ;;
+    esac
+    if [[ -z "$LAUNCHER" || $RANK == 0 ]]; then
+        "$ROOT/prepare_dataset.sh" --data-dir "$DATA_DIR" "$task" || exit $?
+    else  # rank 0 prepares; the others wait (if it fails, the launcher stops the job)
+        local waited=0
+        until [[ -e "$DATA_DIR/$folder/.prepared" ]]; do
+            (( waited % 120 == 0 )) && say "waiting for rank 0 to prepare $task in $DATA_DIR/$folder"
+            sleep 1; waited=$((waited + 1))
+        done
+    fi
+}
+
+trainer_args() {
+    ARGS=(--preset "$PRESET" --data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR")
+    [[ -n "$MODEL" ]] && ARGS+=(--model "$MODEL")
+    [[ -n "$DATASET" ]] && ARGS+=(--task "$DATASET")
+    [[ -n "$REDUCER" ]] && ARGS+=(--reducer "$REDUCER")
+    [[ -n "$DENSITY" ]] && ARGS+=(--density "$DENSITY")
+    [[ -n "$EPOCHS" ]] && ARGS+=(--epochs "$EPOCHS")
+    [[ -n "$SEED" ]] && ARGS+=(--seed "$SEED")
+    eval "local extra=($EXTRA_ARGS)"  # shell quoting in EXTRA_ARGS is honoured
+    ARGS+=("${extra[@]}")
+    ARGS+=("$@")
+}
+
+gpu_count() {
+    "$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0
+}
+
+# ----------------------------------------------------------------------- main -------------
+main() {
+    if [[ "${1:-}" == --setup ]]; then
+        LAUNCHER=""; find_python; say "environment ready: $PY"; exit 0
+    fi
+    detect_launcher
+    if [[ -n "$LAUNCHER" ]]; then  # settings the launcher contradicts fail before anything starts
+        [[ $WORLD_SIZE =~ ^[1-9][0-9]*$ && $RANK =~ ^[0-9]+$ ]] || die "bad rank $RANK or world size $WORLD_SIZE from $LAUNCHER"
+        (( RANK < WORLD_SIZE )) || die "rank $RANK is out of range for world size $WORLD_SIZE (from $LAUNCHER)"
+        if [[ -n "$NPROC" && -n "${LOCAL_SIZE:-}" && "$NPROC" != "$LOCAL_SIZE" ]]; then
+            die "NPROC=$NPROC conflicts with the $LOCAL_SIZE worker(s) $LAUNCHER started on this node; unset NPROC \
+(under a launcher the launcher decides) or change the launcher's task count"
+        fi
+    elif [[ -n "$NPROC" && ! $NPROC =~ ^[1-9][0-9]*$ ]]; then
+        die "NPROC must be a positive integer, got '$NPROC'"
+    fi
+    find_python
+    trainer_args "$@"
+
+    if [[ -z "$LAUNCHER" ]]; then
+        local n=${NPROC:-} rdzv=(--standalone)
+        if [[ -n "${MASTER_PORT:-}" ]]; then
+            port_is_free "$MASTER_PORT" || die "port $MASTER_PORT on this host is in use; unset MASTER_PORT or pick another"
+            rdzv=(--rdzv-backend=c10d --rdzv-endpoint="127.0.0.1:$MASTER_PORT")
+        fi
+        local gpus
+        gpus=$(gpu_count)
+        if [[ -z "$n" ]]; then n=$gpus; (( n > 0 )) || n=2; fi
+        prepare_data
+        say "starting $n local worker(s) ($( (( gpus > 0 )) && echo "NCCL, one GPU each" || echo "gloo on the CPU"))"
+        exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nnodes=1 --nproc-per-node="$n" \
+            -m sparsecomm.train "${ARGS[@]}"
+    fi
+
+    [[ $LAUNCHER == torchrun || $LAUNCHER == environment ]] || rendezvous
+    export RANK WORLD_SIZE LOCAL_RANK=${LOCAL_RANK:-0} MASTER_ADDR MASTER_PORT
+    if [[ -n "${LOCAL_SIZE:-}" ]]; then
+        export LOCAL_WORLD_SIZE=$LOCAL_SIZE
+        # share the cores among this node's workers, as torchrun does
+        [[ -n "${OMP_NUM_THREADS:-}" ]] || export OMP_NUM_THREADS=$(( $(nproc) / LOCAL_SIZE > 0 ? $(nproc) / LOCAL_SIZE : 1 ))
+    fi
+    [[ $RANK == 0 ]] && say "$LAUNCHER started $WORLD_SIZE worker(s); rendezvous at $MASTER_ADDR:$MASTER_PORT"
+    prepare_data
+    exec "$PY" -m sparsecomm.train "${ARGS[@]}"
+}
+
+main "$@"
