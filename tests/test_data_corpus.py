@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from sparsecomm.data.corpus import EOS, Corpus, batchify, bptt_batches, shard_columns
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        reason = f"real data not available: {path} is missing"
-        print(reason)
-        pytest.skip(reason)
-    return path
+from shared_data import SHARED_DATA, need
 
 
 def _write_ptb(folder: Path, train="a b c\n b a\n", valid=" c d\n\n", test="d e a\n") -> None:
@@ -69,7 +60,7 @@ def test_missing_file_and_bad_arguments(tmp_path):
 
 
 def test_real_ptb(tmp_path):
-    with zipfile.ZipFile(_need(SHARED_DATA / "ptb" / "ptb.zip")) as z:
+    with zipfile.ZipFile(need(SHARED_DATA / "ptb" / "ptb.zip")) as z:
         z.extractall(tmp_path)
     c = Corpus(tmp_path, "ptb")
     assert len(c.dictionary) == 10_000  # 9,999 words (<unk> included) + <eos>
@@ -80,7 +71,7 @@ def test_real_ptb(tmp_path):
 
 
 def test_real_wikitext2_valid_test():
-    _need(SHARED_DATA / "wikitext-2" / "wiki.valid.tokens")
+    need(SHARED_DATA / "wikitext-2" / "wiki.valid.tokens")
     c = Corpus(SHARED_DATA, "wikitext2", splits=("valid", "test"))
     assert c.train is None
     assert (len(c.valid), len(c.test)) == (217_646, 245_569)  # the published WikiText-2 sizes, <eos> included

@@ -14,16 +14,7 @@ from sparsecomm.data import images as images_mod
 from sparsecomm.data.augment import (NORMALIZATION, TRAIN_AUGMENTATION, Augmentation, ImageDataset, augment,
                                      normalize, sample_uniforms)
 from sparsecomm.data.images import ImageSet, load_cifar, load_images, load_mnist, read_idx
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        reason = f"real data not available: {path} is missing"
-        print(reason)
-        pytest.skip(reason)
-    return path
+from shared_data import SHARED_DATA, need
 
 
 # --- CIFAR official python batches -------------------------------------------------------
@@ -258,7 +249,7 @@ def test_missing_idx_mentions_script(tmp_path):
 
 
 def test_real_mnist_test_split():
-    _need(SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz")
+    need(SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz")
     data = load_mnist(SHARED_DATA, "mnist", "test")
     assert data.images.shape == (10_000, 28, 28, 1)
     assert data.labels.tolist()[:10] == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]

@@ -1,7 +1,6 @@
 """MovieLens loading, leave-latest-out preprocessing, negative sampling and HR/NDCG."""
 import math
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,18 +9,10 @@ import torch
 
 from sparsecomm.data import movielens
 from sparsecomm.data.movielens import hit_rate_ndcg, load_ncf, load_ratings, preprocess, training_negatives
+from shared_data import SHARED_DATA, need
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 ROWS = [(1, 31, 5, 964982703), (1, 1029, 3.5, 964982224), (2, 31, 1, 978300760)]
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        reason = f"real data not available: {path} is missing"
-        print(reason)
-        pytest.skip(reason)
-    return path
 
 
 def _pairs(users, items):
@@ -166,7 +157,7 @@ def test_training_negatives():
 
 
 def test_real_movielens_100k(tmp_path, monkeypatch):
-    with zipfile.ZipFile(_need(SHARED_DATA / "movielens-100k" / "ml-100k.zip")) as z:
+    with zipfile.ZipFile(need(SHARED_DATA / "movielens-100k" / "ml-100k.zip")) as z:
         z.extract("ml-100k/u.data", tmp_path)
     path = tmp_path / "ml-100k" / "u.data"
     d = load_ncf(path, min_ratings=20, test_negatives=100, seed=0)

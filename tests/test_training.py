@@ -2,7 +2,6 @@
 resume across 2 gloo workers, real MovieLens 100K, and bad input."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +9,13 @@ import yaml
 
 import tiny_data
 import train_scenarios as ts
+from shared_data import SHARED_DATA
 from sparsecomm.train.checkpoint import CheckpointError
 from sparsecomm.train.cli import main as cli_main
 from sparsecomm.train.config import load_config
 from sparsecomm.train.distributed import join
 from sparsecomm.train.loop import Stopped, Trainer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TRAIN_KEYS = {"step", "epoch", "loss", "lr", "density", "local_density", "bytes_sent", "bytes_wire", "t_forward",
               "t_backward", "t_select", "t_comm", "t_step", "t_data", "time"}
@@ -126,11 +125,11 @@ def test_stopped_and_resumed_run_ends_bit_identical(clusters, data_dir, tmp_path
     assert_same_end(run(tmp_path / "straight"), run(tmp_path / "resumed"))
 
 
-@pytest.mark.skipif(not (SHARED / "movielens-100k" / "ml-100k.zip").is_file(), reason="../shared/data absent")
+@pytest.mark.skipif(not (SHARED_DATA / "movielens-100k" / "ml-100k.zip").is_file(), reason="../shared/data absent")
 def test_movielens_100k_trains_one_short_epoch_on_two_workers(clusters, tmp_path):
     import zipfile
 
-    with zipfile.ZipFile(SHARED / "movielens-100k" / "ml-100k.zip") as z:
+    with zipfile.ZipFile(SHARED_DATA / "movielens-100k" / "ml-100k.zip") as z:
         z.extractall(tmp_path / "data")
     ov = ["task=ml-100k", "model=neumf", f"data.dir={tmp_path / 'data'}", f"output_dir={tmp_path / 'runs'}",
           "model_options={factors: 16, mlp_layers: [64, 32, 16], dropout: 0.0}", "data.global_batch_size=32768",

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 
