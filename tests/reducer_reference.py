@@ -13,6 +13,22 @@ import torch
 
 from sparsecomm.reducers.selection import sample_distinct, slovin_sample_size
 
+# name -> function(simulation, xs) -> (avg, positions zeroed in each worker's residual). More
+# families register theirs from tests/reference_*.py (imported at the end of this module).
+METHODS: dict[str, Callable] = {}
+# Methods whose residuals come from arithmetic that may round differently in one process than
+# across several (matrix products): compared to float tolerance instead of bit for bit.
+APPROXIMATE: set[str] = set()
+
+
+def reference(name: str, approximate: bool = False) -> Callable:
+    def register(fn: Callable) -> Callable:
+        METHODS[name] = fn
+        if approximate:
+            APPROXIMATE.add(name)
+        return fn
+    return register
+
 
 def k_of(density: float, n: int) -> int:
     if n == 0:
@@ -87,19 +103,27 @@ class Simulation:
         if self.t == 0:
             self.m = [torch.zeros(self.d, dtype=dtype) for _ in range(self.P)]
         xs = [m + g if self.ef else g.clone() for m, g in zip(self.m, flat_g)]
-        method: Callable = getattr(self, "_" + self.name)
-        avg, sent = method(xs)
+        method = METHODS.get(self.name) or getattr(self, "_" + self.name)
+        avg, sent = method(self, xs) if self.name in METHODS else method(xs)
         if self.ef and self.name != "exact":
             new = []
             for x, s in zip(xs, sent):
                 x = x.clone()
-                x[s] = 0
+                if isinstance(s, torch.Tensor) and s.dtype.is_floating_point:
+                    x -= s  # a dense approximation was sent
+                else:
+                    x[s] = 0
                 new.append(x)
             self.m = new
         elif self.name == "exact":
             self.m = [torch.zeros_like(x) for x in xs]
         self.t += 1
         return avg, self.m
+
+    def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
+        """The training context some methods need (see Reducer.begin_epoch)."""
+        self.state.setdefault("epochs", []).append((epoch, lr, epochs))
+        self.state["epoch"], self.state["lr"], self.state["total_epochs"] = epoch, lr, epochs
 
     # ----------------------------------------------------------------- methods
     def _exchange(self, xs, sel):
@@ -251,3 +275,14 @@ class Simulation:
             at += n
             bounds.append((start, at * st["size"] if p < self.P - 1 else self.d))
         return self._partitioned(xs, bounds)
+
+
+def _load_families() -> None:
+    import importlib
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.glob("reference_*.py")):
+        importlib.import_module(path.stem)
+
+
+_load_families()

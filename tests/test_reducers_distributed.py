@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsecomm import reducers
-from reducer_reference import Simulation
+from reducer_reference import APPROXIMATE, Simulation
 from reducer_scenarios import SHAPES, make_grads, flat, run_steps
 
 SIZES = (1, 2, 3, 4)
@@ -53,7 +53,10 @@ def test_method_across_processes(clusters, P, case):
         ref_avg, ref_residuals = sim.step(grads)
         torch.testing.assert_close(avgs[0], ref_avg, rtol=1e-5, atol=1e-7)
         for w in range(P):
-            assert torch.equal(residuals[w], ref_residuals[w]), f"step {t}: rank {w}'s residual differs"
+            if name in APPROXIMATE:
+                torch.testing.assert_close(residuals[w], ref_residuals[w], rtol=1e-4, atol=1e-6)
+            else:
+                assert torch.equal(residuals[w], ref_residuals[w]), f"step {t}: rank {w}'s residual differs"
         previous = residuals
     stats = results[0]["stats"][-1]
     for key in ("density", "local_density", "bytes_sent", "bytes_wire", "t_select", "t_comm", "residual_norm"):

@@ -120,6 +120,7 @@ class Reducer(abc.ABC):
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._step_open = False
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
         self.steps = 0
@@ -138,6 +139,23 @@ class Reducer(abc.ABC):
         """The method-specific options this reducer was built with."""
         return {}
 
+    # Training context. The training loop calls these for every method; methods that need
+    # epochs, learning rates or the backward pass override them (the defaults do nothing).
+    def attach(self, model: Any) -> None:
+        """Called once with the model before training, on every rank alike (a method may register
+        hooks on its parameters here, e.g. to exchange gradients while backward runs; it may
+        run collectives). ``reduce`` must then be given the parameters' gradients in
+        ``model.parameters()`` order."""
+
+    def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
+        """Called on every rank before the first step of each epoch (also when resuming
+        mid-epoch) with the epoch index, its learning rate and the total epoch count."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the method decided or measured that a reader of the run should see (fitted cost
+        models, groupings, schedules); written to the run's records. Empty by default."""
+        return {}
+
     def reduce(self, grads: Iterable[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Average ``grads`` over all workers (a collective). Returns new tensors of the same
         shapes, dtype and device, bit-identical on every rank; or, given ``out`` (tensors of the
@@ -151,8 +169,9 @@ class Reducer(abc.ABC):
             problem = self._layout.difference(grads)
         layout = self._layout
         assert layout is not None
-        self.comm.reset_counters()
-        self._timer.reset(layout.device)
+        if not self._step_open:
+            self._open_step(layout)
+        self._step_open = False
         if problem is not None:
             step = Step(self, layout, torch.empty(0, dtype=layout.dtype, device=layout.device))
             step._problem = problem
@@ -288,6 +307,13 @@ class Reducer(abc.ABC):
         if pending is not None:
             self._load_method_state(pending["method_state"])
         log.debug("reducer %s set up for %s on rank %d/%d", self.name, layout.describe(), self.rank, self.world_size)
+
+    def _open_step(self, layout: Layout) -> None:
+        """Start a step's measurements: byte counters and phase clocks. ``reduce`` does it,
+        unless the method already did while backward was running (overlap)."""
+        self.comm.reset_counters()
+        self._timer.reset(layout.device)
+        self._step_open = True
 
     def _buffer(self, name: str) -> torch.Tensor:
         """A flat buffer of the layout's length, dtype and device, kept for reuse."""

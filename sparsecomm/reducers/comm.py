@@ -15,7 +15,11 @@ Every collective is counted, per worker, in two ways (methods.md, section 5):
 ``bytes_wire``
     an estimate of the bytes that reach this worker over the network under ring
     algorithms: all-reduce of n bytes ``2(P-1)/P * n``; all-gather of n bytes per worker
-    ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root.
+    ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root; a point-to-point
+    message of n bytes ``n`` on its receiver.
+
+The ``*_async`` forms start a collective and return a :class:`Pending`; collectives must be
+started in the same order on every worker.
 """
 from __future__ import annotations
 
@@ -24,11 +28,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Communicator", "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator"]
+__all__ = ["Communicator", "Pending", "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class Pending:
+    """A collective in flight: ``wait()`` blocks until it is done and returns its result."""
+
+    def __init__(self, result: torch.Tensor, work: Any = None) -> None:
+        self._result = result
+        self._work = work
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._result
 
 
 class Communicator:
@@ -48,25 +66,59 @@ class Communicator:
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over all workers, in place; every worker gets identical bits."""
+        return self.all_reduce_async_(tensor).wait()
+
+    def all_reduce_async_(self, tensor: torch.Tensor) -> Pending:
         n = _nbytes(tensor)
         self.bytes_sent += n
         self.bytes_wire += 2.0 * (self.size - 1) / self.size * n
-        if self.size > 1 and tensor.numel() > 0:
-            self._all_reduce(tensor)
-        return tensor
+        work = self._all_reduce(tensor) if self.size > 1 and tensor.numel() > 0 else None
+        return Pending(tensor, work)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Gather equal-shaped tensors from all workers into a new ``[size, *shape]`` tensor."""
+        return self.all_gather_async(tensor).wait()
+
+    def all_gather_async(self, tensor: torch.Tensor) -> Pending:
         n = _nbytes(tensor)
         self.bytes_sent += n
         self.bytes_wire += float((self.size - 1) * n)
         tensor = tensor.contiguous()
         if self.size == 1:
-            return tensor.unsqueeze(0).clone()
+            return Pending(tensor.unsqueeze(0).clone())
         out = torch.empty((self.size * tensor.numel(),), dtype=tensor.dtype, device=tensor.device)
+        work = self._all_gather(out, tensor.view(-1)) if tensor.numel() > 0 else None
+        return Pending(out.view(self.size, *tensor.shape), work)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Send ``tensor`` to worker ``dst`` (which calls :meth:`recv_`)."""
+        self._check_peer(dst)
+        self.bytes_sent += _nbytes(tensor)
         if tensor.numel() > 0:
-            self._all_gather(out, tensor.view(-1))
-        return out.view(self.size, *tensor.shape)
+            self._exchange(tensor.contiguous(), None, dst)
+
+    def recv_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``tensor`` what worker ``src`` sends."""
+        self._check_peer(src)
+        self.bytes_wire += float(_nbytes(tensor))
+        if tensor.numel() > 0:
+            self._exchange(None, tensor, src)
+        return tensor
+
+    def exchange(self, tensor: torch.Tensor, peer: int) -> torch.Tensor:
+        """Swap equal-shaped tensors with worker ``peer`` (which calls it with ours)."""
+        self._check_peer(peer)
+        n = _nbytes(tensor)
+        self.bytes_sent += n
+        self.bytes_wire += float(n)
+        out = torch.empty_like(tensor)
+        if tensor.numel() > 0:
+            self._exchange(tensor.contiguous(), out, peer)
+        return out
+
+    def _check_peer(self, peer: int) -> None:
+        if not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"peer {peer} is not another worker of a world of size {self.size} (this is {self.rank})")
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """Overwrite ``tensor`` on every worker with the copy held by worker ``src``."""
@@ -82,13 +134,18 @@ class Communicator:
         return tensor
 
     # Primitives implemented by subclasses; only called with size > 1 and non-empty tensors.
-    def _all_reduce(self, tensor: torch.Tensor) -> None:
+    # _all_reduce and _all_gather start the collective and return an object with wait() (or None
+    # when already done).
+    def _all_reduce(self, tensor: torch.Tensor) -> Any:
         raise NotImplementedError
 
-    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> Any:
         raise NotImplementedError
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        raise NotImplementedError
+
+    def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -117,14 +174,23 @@ class ProcessGroupCommunicator(Communicator):
         self._global_ranks = [dist.get_global_rank(group, r) if group is not None else r
                               for r in range(self.size)]
 
-    def _all_reduce(self, tensor: torch.Tensor) -> None:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+    def _all_reduce(self, tensor: torch.Tensor) -> Any:
+        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
-    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
-        _all_gather_flat(out, tensor, group=self.group)
+    def _all_gather(self, out: torch.Tensor, tensor: torch.Tensor) -> Any:
+        return _all_gather_flat(out, tensor, group=self.group, async_op=True)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         dist.broadcast(tensor, src=self._global_ranks[src], group=self.group)
+
+    def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
+        ops = []
+        if send is not None:
+            ops.append(dist.P2POp(dist.isend, send, self._global_ranks[peer], self.group))
+        if recv is not None:
+            ops.append(dist.P2POp(dist.irecv, recv, self._global_ranks[peer], self.group))
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
     def __getstate__(self) -> dict:
         raise TypeError("a communicator holds a process group and cannot be pickled; "

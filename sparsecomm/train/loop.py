@@ -1,6 +1,7 @@
 """The one training loop, shared by every task and every reducer."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -56,6 +57,7 @@ class Trainer:
         rc = cfg.reducer
         self.reducer = reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
                                       seed=cfg.seed, sync_timing=cfg.records.profile, **rc.options)
+        self.reducer.attach(self.model)
         torch.manual_seed(cfg.seed + 7919 * (job.rank + 1))  # per-rank stream (dropout)
         self.steps_per_epoch = self.task.steps_per_epoch()
         if self.steps_per_epoch < 1:
@@ -73,6 +75,7 @@ class Trainer:
         self.evaluations: list[dict[str, Any]] = []
         self._signal: int | None = None
         self._saved_step: int | None = None
+        self._described: dict[str, Any] | None = None
         self._window: dict[str, float] = {}
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
         self._loss_count = 0
@@ -110,6 +113,7 @@ class Trainer:
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
             self.task.begin_epoch(epoch)
+            self.reducer.begin_epoch(epoch, self.schedule(self.step / self.steps_per_epoch), cfg.epochs)
             end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)  # this segment's last step
             progress = _progress(job.is_main and cfg.records.progress, end - self.step, f"epoch {epoch}")
             mark = time.perf_counter()
@@ -120,6 +124,8 @@ class Trainer:
                 self.elapsed = time.perf_counter() - started
                 if self.step % cfg.records.log_every == 0:
                     self._log_training(epoch)
+                if self.step == 1 or self.step % cfg.records.log_every == 0:
+                    self._describe_reducer()
                 if self.step >= end:
                     break
                 self._stop_if_asked(progress)  # not at a segment's end: evaluation comes first there
@@ -231,6 +237,13 @@ class Trainer:
         self._window = {}
         self._loss_sum.zero_()
         self._loss_count = 0
+
+    def _describe_reducer(self) -> None:
+        """Write what the reducer decided or fitted (``reducer.json``) when it has something to say."""
+        info = self.reducer.describe()
+        if info and self.job.is_main and info != self._described:
+            (self.run_dir / "reducer.json").write_text(json.dumps({"step": self.step, **info}, indent=1) + "\n")
+            self._described = info
 
     def _evaluate(self, epoch: float) -> None:
         self.model.eval()
