@@ -52,6 +52,7 @@ def run_steps(name: str, density: float = 0.05, steps: int = 5, shapes=SHAPES, s
         out["avg"].append(flat(avg))
         out["memory"].append(flat(r.memory))
         out["stats"].append(r.stats)
+    out["describe"] = r.describe()
     return out
 
 

@@ -37,7 +37,7 @@ def test_every_registered_method_is_covered():
 def test_method_across_processes(clusters, P, case):
     name, options = case
     results = clusters(P).run(run_steps, name, density=DENSITY, steps=STEPS, options=options)
-    sim = Simulation(name, P, SHAPES, DENSITY, **options)
+    sim = Simulation(name, P, SHAPES, DENSITY, **options, describe=results[0]["describe"])
     d = sum(results[0]["avg"][0].numel() for _ in [0])
     previous = [torch.zeros(d) for _ in range(P)]
     for t in range(STEPS):

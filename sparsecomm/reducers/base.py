@@ -183,13 +183,18 @@ class Reducer(abc.ABC):
             if wrong is not None:
                 raise ValueError(f"out does not match the gradients: {wrong.replace('gradient', 'tensor')}")
         with self._timer("select"):
-            x = self._memory.compensate(grads, layout)
+            x = self._compensate(grads, layout)
             step = Step(self, layout, x, reuse_output=out is not None)
             step._finite = _all_finite(x)
         try:
             avg = self._run(step)
         except SkipStep as skip:
+            self._end_step()
             return self._skip(layout, skip, out)
+        except BaseException:
+            self._end_step()
+            raise
+        self._end_step()
         if step.header is None:
             raise RuntimeError(f"reducer {self.name!r} finished a step without its handshake")
         if self._memory.enabled and not step.committed:
@@ -283,6 +288,11 @@ class Reducer(abc.ABC):
     def _configure(self, layout: Layout) -> None:
         """Build layout-dependent state (partitions, per-layer k, ...) at the first step."""
 
+    def _compensate(self, grads: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+        """Build the flat compensated vector ``x`` (error feedback); a method that already built
+        parts of it while backward ran builds only the rest."""
+        return self._memory.compensate(grads, layout)
+
     def _method_state(self) -> dict[str, Any]:
         return {}
 
@@ -307,6 +317,9 @@ class Reducer(abc.ABC):
         if pending is not None:
             self._load_method_state(pending["method_state"])
         log.debug("reducer %s set up for %s on rank %d/%d", self.name, layout.describe(), self.rank, self.world_size)
+
+    def _end_step(self) -> None:
+        """Called when ``reduce`` ends, however it ends (methods with per-step state reset it)."""
 
     def _open_step(self, layout: Layout) -> None:
         """Start a step's measurements: byte counters and phase clocks. ``reduce`` does it,

@@ -48,16 +48,20 @@ class ErrorFeedback:
     def allocated(self) -> bool:
         return self._m is not None
 
-    def compensate(self, grads: Sequence[torch.Tensor], layout: Layout) -> torch.Tensor:
-        """Build and return the flat ``x = g + m`` (``x = g`` when off). ``x`` is an internal
-        buffer: valid until the next call, not to be handed to users."""
+    def compensate(self, grads: Sequence[torch.Tensor], layout: Layout,
+                   tensors: Sequence[int] | None = None) -> torch.Tensor:
+        """Build and return the flat ``x = g + m`` (``x = g`` when off), for all tensors or only
+        those numbered in ``tensors``. ``x`` is an internal buffer: valid until the next commit,
+        not to be handed to users."""
         x = self._x
         assert x is not None and self._m is not None
-        if self.enabled:
-            for (a, b), g in zip(layout.segments, grads):
+        segments = layout.segments
+        for i in range(len(segments)) if tensors is None else tensors:
+            (a, b), g = segments[i], grads[i]
+            if self.enabled:
                 torch.add(self._m[a:b], g.reshape(-1), out=x[a:b])
-        else:
-            layout.flatten(grads, out=x)
+            else:
+                x[a:b].copy_(g.reshape(-1))
         return x
 
     def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor) -> None:

@@ -1,0 +1,162 @@
+"""How much of the gradient exchange OMGS hides behind backward.
+
+Trains a real model on synthetic data with ``--workers`` gloo processes (default 2) and, for
+each configuration, times whole iterations (forward, backward, reduce, optimizer step):
+
+  - ``topk``            layer-wise top-k, exchanged after backward
+  - ``global_topk``     top-k over the whole vector, exchanged after backward
+  - ``omgs``            merged groups, each sparsified and sent while backward goes on
+  - ``omgs-plain``      the same groups (``overlap=False``), everything after backward
+
+Models: ``mnist_cnn`` (the small MNIST CNN, batch 64 per worker) or ``lstm`` (the 2x200 PTB
+LSTM on random tokens, batch 20, BPTT 20). Reported per configuration (rank 0, medians over the
+timed steps): iteration time, backward time (OMGS's inline selection included), the time inside
+``reduce``, the reducer's select/communicate split and bytes sent. The hidden fraction is
+``(T(omgs-plain) - T(omgs)) / t_comm(omgs-plain)``: the share of the plain exchange time that
+overlapping removed from the iteration.
+
+    .venv/bin/python bench/overlap.py [--model mnist_cnn|lstm] [--density 0.01] [--steps 30]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from sparsecomm import reducers
+from sparsecomm.models import build_model
+
+CONFIGS = {"topk": ("topk", {}), "global_topk": ("global_topk", {}), "omgs": ("omgs", {"overlap": True}),
+           "omgs-plain": ("omgs", {"overlap": False})}
+
+
+def make_task(model_name: str, rank: int):
+    gen = torch.Generator().manual_seed(1000 + rank)
+    if model_name == "mnist_cnn":
+        model = build_model("mnist_cnn")
+        data = [(torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+                for _ in range(4)]
+
+        def loss(batch, state):
+            x, y = batch
+            return F.cross_entropy(model(x), y), state
+    else:
+        model = build_model("lstm_lm", vocab_size=10000, emsize=200, nhid=200, nlayers=2, dropout=0.0,
+                            tie_weights=False)
+        data = [(torch.randint(0, 10000, (21, 20), generator=gen),) for _ in range(4)]
+
+        def loss(batch, state):
+            tokens = batch[0]
+            hidden = model.init_hidden(20) if state is None else model.detach_hidden(state)
+            logits, hidden = model(tokens[:-1], hidden)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[1:].reshape(-1)), hidden
+    return model, data, loss
+
+
+def run_config(label: str, args, rank: int, groups=None) -> dict:
+    torch.manual_seed(0)
+    name, options = CONFIGS[label]
+    if name == "omgs" and groups is not None:
+        options = {**options, "groups": groups}
+    model, data, loss_fn = make_task(args.model, rank)
+    r = reducers.build(name, density=args.density, **options)
+    r.attach(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    params = [p for p in model.parameters()]
+    rows = {k: [] for k in ("t_iter", "t_forward", "t_backward", "t_reduce", "t_select", "t_comm", "bytes_sent")}
+    state = None
+    for step in range(args.warmup + args.steps):
+        batch = data[step % len(data)]
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=False)
+        loss, state = loss_fn(batch, state)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        grads = [p.grad for p in params]
+        r.reduce(grads, out=grads)
+        t3 = time.perf_counter()
+        opt.step()
+        t4 = time.perf_counter()
+        if step >= args.warmup:
+            s = r.stats
+            for key, value in (("t_iter", t4 - t0), ("t_forward", t1 - t0), ("t_backward", t2 - t1),
+                               ("t_reduce", t3 - t2), ("t_select", s["t_select"]), ("t_comm", s["t_comm"]),
+                               ("bytes_sent", s["bytes_sent"])):
+                rows[key].append(value)
+    result = {k: statistics.median(v) for k, v in rows.items()}
+    result["density"] = r.stats["density"]
+    result["describe"] = r.describe()
+    return result
+
+
+def worker(rank: int, world: int, port: int, args, path: str) -> None:
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=30))
+    results = {}
+    results["omgs"] = run_config("omgs", args, rank)
+    groups = results["omgs"]["describe"]["groups"]  # the plain run uses the very same groups
+    for label in ("omgs-plain", "topk", "global_topk"):
+        results[label] = run_config(label, args, rank, groups=groups)
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("mnist_cnn", "lstm"), default="mnist_cnn")
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--out", default="bench/results/overlap.json")
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "r.json")
+        mp.spawn(worker, args=(args.workers, port, args, path), nprocs=args.workers, join=True)
+        with open(path) as f:
+            results = json.load(f)
+    print(f"{args.model}, {args.workers} gloo workers x {args.threads} thread(s), density {args.density}; "
+          f"medians of {args.steps} steps (rank 0), ms")
+    head = f"{'config':<12} {'iteration':>10} {'forward':>9} {'backward':>9} {'reduce':>8} {'select':>8} {'comm':>8} {'KB sent':>9}"
+    print(head)
+    print("-" * len(head))
+    for label in ("topk", "global_topk", "omgs-plain", "omgs"):
+        r = results[label]
+        print(f"{label:<12} {r['t_iter'] * 1e3:>10.2f} {r['t_forward'] * 1e3:>9.2f} {r['t_backward'] * 1e3:>9.2f} "
+              f"{r['t_reduce'] * 1e3:>8.2f} {r['t_select'] * 1e3:>8.2f} {r['t_comm'] * 1e3:>8.2f} "
+              f"{r['bytes_sent'] / 1e3:>9.1f}")
+    plain, over = results["omgs-plain"], results["omgs"]
+    hidden = (plain["t_iter"] - over["t_iter"]) / plain["t_comm"] if plain["t_comm"] > 0 else float("nan")
+    info = over["describe"]
+    print(f"\nOMGS groups (layers per group, backward order): {info['groups']}; fitted costs: "
+          f"select {info['cost_model']['select']}, all-gather {info['cost_model']['comm']} (a s, b s/element)")
+    print(f"hidden fraction of the exchange: (T(omgs-plain) - T(omgs)) / t_comm(omgs-plain) = {hidden:.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"command": " ".join([sys.executable] + sys.argv), "settings": vars(args), "results": results,
+                   "hidden_fraction": hidden, "torch": str(torch.__version__)}, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
