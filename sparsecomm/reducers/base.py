@@ -103,6 +103,7 @@ class Reducer(abc.ABC):
     summary: ClassVar[str] = ""
     compensates: ClassVar[bool] = True  # False: the method sends everything, no residual
     uses_density: ClassVar[bool] = True  # False: density is ignored (the target is 1)
+    wide_residual: ClassVar[bool] = False  # True: float32 residual for 16-bit gradients
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
                  seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:
@@ -115,7 +116,7 @@ class Reducer(abc.ABC):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.comm = make_communicator(group)
-        self._memory = ErrorFeedback(self.error_feedback and self.compensates)
+        self._memory = ErrorFeedback(self.error_feedback and self.compensates, wide=self.wide_residual)
         self._timer = PhaseTimer(sync_timing)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
@@ -209,7 +210,9 @@ class Reducer(abc.ABC):
         return layout.split(avg)
 
     @property
-    def _target_density(self) -> float:
+    def target_density(self) -> float:
+        """The density this step aims at (reported as ``target_density``): ``density``, or 1
+        for methods that ignore it; methods that choose their densities themselves override it."""
         return self.density if self.uses_density else 1.0
 
     def reduce_flat(self, flat: torch.Tensor) -> torch.Tensor:
@@ -275,7 +278,7 @@ class Reducer(abc.ABC):
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._layout = None
-        self._memory = ErrorFeedback(self._memory.enabled)
+        self._memory = ErrorFeedback(self._memory.enabled, wide=self.wide_residual)
         self._pending_state = state if state["layout"] is not None else None
         self._raw_stats, self._stats = {}, {}
 
@@ -342,7 +345,7 @@ class Reducer(abc.ABC):
         log.warning("reducer %s skipped step %d: non-finite gradient on rank(s) %s", self.name, self.steps, skip.ranks)
         self._raw_stats = {"step": self.steps, "skipped": True, "skipped_steps": self.skipped_steps,
                            "nonfinite_ranks": list(skip.ranks), "density": 0.0, "local_density": 0.0,
-                           "target_density": self._target_density,
+                           "target_density": self.target_density,
                            "bytes_sent": self.comm.bytes_sent, "bytes_wire": self.comm.bytes_wire,
                            "t_select": self._timer.totals.get("select", 0.0),
                            "t_comm": self._timer.totals.get("comm", 0.0)}
@@ -354,11 +357,11 @@ class Reducer(abc.ABC):
 
     def _record(self, step: Step) -> None:
         raw = {"step": step.index, "skipped": False, "skipped_steps": self.skipped_steps,
-               "target_density": self._target_density}
+               "target_density": self.target_density}
         raw.update(step.stats)
         raw.setdefault("density", 1.0)
         raw.setdefault("local_density", raw["density"])
-        raw["density_ratio"] = lambda: _plain(raw["density"]) / self._target_density
+        raw["density_ratio"] = lambda: _plain(raw["density"]) / self.target_density
         raw["bytes_sent"] = self.comm.bytes_sent
         raw["bytes_wire"] = self.comm.bytes_wire
         raw["t_select"] = self._timer.totals.get("select", 0.0)

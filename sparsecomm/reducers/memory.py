@@ -19,19 +19,26 @@ from .layout import Layout
 __all__ = ["ErrorFeedback"]
 
 
-class ErrorFeedback:
-    """Residual memory ``m`` and the compensated vector ``x`` of one worker."""
+_HALF = (torch.float16, torch.bfloat16)
 
-    def __init__(self, enabled: bool) -> None:
+
+class ErrorFeedback:
+    """Residual memory ``m`` and the compensated vector ``x`` of one worker. With ``wide``, both
+    are kept in float32 when the gradients are float16/bfloat16 (for methods whose dense
+    residual would lose too much to 16-bit rounding)."""
+
+    def __init__(self, enabled: bool, wide: bool = False) -> None:
         self.enabled = bool(enabled)
+        self.wide = bool(wide)
         self._m: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
 
     def allocate(self, layout: Layout, residual: torch.Tensor | None = None) -> None:
         """(Re)create the buffers for ``layout``, optionally starting from a saved residual."""
         d = layout.numel
-        self._m = torch.zeros(d, dtype=layout.dtype, device=layout.device)
-        self._x = torch.empty(d, dtype=layout.dtype, device=layout.device)
+        dtype = torch.float32 if self.wide and layout.dtype in _HALF else layout.dtype
+        self._m = torch.zeros(d, dtype=dtype, device=layout.device)
+        self._x = torch.empty(d, dtype=dtype, device=layout.device)
         if residual is not None:
             if residual.numel() != d:
                 raise ValueError(f"saved residual has {residual.numel()} elements, the gradients {d}")

@@ -1,0 +1,187 @@
+"""Accordion: layer-wise top-k whose per-tensor density switches with the training regime."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..base import Step
+from ..layout import Layout
+from ..registry import register
+from ..selection import target_count, topk_per_segment
+from .sparse import SparseReducer
+
+
+def check_fraction(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key} must be a density in (0, 1] (a fraction of each tensor), got {value!r}")
+    return float(value)
+
+
+@register
+class Accordion(SparseReducer):
+    """Accordion (Agarwal et al., MLSys 2021) over layer-wise top-k, as the ExDyna authors
+    adapted it from the Accordion authors' code (``AccordionTopKReducer``; the defaults
+    ``k_low=0.1``, ``k_high=0.99``, ``detection_threshold=0.5``, ``switch_freq=10`` are theirs).
+
+    Every tensor t sends its k_t = max(1, floor(c_t numel_t)) largest |x| (sparse gather-sum by
+    default, as their code all-gathers values and positions; ``exchange="union"`` is offered
+    as for ``topk``), with c_t either ``k_high`` (critical regime) or ``k_low``. The ``density``
+    argument is not used; ``target_density`` reports sum_t k_t / d.
+
+    Decisions are taken at the first reduce of epochs 0, switch_freq, 2 switch_freq, ... (the
+    epoch and its learning rate come from :meth:`begin_epoch`; before any call it behaves as
+    epoch 0 with an unknown learning rate, and a reducer that has never decided decides at its
+    first reduce, whatever the epoch). A tensor is critical when it is the first decision (or
+    epoch 0), when the learning rate dropped since the last decision (only if both are known),
+    or when its gradient norm changed by more than ``detection_threshold`` relative to its norm
+    at the last decision: |n - n_prev| > detection_threshold * n_prev (a previous norm of 0
+    counts as a change unless the norm is still 0; their code divides by it).
+
+    The norms are those of rank 0's own raw local gradient g = x - m (the compensated vector
+    minus the residual carried in, i.e. the gradient handed to ``reduce``), per tensor, at the
+    decision step -- as in their code, which takes the norms of the worker's gradient before
+    error feedback. Only rank 0 computes them (one pass over d, in float32 for 16-bit
+    gradients) and decides; it broadcasts one byte per tensor (critical or not) right after the
+    step's handshake, at decision steps only, so every rank uses the same densities. Norms
+    and the learning rate at the last decision are kept for the next one.
+
+    Stats: ``critical_fraction`` (fraction of tensors in the critical regime this step) and
+    ``decision`` (this step decided). ``describe()`` returns the current per-tensor choices and
+    the decision history: every decision's epoch, step, learning rate and critical tensors,
+    and ``switch_epochs``, the epochs at which some tensor changed regime.
+    """
+
+    name = "accordion"
+    summary = "layer-wise top-k at k_high or k_low per tensor, switched every few epochs by regime (Accordion)"
+    uses_density = False
+
+    def __init__(self, *, k_low: float = 0.1, k_high: float = 0.99, detection_threshold: float = 0.5,
+                 switch_freq: int = 10, exchange: str = "gather", **common: Any) -> None:
+        k_low = check_fraction("k_low", k_low)
+        k_high = check_fraction("k_high", k_high)
+        if k_low > k_high:
+            raise ValueError(f"k_low ({k_low}) must not exceed k_high ({k_high}): k_high is the density of the "
+                             f"critical regime")
+        if isinstance(detection_threshold, bool) or not isinstance(detection_threshold, (int, float)) \
+                or not math.isfinite(detection_threshold) or detection_threshold <= 0:
+            raise ValueError(f"detection_threshold must be a finite number > 0 (a relative change of the gradient "
+                             f"norm), got {detection_threshold!r}")
+        if isinstance(switch_freq, bool) or not isinstance(switch_freq, int) or switch_freq < 1:
+            raise ValueError(f"switch_freq must be a positive integer (epochs between decisions), got {switch_freq!r}")
+        super().__init__(exchange=exchange, **common)
+        self.k_low, self.k_high = k_low, k_high
+        self.detection_threshold = float(detection_threshold)
+        self.switch_freq = switch_freq
+        self._epoch: int | None = None
+        self._lr: float | None = None
+        self._critical: list[bool] = []
+        self._ks: list[int] = []
+        self._target = 1.0
+        self._reset_decisions()
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "k_low": self.k_low, "k_high": self.k_high,
+                "detection_threshold": self.detection_threshold, "switch_freq": self.switch_freq}
+
+    def _reset_decisions(self) -> None:
+        self._decided_epoch: int | None = None
+        self._prev_norms: list[float] | None = None  # rank 0 only
+        self._prev_lr: float | None = None
+        self._history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------ training context
+    def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
+        self._epoch = int(epoch)
+        self._lr = None if lr is None else float(lr)
+
+    @property
+    def target_density(self) -> float:
+        return self._target
+
+    def _configure(self, layout: Layout) -> None:
+        self._reset_decisions()
+        self._set_regimes(layout, [True] * len(layout.shapes))
+
+    def _set_regimes(self, layout: Layout, critical: list[bool]) -> None:
+        self._critical = list(critical)
+        self._ks = [target_count(self.k_high if c else self.k_low, n) for c, n in zip(critical, layout.sizes)]
+        self._target = sum(self._ks) / layout.numel if layout.numel else 1.0
+
+    # ------------------------------------------------------------------------ the step
+    def _run(self, step: Step) -> torch.Tensor:
+        layout, x = step.layout, step.x
+        epoch = 0 if self._epoch is None else self._epoch
+        deciding = self._decided_epoch is None or (epoch % self.switch_freq == 0 and epoch != self._decided_epoch)
+        if deciding:
+            step.handshake()
+            self._decide(step, epoch)
+        with step.phase("select"):
+            idx = topk_per_segment(x, layout.segments, self._ks, layout.index_dtype, step.scratch())
+        if deciding:  # everyone uses the same densities now, so everyone's count is known
+            counts = [idx.numel()] * self.comm.size
+        else:
+            counts = step.handshake(count=idx.numel()).counts
+        avg = self._send(step, idx, counts)
+        L = len(self._critical)
+        step.stats.update(critical_fraction=sum(self._critical) / L if L else 0.0, decision=deciding)
+        return avg
+
+    def _decide(self, step: Step, epoch: int) -> None:
+        """Rank 0 classifies every tensor and broadcasts the choice (one byte per tensor)."""
+        layout = step.layout
+        L = len(layout.shapes)
+        flags = torch.zeros(L, dtype=torch.uint8, device=step.x.device)
+        norms: list[float] | None = None
+        if self.rank == 0:
+            with step.phase("select"):
+                norms = self._norms(step)
+                first = self._prev_norms is None or epoch == 0
+                lr_drop = self._lr is not None and self._prev_lr is not None and self._lr < self._prev_lr
+                thr = self.detection_threshold
+                critical = [first or lr_drop or abs(n - p) > thr * p
+                            for n, p in zip(norms, self._prev_norms or [0.0] * L)]
+                flags.copy_(torch.tensor(critical, dtype=torch.uint8))
+        if L:
+            with step.phase("comm"):
+                self.comm.broadcast_(flags, 0)
+        critical = [bool(v) for v in flags.tolist()]
+        switched = [i for i, (old, new) in enumerate(zip(self._critical, critical)) if old != new]
+        self._set_regimes(layout, critical)
+        self._history.append({"epoch": epoch, "step": step.index, "lr": self._lr,
+                              "critical": [i for i, c in enumerate(critical) if c], "switched": switched})
+        self._decided_epoch = epoch
+        self._prev_lr = self._lr
+        if norms is not None:
+            self._prev_norms = norms
+
+    def _norms(self, step: Step) -> list[float]:
+        """Per-tensor L2 norms of this worker's raw gradient g = x - m (one pass, one host read)."""
+        layout = step.layout
+        if not layout.shapes:
+            return []
+        g = torch.sub(step.x, self._memory.residual, out=step.scratch())
+        dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+        norms = torch.stack([torch.linalg.vector_norm(g[a:b], dtype=dtype) for a, b in layout.segments])
+        return [float(v) for v in norms.tolist()]
+
+    # ------------------------------------------------------------------------ reporting, state
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **self.options(), "epoch": self._epoch, "lr": self._lr,
+                "densities": [self.k_high if c else self.k_low for c in self._critical],
+                "critical": list(self._critical), "decisions": [dict(h) for h in self._history],
+                "switch_epochs": [h["epoch"] for h in self._history if h["switched"]]}
+
+    def _method_state(self) -> dict[str, Any]:
+        return {"critical": list(self._critical), "decided_epoch": self._decided_epoch,
+                "prev_norms": None if self._prev_norms is None else list(self._prev_norms),
+                "prev_lr": self._prev_lr, "history": [dict(h) for h in self._history]}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        assert self._layout is not None
+        self._set_regimes(self._layout, [bool(c) for c in state["critical"]])
+        self._decided_epoch = state["decided_epoch"]
+        self._prev_norms = None if state["prev_norms"] is None else [float(v) for v in state["prev_norms"]]
+        self._prev_lr = state["prev_lr"]
+        self._history = [dict(h) for h in state["history"]]
