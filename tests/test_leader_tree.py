@@ -12,7 +12,8 @@ from reference_leader_tree import deft_bins, deft_k, deft_units
 from sparsecomm import reducers
 from sparsecomm.reducers.methods import deft as deft_mod
 from sparsecomm.reducers.methods import leader as leader_mod
-from sparsecomm.reducers.methods.deft import COMMON, allocate_k, pack_units, split_units
+from sparsecomm.reducers.methods.deft import COMMON, pack_units, split_units
+from sparsecomm.reducers.selection import allocate_k
 from sparsecomm.reducers.methods.gtopk import merge_top
 from sparsecomm.reducers.selection import target_count
 

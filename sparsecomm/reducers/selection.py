@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 
 __all__ = ["target_count", "initial_threshold", "topk", "topk_per_segment", "threshold_select",
-           "threshold_select_segments", "search_block", "ThresholdSearch", "sample_distinct", "slovin_sample_size"]
+           "threshold_select_segments", "search_block", "ThresholdSearch", "sample_distinct", "slovin_sample_size",
+           "allocate_k"]
 
 
 def target_count(density: float, n: int) -> int:
@@ -109,6 +110,36 @@ def sample_distinct(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
 
 def _distinct_count(t: torch.Tensor) -> int:
     return int(torch.unique(t).numel()) if t.numel() else 0
+
+
+def allocate_k(norms: Sequence[float], sizes: Sequence[int], k: int) -> list[int]:
+    """Share k among units in proportion to their norms, as DEFT's authors' code does: largest
+    norm first (ties: lower unit first), ``temp = int(remain_k * (norm / remain_norm))``,
+    ``k_u = size if size < temp else max(1, temp)``, then ``remain_k -= k_u`` and
+    ``remain_norm -= norm``. Each unit gets at least 1 and at most its size. Whatever is left of
+    k at the end (units capped at their size, float rounding) is handed out again in the same
+    order, up to each unit's size (the second pass of the authors' code). With all norms 0
+    every unit starts from 1."""
+    order = sorted(range(len(norms)), key=lambda u: -norms[u])
+    ks = [0] * len(norms)
+    remain_k, remain_norm = k, float(sum(norms))
+    for u in order:
+        size, norm = sizes[u], norms[u]
+        if remain_norm > 0 and remain_k > 0:
+            share = remain_k * (norm / remain_norm)
+            temp = size + 1 if share >= size + 1 else int(share)  # share may be huge or inf
+        else:
+            temp = 0
+        ks[u] = size if size < temp else max(1, temp)
+        remain_k -= ks[u]
+        remain_norm -= norm
+    for u in order:
+        if remain_k <= 0:
+            break
+        more = min(sizes[u] - ks[u], remain_k)
+        ks[u] += more
+        remain_k -= more
+    return ks
 
 
 def slovin_sample_size(n: int, e: float = 0.05) -> int:

@@ -10,9 +10,9 @@ from ..base import Reducer, Step
 from ..exchange import allreduce_at, gather_counts, union_of
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count, topk_per_segment
+from ..selection import allocate_k, target_count, topk_per_segment
 
-__all__ = ["Deft", "split_units", "allocate_k", "pack_units", "COMMON"]
+__all__ = ["Deft", "split_units", "pack_units", "COMMON"]
 
 COMMON = -1  # the bin of a unit that everyone sends densely
 
@@ -34,36 +34,6 @@ def split_units(sizes: Sequence[int], workers: int) -> list[tuple[int, int]]:
                 units.append((at, at + p))
             at += p
     return units
-
-
-def allocate_k(norms: Sequence[float], sizes: Sequence[int], k: int) -> list[int]:
-    """Share k among units in proportion to their norms, as the authors' code does: largest
-    norm first (ties: lower unit first), ``temp = int(remain_k * (norm / remain_norm))``,
-    ``k_u = size if size < temp else max(1, temp)``, then ``remain_k -= k_u`` and
-    ``remain_norm -= norm``. Each unit gets at least 1 and at most its size. Whatever is left of
-    k at the end (units capped at their size, float rounding) is handed out again in the same
-    order, up to each unit's size (the second pass of the authors' code). With all norms 0
-    every unit starts from 1."""
-    order = sorted(range(len(norms)), key=lambda u: -norms[u])
-    ks = [0] * len(norms)
-    remain_k, remain_norm = k, float(sum(norms))
-    for u in order:
-        size, norm = sizes[u], norms[u]
-        if remain_norm > 0 and remain_k > 0:
-            share = remain_k * (norm / remain_norm)
-            temp = size + 1 if share >= size + 1 else int(share)  # share may be huge or inf
-        else:
-            temp = 0
-        ks[u] = size if size < temp else max(1, temp)
-        remain_k -= ks[u]
-        remain_norm -= norm
-    for u in order:
-        if remain_k <= 0:
-            break
-        more = min(sizes[u] - ks[u], remain_k)
-        ks[u] += more
-        remain_k -= more
-    return ks
 
 
 def pack_units(sizes: Sequence[int], ks: Sequence[int], workers: int) -> list[int]:

@@ -14,7 +14,7 @@ from ..exchange import _pack, _unpack, union_of
 from ..grouping import LinearCost, best_grouping, fit_linear, fusion_allowed, groups_from_sizes, predicted_time
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count, topk
+from ..selection import allocate_k, target_count, topk
 
 # Sizes (elements) at which the start-up measurement times selection and all-gathers: the
 # first three always, larger ones up to twice the model.
@@ -325,7 +325,8 @@ class AGTF(MergedSparsifier):
     """Accuracy-guided tensor fusion (the SNA-MGS-SGD prototype): OMGS's pipeline and grouping,
     but every layer has its own density, from its importance: the budget k = max(1, floor(c d))
     is shared among layers in proportion to the L2 norms of their compensated gradients (summed
-    over ranks), each layer getting at least 1 and at most its size; and a group is formed only
+    over ranks) as DEFT shares it (:func:`~sparsecomm.reducers.selection.allocate_k`: each layer
+    at least 1 and at most its size); and a group is formed only
     if the fused selection does not raise the sparsification-noise model (methods.md):
     ``(sum p / sum k - 1) sum g <= sum (1/rho - 1) g``. A fused group sends the top ``sum k_i``
     of the group. Densities and groups are revised every ``regroup_every`` steps (one small
@@ -367,16 +368,8 @@ class AGTF(MergedSparsifier):
                              for a, b in layout.segments]) if layout.segments else step.x.new_zeros(0)
         sq = self.comm.all_reduce_(norms.to(torch.float64)).cpu().tolist()[::-1]  # backward order
         self._sq_norms = sq
-        total_k = target_count(self.density, step.d)
-        order = sorted(range(self._L), key=lambda i: -sq[i])
-        remain_k, remain_norm = total_k, sum(math.sqrt(v) for v in sq)
-        k_layers = [0] * self._L
-        for i in order:
-            size, norm = self._sizes_bw[i], math.sqrt(sq[i])
-            share = int(remain_k * norm / remain_norm) if remain_norm > 0 else 0
-            k_layers[i] = min(size, max(1, share)) if size else 0
-            remain_k -= k_layers[i]
-            remain_norm -= norm
+        k_layers = allocate_k([math.sqrt(v) for v in sq], self._sizes_bw, target_count(self.density, step.d))
+        k_layers = [k if n else 0 for k, n in zip(k_layers, self._sizes_bw)]
         self._k_layers = k_layers
         self._k_bw = [float(k) for k in k_layers]
 
