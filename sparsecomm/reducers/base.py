@@ -190,12 +190,9 @@ class Reducer(abc.ABC):
         try:
             avg = self._run(step)
         except SkipStep as skip:
-            self._end_step()
             return self._skip(layout, skip, out)
-        except BaseException:
+        finally:
             self._end_step()
-            raise
-        self._end_step()
         if step.header is None:
             raise RuntimeError(f"reducer {self.name!r} finished a step without its handshake")
         if self._memory.enabled and not step.committed:
