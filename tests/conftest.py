@@ -14,3 +14,12 @@ def clusters():
     pool = Clusters()
     yield pool
     pool.close()
+
+
+@pytest.fixture
+def accept_tiny_cifar(monkeypatch):
+    """Tiny CIFAR batches written by the tests cannot match the published md5 sums that
+    torchvision's CIFAR classes check; accept them."""
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)

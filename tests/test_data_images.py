@@ -39,14 +39,13 @@ def _write_cifar10(root: Path, rng, per_batch=3, n_test=2):
         train_rows.append(rows)
         train_labels += labels
     test_rows, test_labels = _cifar_rows(rng, n_test), rng.integers(0, 10, n_test).tolist()
-    # keys as bytes, as a batch unpickled with encoding='bytes' would have them
-    _dump(folder / "test_batch", {b"labels": test_labels, b"data": test_rows})
+    _dump(folder / "test_batch", {"labels": test_labels, "data": test_rows})
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     _dump(folder / "batches.meta", {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072})
     return np.concatenate(train_rows), train_labels, test_rows, test_labels
 
 
-def test_cifar10_batches(tmp_path):
+def test_cifar10_batches(tmp_path, accept_tiny_cifar):
     rows, labels, test_rows, test_labels = _write_cifar10(tmp_path, np.random.default_rng(0))
     train = load_images(tmp_path, "cifar10", "train")
     assert train.images.shape == (15, 32, 32, 3) and train.images.dtype == torch.uint8
@@ -60,7 +59,7 @@ def test_cifar10_batches(tmp_path):
     assert torch.equal(test.images[1].permute(2, 0, 1).reshape(-1), torch.from_numpy(test_rows[1]))
 
 
-def test_cifar100_batches(tmp_path):
+def test_cifar100_batches(tmp_path, accept_tiny_cifar):
     rng = np.random.default_rng(1)
     folder = tmp_path / "cifar100" / "cifar-100-python"
     rows = _cifar_rows(rng, 4)
@@ -76,7 +75,13 @@ def test_cifar100_batches(tmp_path):
     assert load_cifar(tmp_path, "cifar100", "test").labels.tolist() == [5]
 
 
-def test_cifar_corrupt_batch_names_file(tmp_path):
+def test_cifar_batches_that_do_not_verify_are_refused(tmp_path):
+    _write_cifar10(tmp_path, np.random.default_rng(0))  # tiny files: not the published md5 sums
+    with pytest.raises(ValueError, match=r"cifar-10-batches-py/\{data_batch_1.*do not verify"):
+        load_cifar(tmp_path, "cifar10", "train")
+
+
+def test_cifar_corrupt_batch_names_file(tmp_path, accept_tiny_cifar):
     folder = tmp_path / "cifar100" / "cifar-100-python"
     folder.mkdir(parents=True)
     (folder / "test").write_bytes(b"not a pickle")

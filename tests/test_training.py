@@ -64,7 +64,7 @@ def run_solo(ov, fresh=False):
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_every_task_trains_evaluates_and_records(task, data_dir, tmp_path):
+def test_every_task_trains_evaluates_and_records(task, data_dir, tmp_path, accept_tiny_cifar):
     trainer, summary = run_solo(overrides(task, data_dir, tmp_path))
     run = trainer.run_dir
     lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

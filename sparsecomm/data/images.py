@@ -8,8 +8,8 @@ from the layout ``prepare_dataset.sh`` writes under the data directory::
     cifar100/cifar-100-python/{train, test, meta}                            or cifar100/{train,test}/<class>/...
     mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]                  the same for fashion-mnist/
 
-The official CIFAR batches are unpickled here rather than through torchvision, whose classes
-check the archive's md5 sums. An image folder is decoded once with PIL and cached as an .npz
+The official CIFAR batches are read by torchvision's ``CIFAR10`` / ``CIFAR100`` classes, which
+also check each file's published md5. An image folder is decoded once with PIL and cached as an .npz
 file; class labels are the sorted folder names, which for CIFAR-10 and CIFAR-100 is the
 official label order. Files inside a class folder are read in natural order (``2.jpg`` before
 ``10.jpg``), so the JPEG copy keeps the original order within each class.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 __all__ = ["ImageSet", "IMAGE_DATASETS", "load_images", "load_cifar", "load_mnist", "read_idx"]
 
@@ -39,9 +40,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 CACHE_VERSION = 1
 
 _CIFAR_BATCHES = {
-    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
-                "batches.meta", "labels", "label_names"),
-    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "meta", "fine_labels", "fine_label_names"),
+    "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}),
+    "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}),
 }
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -92,9 +92,9 @@ def load_cifar(data_dir: str | os.PathLike, name: str, split: str,
         raise ValueError(f"unknown CIFAR data set {name!r}; expected 'cifar10' or 'cifar100'")
     _check_split(split)
     root = Path(data_dir) / name
-    batch_dir, files, meta, label_key, names_key = _CIFAR_BATCHES[name]
+    batch_dir, files = _CIFAR_BATCHES[name]
     if all((root / batch_dir / f).is_file() for f in files[split]):
-        return _read_cifar_batches(name, split, root / batch_dir, files[split], meta, label_key, names_key)
+        return _read_cifar_batches(name, split, root, batch_dir, files[split])
     if (root / split).is_dir():
         return _read_image_folder(name, split, root / split, Path(cache_dir) if cache_dir else root / ".cache",
                                   progress)
@@ -104,37 +104,22 @@ def load_cifar(data_dir: str | os.PathLike, name: str, split: str,
         f"run `./prepare_dataset.sh {name}`")
 
 
-def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        try:
-            batch = pickle.load(f, encoding="latin1")
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ValueError(f"{path}: not a CIFAR python batch ({e})") from e
-    if not isinstance(batch, dict):
-        raise ValueError(f"{path}: not a CIFAR python batch (a {type(batch).__name__}, expected a dict)")
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
-
-
-def _read_cifar_batches(name: str, split: str, folder: Path, files: list[str], meta: str,
-                        label_key: str, names_key: str) -> ImageSet:
-    """Concatenate the official pickled batches: ``data`` [n, 3072] uint8 rows (R, G, B planes)."""
-    images, labels = [], []
-    for file in files:
-        batch = _unpickle(folder / file)
-        if "data" not in batch or label_key not in batch:
-            raise ValueError(f"{folder / file}: missing 'data' or {label_key!r} (keys: {sorted(batch)})")
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != len(batch[label_key]):
-            raise ValueError(f"{folder / file}: data of shape {data.shape} for {len(batch[label_key])} labels; "
-                             f"expected [n, 3072]")
-        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    classes: tuple[str, ...] = ()
-    if (folder / meta).is_file():
-        classes = tuple(n.decode() if isinstance(n, bytes) else str(n)
-                        for n in _unpickle(folder / meta).get(names_key, ()))
-    return ImageSet(name, split, torch.from_numpy(np.ascontiguousarray(np.concatenate(images))),
-                    torch.from_numpy(np.concatenate(labels)), classes)
+def _read_cifar_batches(name: str, split: str, root: Path, batch_dir: str, files: list[str]) -> ImageSet:
+    """The official python batches, read by torchvision's ``CIFAR10`` / ``CIFAR100`` classes
+    (which check every file's md5 against the published one)."""
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    where = root / batch_dir / files[0] if len(files) == 1 else f"{root / batch_dir}/{{{','.join(files)}}}"
+    try:
+        dataset = cls(str(root), train=split == "train", download=False)
+    except RuntimeError as exc:  # torchvision's integrity check: a truncated or altered file
+        raise ValueError(f"{where}: the official {name} batches do not verify "
+                         f"({exc}); run `./prepare_dataset.sh --force {name}`") from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: not {name} python batches "
+                         f"({type(exc).__name__}: {exc})") from None
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data))  # [N, 32, 32, 3] uint8
+    return ImageSet(name, split, images, torch.as_tensor(dataset.targets, dtype=torch.int64),
+                    tuple(dataset.classes))
 
 
 def _natural_key(name: str) -> list:
