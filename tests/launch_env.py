@@ -3,6 +3,7 @@ Debian's packages and started without systemd by the tests themselves."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -110,7 +111,16 @@ class SingleNodeSlurm:
                               timeout=kw.pop("timeout", 60), **kw)
 
     def state(self, job: str) -> str:
-        return self.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip()
+        """The job's JobState from scontrol; "GONE" once slurmctld has forgotten it, "?" when the query failed.
+
+        squeue is not used: a transient controller timeout makes it print nothing, which reads like a job
+        that has left the queue.
+        """
+        done = self.run("scontrol", "show", "job", "-o", job)
+        if done.returncode != 0:
+            return "GONE" if "Invalid job id" in done.stderr else "?"
+        found = re.search(r"\bJobState=(\S+)", done.stdout)
+        return found.group(1) if found else "?"
 
     def stop(self) -> None:
         self.run("scancel", "--user=root")

@@ -196,7 +196,11 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def wait_job(slurm, job, timeout=240, until=("",)):
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED", "GONE")
+
+
+def wait_job(slurm, job, timeout=240, until=FINISHED):
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = slurm.state(job)
@@ -229,8 +233,9 @@ def test_sigterm_requeues_and_resumes(slurm, data_dir, tmp_path):
     _wait_for_metrics(runs, lines=3)
     assert slurm.run("scancel", "--signal=TERM", job).returncode == 0  # to the workers, as before a preemption
     wait_job(slurm, job, until=("PENDING",), timeout=120)
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue delay
-    wait_job(slurm, job)
+    update = slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue delay
+    assert update.returncode == 0, update.stderr
+    assert wait_job(slurm, job) == "COMPLETED", slurm.log_tail()
     log = out_file.read_text()
     assert "requeueing job" in log, log[-3000:]
     assert "stopped by a signal at step" in log
