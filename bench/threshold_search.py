@@ -15,7 +15,7 @@ import torch
 from sparsecomm.reducers.selection import threshold_select
 
 
-def median_ms(fn, reps: int = 5) -> float:
+def median_ms(fn, reps: int) -> float:
     fn()
     times = []
     for _ in range(reps):
@@ -29,16 +29,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--numel", type=int, default=11_173_962)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=15, help="timed calls per cell (the median is shown)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     scratch = torch.empty_like(x)
     blocks = (0, 16, 32, 64, 128, 256)
-    print(f"d = {args.numel:,}, threads = {args.threads}, floor (x.sum()) {median_ms(x.sum):.1f} ms")
+    print(f"d = {args.numel:,}, threads = {args.threads}, floor (x.sum()) {median_ms(x.sum, args.reps):.1f} ms")
     print("density  " + "".join(f"{'block ' + str(b):>11}" for b in blocks))
     for density in (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1):
         lam = statistics.NormalDist().inv_cdf(1 - density / 2)  # P(|x| >= lam) = density
-        row = [median_ms(lambda: threshold_select(x, lam, torch.int32, block=b, scratch=scratch)) for b in blocks]
+        row = [median_ms(lambda: threshold_select(x, lam, torch.int32, block=b, scratch=scratch), args.reps)
+               for b in blocks]
         print(f"{density:<9}" + "".join(f"{ms:>11.1f}" for ms in row))
 
 
