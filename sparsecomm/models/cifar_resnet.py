@@ -7,7 +7,7 @@ parameter list equals torchvision's ResNet with that stem, in the same order.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,19 +25,23 @@ def _projection(in_planes: int, out_planes: int, stride: int) -> nn.Module | Non
     return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
 
 
+Shortcut = Callable[[int, int, int], "nn.Module | None"]
+
+
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and an identity or projection shortcut."""
+    """Two 3x3 convolutions with BatchNorm and a shortcut: the identity where the shape stays,
+    else what ``shortcut(in_planes, planes, stride)`` builds (default: the projection)."""
 
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: Shortcut = _projection) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = _projection(in_planes, planes, stride)
+        self.downsample = shortcut(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import positive_int
+from .cifar_resnet import BasicBlock
 from .registry import register_model
 
-__all__ = ["PadShortcut", "CifarBasicBlock", "HeResNet", "resnet20"]
+__all__ = ["PadShortcut", "pad_shortcut", "HeResNet", "resnet20"]
 
 
 class PadShortcut(nn.Module):
@@ -33,21 +34,11 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.pad_front, self.pad_back))
 
 
-class CifarBasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm; a parameter-free shortcut."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Identity() if stride == 1 and in_planes == planes else PadShortcut(in_planes, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+def pad_shortcut(in_planes: int, out_planes: int, stride: int) -> PadShortcut | None:
+    """Option A where the shape changes, else None (the identity)."""
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return PadShortcut(in_planes, out_planes, stride)
 
 
 class HeResNet(nn.Module):
@@ -63,7 +54,7 @@ class HeResNet(nn.Module):
         in_planes = 16
         for i, planes in enumerate((16, 32, 64)):
             for j in range(n):
-                layers.append(CifarBasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1))
+                layers.append(BasicBlock(in_planes, planes, stride=2 if i > 0 and j == 0 else 1, shortcut=pad_shortcut))
                 in_planes = planes
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(64, num_classes)
