@@ -11,11 +11,13 @@
 #   torchrun --nproc_per_node 4 -m sparsecomm.train --preset ...   (the trainer without run.sh)
 #
 # run.sh finds out who started it and takes rank, world size, local rank and the rendezvous
-# address from there; the world size always comes from the launcher.
+# address from there; the world size always comes from the launcher. Ctrl-C, SIGTERM or SIGUSR1
+# make every worker checkpoint and stop; the same command again resumes.
 
 # ---------------------------------------------------------------- what to run -------------
-PRESET=${PRESET:-resnet18-cifar10}  # a file in cnn-lstm/presets or ncf/presets (ls them, or
-                                    # python -m sparsecomm.train --list-presets)
+PRESET=${PRESET:-}                  # a file in cnn-lstm/presets or ncf/presets (python -m
+                                    # sparsecomm.train --list-presets); empty: the preset that
+                                    # fits MODEL and DATASET, or resnet18-cifar10 if neither is set
 MODEL=${MODEL:-}                    # empty: the preset's model (resnet18)
 DATASET=${DATASET:-}                # empty: the preset's data set (cifar10)
 REDUCER=${REDUCER:-}                # empty: the preset's reducer (exdyna)
@@ -156,7 +158,10 @@ nodes OUTPUT_DIR must be on a shared file system, or set MASTER_ADDR and MASTER_
 
 # ------------------------------------------------------------- the environment -------------
 # Can this Python run the trainer of this checkout (its dependencies installed)?
-has_sparsecomm() { (cd / && PYTHONPATH=$ROOT "$1" -c "import torch, torchvision, yaml, sparsecomm.train.cli") >/dev/null 2>&1; }
+has_sparsecomm() {  # finds the modules without importing them (importing torch takes seconds)
+    (cd / && PYTHONPATH=$ROOT "$1" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in \
+('torch', 'torchvision', 'yaml', 'numpy', 'pandas', 'tqdm', 'matplotlib', 'sparsecomm')))") >/dev/null 2>&1
+}
 
 find_python() {
     if [[ -x "$ROOT/.venv/bin/python" ]] && has_sparsecomm "$ROOT/.venv/bin/python"; then
@@ -175,15 +180,26 @@ find_python() {
     fi
 }
 
-# ----------------------------------------------------------------- the data ---------------
-task_name() {  # the task the trainer will run, from DATASET or the preset
-    if [[ -n "$DATASET" ]]; then echo "$DATASET"; return; fi
-    "$PY" -m sparsecomm.train --preset "$PRESET" --print-config | sed -n 's/^task: *//p' | head -n 1
+# ------------------------------------------------------- the settings, checked ------------
+# Every setting is checked in one process before any data is prepared or any worker starts: a
+# bad one stops the job with one line (from rank 0) and exit code 2. The check also names the
+# preset chosen from MODEL/DATASET and the task whose data is needed.
+check_settings() {  # $1: the job's worker count, or auto; sets TASK, GPUS, WORKERS
+    local out line
+    out=$(RANK=${RANK:-0} "$PY" -m sparsecomm.train "${ARGS[@]}" --check --workers "$1") || exit 2
+    while IFS= read -r line; do
+        case $line in
+            preset=*) [[ -n "$PRESET" ]] || ARGS=(--preset "${line#preset=}" "${ARGS[@]}") ;;
+            task=*) TASK=${line#task=} ;;
+            gpus=*) GPUS=${line#gpus=} ;;
+            workers=*) WORKERS=${line#workers=} ;;
+        esac
+    done <<< "$out"
 }
 
+# ----------------------------------------------------------------- the data ---------------
 prepare_data() {
-    local task folder
-    task=$(task_name) || die "could not read preset $PRESET"
+    local task=$TASK folder
     case $task in
         logreg) return ;;  # a LIBSVM file the user provides
         wikitext2) folder=wikitext-2 ;;
@@ -201,7 +217,9 @@ prepare_data() {
 }
 
 trainer_args() {
-    ARGS=(--preset "$PRESET" --data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR")
+    if [[ -z "$PRESET$MODEL$DATASET" ]]; then PRESET=resnet18-cifar10; fi
+    ARGS=(--data-dir "$DATA_DIR" --output-dir "$OUTPUT_DIR")
+    [[ -n "$PRESET" ]] && ARGS+=(--preset "$PRESET")
     [[ -n "$MODEL" ]] && ARGS+=(--model "$MODEL")
     [[ -n "$DATASET" ]] && ARGS+=(--task "$DATASET")
     [[ -n "$REDUCER" ]] && ARGS+=(--reducer "$REDUCER")
@@ -211,10 +229,6 @@ trainer_args() {
     eval "local extra=($EXTRA_ARGS)"  # shell quoting in EXTRA_ARGS is honoured
     ARGS+=("${extra[@]}")
     ARGS+=("$@")
-}
-
-gpu_count() {
-    "$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2>/dev/null || echo 0
 }
 
 # ----------------------------------------------------------------------- main -------------
@@ -237,21 +251,25 @@ main() {
     trainer_args "$@"
 
     if [[ -z "$LAUNCHER" ]]; then
-        local n=${NPROC:-} rdzv=(--standalone)
+        local port=()
         if [[ -n "${MASTER_PORT:-}" ]]; then
             port_is_free "$MASTER_PORT" || die "port $MASTER_PORT on this host is in use; unset MASTER_PORT or pick another"
-            rdzv=(--rdzv-backend=c10d --rdzv-endpoint="127.0.0.1:$MASTER_PORT")
+            port=(--port "$MASTER_PORT")
         fi
-        local gpus
-        gpus=$(gpu_count)
-        if [[ -z "$n" ]]; then n=$gpus; (( n > 0 )) || n=2; fi
+        check_settings "${NPROC:-auto}"
         prepare_data
-        say "starting $n local worker(s) ($( (( gpus > 0 )) && echo "NCCL, one GPU each" || echo "gloo on the CPU"))"
-        exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nnodes=1 --nproc-per-node="$n" \
-            -m sparsecomm.train "${ARGS[@]}"
+        say "starting $WORKERS local worker(s) ($( (( GPUS > 0 )) && echo "NCCL, one GPU each" || echo "gloo on the CPU"))"
+        exec "$PY" -m sparsecomm.launch --nproc "$WORKERS" "${port[@]}" -- "${ARGS[@]}"
     fi
 
-    [[ $LAUNCHER == torchrun || $LAUNCHER == environment ]] || rendezvous
+    check_settings "$WORLD_SIZE"
+    if [[ $LAUNCHER == torchrun || $LAUNCHER == environment ]]; then
+        MASTER_ADDR=${MASTER_ADDR:-${hostip:-}} MASTER_PORT=${MASTER_PORT:-${port:-}}
+        [[ -n "$MASTER_ADDR" && -n "$MASTER_PORT" ]] || die "RANK and WORLD_SIZE are set but not the rendezvous \
+address: set MASTER_ADDR and MASTER_PORT (or the seeds' hostip and port)"
+    else
+        rendezvous
+    fi
     export RANK WORLD_SIZE LOCAL_RANK=${LOCAL_RANK:-0} MASTER_ADDR MASTER_PORT
     if [[ -n "${LOCAL_SIZE:-}" ]]; then
         export LOCAL_WORLD_SIZE=$LOCAL_SIZE

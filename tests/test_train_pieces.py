@@ -1,5 +1,6 @@
 """The training loop's parts on one process: configuration, learning rate, checkpoints, records."""
 import json
+import logging
 import os
 import signal
 
@@ -11,7 +12,7 @@ from sparsecomm.train.checkpoint import CheckpointError, Checkpoints, write_atom
 from sparsecomm.train.config import ConfigError, ScheduleConfig, OptimizerConfig, apply_overrides, load_config
 from sparsecomm.train.distributed import Job
 from sparsecomm.train.optim import LearningRate, build_optimizer, peak_lr
-from sparsecomm.train.records import Recorder, run_name
+from sparsecomm.train.records import Recorder, check_run_dir, run_name, set_aside
 
 SOLO = Job(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
 
@@ -109,33 +110,91 @@ def test_write_atomic_never_leaves_a_partial_file(tmp_path):
     assert target.read_bytes() == b"new"
 
 
-def test_checkpoints_keep_the_latest_and_refuse_bad_files(tmp_path):
+def _save(ck, step, value):
+    ck.save(f"step-{step}", {"model": {"w": torch.full((2,), float(value))}, "step": step},
+            {"rng": torch.get_rng_state()}, {"step": step})
+
+
+def test_checkpoints_keep_the_last_two_and_fall_back_from_a_damaged_one(tmp_path, caplog):
     ck = Checkpoints(tmp_path, SOLO)
     assert not ck.exists()
-    ck.save("step-1", {"model": {"w": torch.ones(2)}}, {"rng": torch.get_rng_state()}, {"step": 1})
-    ck.save("step-2", {"model": {"w": torch.zeros(2)}}, {"rng": torch.get_rng_state()}, {"step": 2})
-    assert sorted(p.name for p in ck.root.iterdir()) == ["latest.json", "step-2"]
+    for step in (1, 2, 3):
+        _save(ck, step, step)
+    assert sorted(p.name for p in ck.root.iterdir()) == ["latest.json", "step-2", "step-3"]
     shared, local, info = ck.load()
-    assert torch.equal(shared["model"]["w"], torch.zeros(2)) and info["step"] == 2 and local["rank"] == 0
-    # truncated
-    path = ck.root / "step-2" / "shared.pt"
+    assert torch.equal(shared["model"]["w"], torch.full((2,), 3.0)) and info["step"] == 3 and local["rank"] == 0
+    # a truncated latest file: the previous complete checkpoint, with a warning naming the file
+    path = ck.root / "step-3" / "rank-0.pt"
     path.write_bytes(path.read_bytes()[:50])
-    with pytest.raises(CheckpointError, match=r"shared.pt cannot be read"):
+    with caplog.at_level(logging.WARNING):
+        shared, _, info = ck.load()
+    assert info == {"tag": "step-2", "step": 2} and torch.equal(shared["model"]["w"], torch.full((2,), 2.0))
+    assert "step-3/rank-0.pt cannot be read" in caplog.text
+    # an empty pointer: the newest complete checkpoint
+    ck.pointer.write_text("")
+    assert ck.exists() and ck.load()[2]["tag"] == "step-2"
+    # nothing usable: one error naming the files
+    (ck.root / "step-2" / "shared.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step-3/rank-0.pt cannot be read.*"
+                                              r"step-2/shared.pt cannot be read"):
         ck.load()
-    # foreign: a plain torch file
-    torch.save({"weights": torch.ones(1)}, path)
+
+
+def test_checkpoints_refuse_foreign_files_and_other_world_sizes(tmp_path):
+    ck = Checkpoints(tmp_path, SOLO)
+    _save(ck, 1, 1)
+    path = ck.root / "step-1" / "shared.pt"
+    torch.save({"weights": torch.ones(1)}, path)  # a plain torch file
     with pytest.raises(CheckpointError, match=r"shared.pt is not a sparsecomm checkpoint"):
         ck.load()
-    # a pickled object weights_only refuses
-    torch.save({"format": "sparsecomm.checkpoint/1", "obj": signal.Signals.SIGTERM}, path)
+    torch.save({"format": "sparsecomm.checkpoint/1", "obj": signal.Signals.SIGTERM}, path)  # weights_only refuses
     with pytest.raises(CheckpointError, match="cannot be read"):
         ck.load()
-    # another world size
-    info_path = ck.pointer
-    info = json.loads(info_path.read_text())
-    info_path.write_text(json.dumps({**info, "world": 4}))
+    info = json.loads(ck.pointer.read_text())
+    ck.pointer.write_text(json.dumps({**info, "world": 4}))
     with pytest.raises(CheckpointError, match="written by 4 workers; this job has 1"):
         ck.load()
+
+
+def test_run_names_show_what_differs_from_the_preset():
+    from sparsecomm.train.presets import find_preset
+
+    preset = find_preset("mnist-cnn")
+    base = run_name(load_config(preset), 2)
+    assert base == "mnist-mnist_cnn-exdyna-c0.01-P2-b64-seed0"
+    assert run_name(load_config(preset, ["data.dir=/elsewhere", "epochs=7", "records.log_every=3"]), 2) == base
+    lr = run_name(load_config(preset, ["optimizer.lr=0.1"]), 2)
+    assert lr == base + "-lr0.1" and run_name(load_config(preset, ["optimizer.lr=0.2"]), 2) == base + "-lr0.2"
+    many = load_config(preset, ["optimizer.lr=0.2", "optimizer.weight_decay=0.0005", "schedule.milestones=[1, 2]",
+                                "reducer.options={num_blocks: 64}"])
+    name = run_name(many, 2)
+    assert name.startswith(base + "-x") and len(name) == len(base) + 10
+    assert name != run_name(load_config(preset, ["optimizer.lr=0.3", "optimizer.weight_decay=0.0005",
+                                                 "schedule.milestones=[1, 2]", "reducer.options={num_blocks: 64}"]), 2)
+
+
+def test_set_aside_moves_an_earlier_run_and_never_overwrites(tmp_path):
+    run = tmp_path / "run"
+    assert set_aside(run) is None
+    run.mkdir()
+    assert set_aside(run) is None  # empty: nothing to keep
+    (run / "metrics.jsonl").write_text("{}\n")
+    first = set_aside(run)
+    run.mkdir()
+    (run / "summary.json").write_text("{}")
+    second = set_aside(run)
+    assert not run.exists() and first != second
+    assert (first / "metrics.jsonl").is_file() and (second / "summary.json").is_file()
+    assert first.name.startswith("run.") and second.parent == tmp_path
+
+
+def test_run_directory_problems_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file is a file, not a folder"):
+        check_run_dir(tmp_path / "file" / "runs" / "r")
+    (tmp_path / "r" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="metrics.jsonl is a folder"):
+        check_run_dir(tmp_path / "r")
 
 
 def test_recorder_drops_lines_after_the_resumed_step(tmp_path):

@@ -2,6 +2,7 @@
 resume across 2 gloo workers, real MovieLens 100K, and bad input."""
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -103,22 +104,34 @@ def assert_same_end(a_dir, b_dir):
         strip((b_dir / "metrics.jsonl").read_text().splitlines())
 
 
-@pytest.mark.parametrize("task,stop", [("mnist", "max_steps"), ("mnist", "signal"), ("ptb", "max_steps")])
+SIGNAL_STOPS = {"SIGTERM to rank 1": (1, signal.SIGTERM), "Ctrl-C (SIGINT to every rank)": (-1, signal.SIGINT),
+                "SIGUSR1 to rank 0": (0, signal.SIGUSR1)}
+
+
+@pytest.mark.parametrize("task,stop", [("mnist", "max_steps"), ("ptb", "max_steps"), ("mnist", "damaged latest"),
+                                       *(("mnist", s) for s in SIGNAL_STOPS)])
 def test_stopped_and_resumed_run_ends_bit_identical(clusters, data_dir, tmp_path, task, stop):
-    """2 gloo workers: an interrupted run, resumed, ends exactly where an uninterrupted one does."""
+    """2 gloo workers: an interrupted run, resumed, ends exactly where an uninterrupted one does;
+    also when its latest checkpoint was damaged and it resumes from the one before."""
     c = clusters(2)
     base = overrides(task, data_dir, tmp_path / "straight", epochs=1.5)
     straight = c.run(ts.train, base)
     assert all(s["complete"] for s in straight)
     resumed_ov = overrides(task, data_dir, tmp_path / "resumed", epochs=1.5)
-    if stop == "max_steps":
-        first = c.run(ts.train, resumed_ov + ["max_steps=5"])
+    if stop in SIGNAL_STOPS:
+        rank, signum = SIGNAL_STOPS[stop]
+        first = c.run(ts.train, resumed_ov, signal_rank=rank, signal_step=2, signum=signum)  # during step 3
     else:
-        first = c.run(ts.train, resumed_ov, signal_rank=1, signal_step=2)  # SIGTERM to rank 1 during step 3
+        first = c.run(ts.train, resumed_ov + ["max_steps=5"])
     assert all("stopped" in f for f in first), first
-    assert {f["step"] for f in first} == {3 if stop == "signal" else 5}, "every rank stops at the same step"
-    if stop == "signal":
-        assert {f["signum"] for f in first} == {15}
+    assert {f["step"] for f in first} == {3 if stop in SIGNAL_STOPS else 5}, "every rank stops at the same step"
+    if stop in SIGNAL_STOPS:
+        assert {f["signum"] for f in first} == {SIGNAL_STOPS[stop][1]}
+    if stop == "damaged latest":  # steps 4 (epoch end) and 5 (max_steps) are kept; rank 1's file of 5 is cut
+        checkpoints = next((tmp_path / "resumed").iterdir()) / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.json", "step-000000004", "step-000000005"]
+        damaged = checkpoints / "step-000000005" / "rank-1.pt"
+        damaged.write_bytes(damaged.read_bytes()[:100])
     second = c.run(ts.train, resumed_ov)
     assert all(s["complete"] for s in second)
     run = lambda root: next(root.iterdir())  # noqa: E731
@@ -189,14 +202,32 @@ def test_resume_refuses_other_settings(data_dir, tmp_path):
         run_solo(ov + ["optimizer.lr=0.5"])
 
 
-def test_plots_compare_runs(data_dir, tmp_path):
-    from sparsecomm.plot import main as plot_main
+def test_fresh_moves_the_earlier_run_aside(data_dir, tmp_path, caplog):
+    ov = overrides("mnist", data_dir, tmp_path, extra=["name=kept"])
+    first, summary = run_solo(ov)
+    before = (first.run_dir / "summary.json").read_text()
+    with caplog.at_level("WARNING"):
+        second, _ = run_solo(ov, fresh=True)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("kept.")]
+    assert len(aside) == 1 and (aside[0] / "summary.json").read_text() == before
+    assert (aside[0] / "checkpoints" / "latest.json").is_file()
+    assert f"moved aside to {aside[0]}" in caplog.text
+    assert second.run_dir == first.run_dir and (second.run_dir / "summary.json").is_file()
 
-    dirs = []
-    for reducer in ("exact", "exdyna"):
-        trainer, _ = run_solo(overrides("mnist", data_dir, tmp_path / "runs", reducer=reducer, epochs=2))
-        dirs.append(str(trainer.run_dir))
-    assert plot_main(dirs + ["--out", str(tmp_path / "fig")]) == 0
-    for name in ("metric_vs_epoch.png", "metric_vs_bytes.png", "density_vs_step.png", "time_breakdown.png"):
-        assert (tmp_path / "fig" / name).stat().st_size > 5000
-    assert plot_main([str(tmp_path)]) == 2
+
+def test_records_without_a_checkpoint_are_kept_too(data_dir, tmp_path):
+    ov = overrides("mnist", data_dir, tmp_path, extra=["name=kept"])
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    run_solo(ov)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("kept.")]
+    assert len(aside) == 1 and (aside[0] / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_density_far_off_target_is_warned_in_the_summary(data_dir, tmp_path):
+    # thresh with a fixed threshold that nothing reaches sends one coordinate per step at most
+    _, summary = run_solo(overrides("mnist", data_dir, tmp_path, reducer="thresh",
+                                    extra=["reducer.options={threshold: 1.0e+6}"]))
+    assert summary["warnings"] and "off the target 0.05" in summary["warnings"][0]
+    _, dense = run_solo(overrides("mnist", data_dir, tmp_path, reducer="exact"))
+    assert dense["warnings"] == []

@@ -10,7 +10,7 @@ CIFAR networks (32x32 inputs, ``num_classes=10``): ``resnet18``, ``resnet152``, 
 ``vgg16``, ``vgg19``, ``senet18``, ``googlenet``. Others: ``mnist_cnn`` (28x28 grey),
 ``lstm_lm`` (word-level language model), ``neumf`` (NCF recommender), ``logreg``.
 """
-from .registry import available_models, build_model, model_options, register_model
+from .registry import available_models, build_model, check_model_options, model_options, register_model
 from . import cifar_resnet, googlenet, logreg, lstm, mnist_cnn, ncf, resnet20, senet, vgg  # noqa: F401  (registers)
 
-__all__ = ["available_models", "build_model", "model_options", "register_model"]
+__all__ = ["available_models", "build_model", "check_model_options", "model_options", "register_model"]

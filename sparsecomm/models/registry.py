@@ -7,7 +7,7 @@ from typing import Any, Callable, TypeVar
 
 from torch import nn
 
-__all__ = ["register_model", "available_models", "model_options", "build_model"]
+__all__ = ["register_model", "available_models", "model_options", "check_model_options", "build_model"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,17 @@ def model_options(name: str) -> dict[str, Any]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def check_model_options(name: str, keys: Any) -> dict[str, Any]:
+    """The options of model ``name``; raises ``ValueError`` for an unknown name or for keys
+    it does not take, naming them and the allowed ones."""
+    options = model_options(name)
+    unknown = sorted(set(keys) - set(options))
+    if unknown:
+        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"for model {name!r}; allowed: {', '.join(options) or '(none)'}")
+    return options
+
+
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build the model registered as ``name`` with the given options.
 
@@ -57,11 +68,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     naming it and the allowed ones.
     """
     builder = _lookup(name)
-    options = model_options(name)
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        raise ValueError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                         f"for model {name!r}; allowed: {', '.join(options) or '(none)'}")
+    options = check_model_options(name, kwargs)
     missing = [k for k, default in options.items() if default is inspect.Parameter.empty and k not in kwargs]
     if missing:
         raise ValueError(f"model {name!r} needs {', '.join(missing)}")

@@ -6,7 +6,7 @@ from ..train.config import RunConfig
 from ..train.distributed import Job
 from .base import Task
 
-__all__ = ["Task", "register_task", "available_tasks", "build_task"]
+__all__ = ["Task", "register_task", "available_tasks", "task_class", "models_by_task", "build_task"]
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -23,11 +23,20 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def build_task(cfg: RunConfig, job: Job) -> Task:
-    cls = _TASKS.get(cfg.task)
+def task_class(name: str) -> type[Task]:
+    cls = _TASKS.get(name)
     if cls is None:
-        raise ValueError(f"unknown task {cfg.task!r}; available: {', '.join(available_tasks())}")
-    return cls(cfg, job)
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(available_tasks())}")
+    return cls
+
+
+def models_by_task() -> dict[str, list[str]]:
+    """Every task with the models it can train."""
+    return {name: list(cls.models_for(name)) for name, cls in sorted(_TASKS.items())}
+
+
+def build_task(cfg: RunConfig, job: Job) -> Task:
+    return task_class(cfg.task)(cfg, job)
 
 
 from . import convex, image, language, recommendation  # noqa: E402,F401  (registers the tasks)

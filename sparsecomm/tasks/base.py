@@ -7,6 +7,7 @@ from typing import Any, Callable, ClassVar, Iterator, TypeVar
 import torch
 from torch import nn
 
+from ..models import available_models, check_model_options
 from ..train.config import RunConfig
 from ..train.distributed import Job
 
@@ -23,14 +24,42 @@ class Task(abc.ABC):
     """
 
     names: ClassVar[tuple[str, ...]] = ()
+    models: ClassVar[tuple[str, ...]] = ()      # the models this task can train
+    option_names: ClassVar[tuple[str, ...]] = ()  # the keys of task_options it takes
+    required_options: ClassVar[tuple[str, ...]] = ()
     metric: ClassVar[str] = "accuracy"          # the headline metric, for summary.json's "best"
     higher_is_better: ClassVar[bool] = True
     metric_split: ClassVar[str] = "test"
 
     def __init__(self, cfg: RunConfig, job: Job) -> None:
+        self.check(cfg)
         self.cfg = cfg
         self.job = job
         self.device = job.device
+
+    @classmethod
+    def models_for(cls, task: str) -> tuple[str, ...]:
+        """The models that can train on ``task`` (one of :attr:`names`)."""
+        return cls.models
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """Raise ``ValueError`` naming the bad value and the allowed ones when ``cfg`` does not
+        fit this task (model, task options); cheap, reads no data."""
+        if cfg.model not in available_models():
+            raise ValueError(f"unknown model {cfg.model!r}; available: {', '.join(available_models())}")
+        check_model_options(cfg.model, cfg.model_options)
+        models = cls.models_for(cfg.task)
+        if cfg.model not in models:
+            raise ValueError(f"model {cfg.model!r} does not fit task {cfg.task!r}; models for {cfg.task}: "
+                             f"{', '.join(models)}")
+        unknown = sorted(set(cfg.task_options) - set(cls.option_names))
+        if unknown:
+            raise ValueError(f"unknown task option(s) {', '.join(map(repr, unknown))} for task {cfg.task!r}; "
+                             f"allowed: {', '.join(cls.option_names) or 'none'}")
+        missing = [k for k in cls.required_options if not cfg.task_options.get(k)]
+        if missing:
+            raise ValueError(f"task {cfg.task!r} needs task_options.{missing[0]} (--set task_options.{missing[0]}=...)")
 
     @abc.abstractmethod
     def build_model(self) -> nn.Module:
@@ -64,14 +93,8 @@ class Task(abc.ABC):
         pass
 
     def option(self, key: str, default: Any) -> Any:
-        """A ``task_options`` value (unknown keys are refused by :meth:`check_options`)."""
+        """A ``task_options`` value (unknown keys are refused by :meth:`check`)."""
         return self.cfg.task_options.get(key, default)
-
-    def check_options(self, allowed: tuple[str, ...]) -> None:
-        unknown = sorted(set(self.cfg.task_options) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown task option(s) {unknown} for task {self.cfg.task!r}; "
-                             f"allowed: {', '.join(allowed) or 'none'}")
 
 
 T = TypeVar("T")

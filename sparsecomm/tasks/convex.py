@@ -23,15 +23,15 @@ class LogisticRegressionTask(Task):
     ``test_path``, ``l2`` (0)."""
 
     names = ("logreg",)
+    models = ("logreg",)
+    option_names = ("path", "test_path", "l2")
+    required_options = ("path",)
     metric = "loss"
     higher_is_better = False
     metric_split = "train"
 
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)
-        self.check_options(("path", "test_path", "l2"))
-        if not self.option("path", None):
-            raise ValueError("task logreg needs task_options.path: a LIBSVM file (e.g. --set task_options.path=a9a)")
         self.l2 = float(self.option("l2", 0.0))
         train_path = self._resolve(self.option("path", None))
         test_path = self.option("test_path", None)

@@ -22,10 +22,14 @@ class ImageClassification(Task):
 
     names = ("cifar10", "cifar100", "mnist", "fashion-mnist")
     metric = "accuracy"
+    CIFAR_MODELS = ("resnet18", "resnet20", "resnet152", "vgg16", "vgg19", "senet18", "googlenet")
+
+    @classmethod
+    def models_for(cls, task: str) -> tuple[str, ...]:
+        return cls.CIFAR_MODELS if task.startswith("cifar") else ("mnist_cnn",)
 
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)
-        self.check_options(())
         name, data = cfg.task, cfg.data
         train, test = load_on_main_first(job, lambda: (
             load_images(data.dir, name, "train", cache_dir=data.cache_dir, progress=job.is_main),

@@ -27,12 +27,13 @@ class LanguageModelling(Task):
     """
 
     names = ("wikitext2", "ptb")
+    models = ("lstm_lm",)
+    option_names = ("bptt",)
     metric = "perplexity"
     higher_is_better = False
 
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)
-        self.check_options(("bptt",))
         self.bptt = int(self.option("bptt", 35))
         self.corpus = load_on_main_first(job, lambda: Corpus(cfg.data.dir, cfg.task))
         self.batch_size = cfg.batch_per_worker(job.world)

@@ -26,16 +26,18 @@ class Recommendation(Task):
     ``top_k`` (10)."""
 
     names = tuple(RATINGS)
+    models = ("neumf",)
+    option_names = ("negatives", "test_negatives", "min_ratings", "top_k")
     metric = "hr@10"
 
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)
-        self.check_options(("negatives", "test_negatives", "min_ratings", "top_k"))
         self.negatives = int(self.option("negatives", 4))
         self.top_k = int(self.option("top_k", 10))
         path = Path(cfg.data.dir) / RATINGS[cfg.task]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; run `./prepare_dataset.sh {cfg.task}`")
+            raise FileNotFoundError(f"{path} not found; "
+                                    f"run `./prepare_dataset.sh --data-dir {cfg.data.dir} {cfg.task}`")
         self.data = load_on_main_first(job, lambda: load_ncf(
             path, min_ratings=int(self.option("min_ratings", 20)),
             test_negatives=int(self.option("test_negatives", 100)), seed=cfg.seed))

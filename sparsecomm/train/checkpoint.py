@@ -3,9 +3,10 @@
 A checkpoint is a folder ``checkpoints/<tag>/`` holding ``shared.pt`` (written by rank 0:
 model, optimizer, progress) and one ``rank-<r>.pt`` per rank (its reducer state and
 residual, its RNG states). Every file is written to a temporary name, flushed, fsync'ed and
-renamed; only when every rank has finished does rank 0 atomically replace ``latest.json``
-with a pointer to the new folder and delete the previous one. A reader therefore always finds
-a complete checkpoint. Files are read with ``torch.load(weights_only=True)``.
+renamed; only when every rank has finished does rank 0 mark the folder complete, atomically
+replace ``latest.json`` with a pointer to it, and delete all but the last two complete ones. A
+reader therefore always finds a complete checkpoint, and a damaged latest one falls back to the
+one before. Files are read with ``torch.load(weights_only=True)``.
 
 The run directory must be on a file system every rank sees (as on any cluster with a shared
 home or scratch).
@@ -13,6 +14,7 @@ home or scratch).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +25,8 @@ import torch
 from .distributed import Job
 
 __all__ = ["CheckpointError", "Checkpoints", "write_atomic"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "sparsecomm.checkpoint/1"
 
@@ -74,7 +78,16 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 class Checkpoints:
-    """The checkpoints of one run directory, seen from one rank."""
+    """The checkpoints of one run directory, seen from one rank.
+
+    The last two complete checkpoints are kept. A checkpoint is complete once every rank has
+    written its file: rank 0 then writes ``complete.json`` into its folder and points
+    ``latest.json`` at it. When the latest one cannot be read (a truncated file, an empty
+    pointer) the ranks agree on the newest checkpoint every one of them can read, and say
+    which file they passed over.
+    """
+
+    KEEP = 2
 
     def __init__(self, run_dir: Path, job: Job) -> None:
         self.root = Path(run_dir) / "checkpoints"
@@ -85,7 +98,7 @@ class Checkpoints:
         return self.root / "latest.json"
 
     def exists(self) -> bool:
-        return self.pointer.is_file()
+        return self.pointer.is_file() or bool(self._complete_tags())
 
     def save(self, tag: str, shared: dict[str, Any], local: dict[str, Any], info: dict[str, Any]) -> Path:
         """Write one checkpoint (a collective: every rank calls it with its own ``local``)."""
@@ -102,37 +115,72 @@ class Checkpoints:
                          lambda f: torch.save({"format": FORMAT, "world": job.world, **shared}, f))
         job.barrier()
         if job.is_main:
-            previous = self._current_tag()
             text = json.dumps({"format": FORMAT, "tag": tag, "world": job.world, **info}, indent=1).encode()
+            write_atomic(folder / "complete.json", lambda f: f.write(text))
             write_atomic(self.pointer, lambda f: f.write(text))
-            if previous and previous != tag:
-                shutil.rmtree(self.root / previous, ignore_errors=True)
+            keep = set(self._complete_tags()[:self.KEEP]) | {tag}
+            for old in self.root.iterdir():
+                if old.is_dir() and old.name not in keep and (old.name.startswith("step-")):
+                    shutil.rmtree(old, ignore_errors=True)
         job.barrier()
         return folder
 
-    def _current_tag(self) -> str | None:
-        if not self.pointer.is_file():
-            return None
-        try:
-            return json.loads(self.pointer.read_text()).get("tag")
-        except (OSError, ValueError):
-            return None
+    def _complete_tags(self) -> list[str]:
+        """Tags of the folders marked complete, newest (highest step) first."""
+        found = []
+        if self.root.is_dir():
+            for marker in self.root.glob("*/complete.json"):
+                try:
+                    info = json.loads(marker.read_text())
+                    found.append((int(info.get("step", -1)), marker.parent.name))
+                except (OSError, ValueError, TypeError):
+                    continue
+        return [tag for _, tag in sorted(found, reverse=True)]
 
-    def load(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(shared, this rank's local, pointer info) of the latest checkpoint."""
+    def _pointed_tag(self) -> str | None:
+        """The tag ``latest.json`` names; raises for a pointer of another world size."""
         try:
             info = json.loads(self.pointer.read_text())
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint pointer {self.pointer} cannot be read ({exc})") from None
+            if self.pointer.exists():
+                log.warning("checkpoint pointer %s cannot be read (%s); looking for the newest complete checkpoint",
+                            self.pointer, exc)
+            return None
         if not isinstance(info, dict) or info.get("format") != FORMAT or "tag" not in info:
-            raise CheckpointError(f"checkpoint pointer {self.pointer} is not a sparsecomm checkpoint pointer")
+            log.warning("checkpoint pointer %s is not a sparsecomm checkpoint pointer; looking for the newest "
+                        "complete checkpoint", self.pointer)
+            return None
         if info.get("world") != self.job.world:
             raise CheckpointError(f"checkpoint {self.root / info['tag']} was written by {info.get('world')} workers; "
                                   f"this job has {self.job.world}. Resume with the same worker count, or start "
                                   f"a fresh run")
-        folder = self.root / info["tag"]
-        shared = _load(folder / "shared.pt")
-        local = _load(folder / f"rank-{self.job.rank}.pt")
-        if local.get("rank") != self.job.rank:
-            raise CheckpointError(f"checkpoint file {folder / f'rank-{self.job.rank}.pt'} belongs to rank {local.get('rank')}")
-        return shared, local, info
+        return str(info["tag"])
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(shared, this rank's local, checkpoint info) of the newest checkpoint every rank can
+        read (a collective)."""
+        pointed = self._pointed_tag()
+        candidates = ([pointed] if pointed else []) + [t for t in self._complete_tags() if t != pointed]
+        problems: list[str] = []
+        for tag in candidates:
+            folder = self.root / tag
+            loaded = None
+            try:
+                shared = _load(folder / "shared.pt")
+                local = _load(folder / f"rank-{self.job.rank}.pt")
+                if local.get("rank") != self.job.rank or local.get("world") != self.job.world:
+                    raise CheckpointError(f"checkpoint file {folder / f'rank-{self.job.rank}.pt'} belongs to rank "
+                                          f"{local.get('rank')} of {local.get('world')} workers")
+                loaded = (shared, local, {"tag": tag, "step": shared.get("step")})
+            except CheckpointError as exc:
+                problems.append(str(exc))
+            if self.job.all(loaded is not None):
+                if tag != pointed and self.job.is_main:
+                    log.warning("resuming from the previous complete checkpoint %s", folder)
+                assert loaded is not None
+                return loaded
+            if loaded is None:
+                log.warning("passing over checkpoint %s: %s", tag, problems[-1])
+        files = "; ".join(problems) or f"no complete checkpoint in {self.root}"
+        raise CheckpointError(f"no usable checkpoint in {self.root} ({files}); start afresh with --fresh "
+                              f"(the run directory is kept aside)")

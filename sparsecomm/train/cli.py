@@ -1,7 +1,7 @@
-"""Command line of the trainer: ``python -m sparsecomm.train --preset NAME [options]``.
+"""Command line of the trainer: python -m sparsecomm.train --preset NAME [options].
 
-Settings come from a YAML preset, then from the convenience flags (the variables ``run.sh``
-exposes), then from ``--set section.key=value`` overrides, in that order.
+Settings come from a YAML preset, then from the convenience flags (the variables run.sh
+exposes), then from --set section.key=value overrides, in that order.
 """
 from __future__ import annotations
 
@@ -9,44 +9,45 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from .config import ConfigError, RunConfig, load_config
+from .presets import available_presets, choose_preset, find_preset, preset_dirs, preset_info
 
-__all__ = ["main", "preset_dirs", "find_preset"]
+__all__ = ["main", "preset_dirs", "find_preset", "resolve_config"]
 
 log = logging.getLogger("sparsecomm")
 
-REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = """\
+examples:
+  python -m sparsecomm.train --preset mnist-cnn --reducer topk --density 0.01
+  python -m sparsecomm.train --task ml-100k                 (chooses the preset ncf-ml100k)
+  python -m sparsecomm.train --preset lstm-ptb-small --set optimizer.lr=10 --set reducer.options={num_blocks: 512}
+  torchrun --nproc_per_node 2 -m sparsecomm.train --preset mnist-cnn
+  python -m sparsecomm.train --list-presets | --list-reducers
+
+Ctrl-C, SIGTERM or SIGUSR1 make every worker checkpoint and stop at the same step (exit 128 +
+the signal number); running the same command again resumes. Bad settings stop with one line
+and exit code 2.
+"""
 
 
-def preset_dirs() -> list[Path]:
-    """Folders searched for presets given by name: the benchmark folders of the repository."""
-    return [REPO / "cnn-lstm" / "presets", REPO / "ncf" / "presets"]
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (``error: ...``), exit code 2."""
 
-
-def available_presets() -> list[str]:
-    return sorted(p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml"))
-
-
-def find_preset(name: str) -> Path:
-    """A preset file: a path, or a name (with or without .yaml) from the benchmark folders."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for folder in preset_dirs():
-        for candidate in (folder / name, folder / f"{name}.yaml"):
-            if candidate.is_file():
-                return candidate
-    raise ConfigError(f"unknown preset {name!r}; available: {', '.join(available_presets()) or 'none'}")
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (python -m sparsecomm.train --help lists the options)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sparsecomm.train", description=__doc__.split("\n")[0])
-    p.add_argument("--preset", help="preset name or YAML file; see --list-presets")
+    p = _Parser(prog="python -m sparsecomm.train", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Train one benchmark with one gradient reducer, on one worker or "
+                                            "as one rank of a job (torchrun, run.sh, SLURM or MPI).")
+    p.add_argument("--preset", help="preset name or YAML file (see --list-presets); without it, one is chosen "
+                                    "from --task and --model")
     p.add_argument("--task", "--dataset", dest="task", help="task / dataset (e.g. cifar10, ptb, ml-100k)")
-    p.add_argument("--model", help="model name (sparsecomm.models)")
-    p.add_argument("--reducer", help="reducer name (sparsecomm.reducers)")
+    p.add_argument("--model", help="model name (e.g. resnet18, lstm_lm, neumf)")
+    p.add_argument("--reducer", help="reducer name (see --list-reducers)")
     p.add_argument("--density", type=float, help="target density of the reducer")
     p.add_argument("--epochs", type=float, help="training epochs")
     p.add_argument("--seed", type=int)
@@ -54,41 +55,135 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="where run directories are created (default ./runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set optimizer.lr=0.05 (repeatable)")
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
-    p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
-    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over instead of resuming; an earlier run's directory is moved aside, not deleted")
+    p.add_argument("--print-config", action="store_true", help="check and print the resolved settings, then exit")
+    p.add_argument("--check", action="store_true",
+                   help="check the settings (and, with --workers, the run directory), print key=value lines "
+                        "(preset, task, gpus, workers, run_dir), then exit")
+    p.add_argument("--workers", help="with --check: the worker count the job will have, or 'auto' (one per GPU "
+                                     "of this machine, else 2: run.sh's plain runs)")
+    p.add_argument("--list-presets", action="store_true", help="list the presets with their descriptions and exit")
+    p.add_argument("--list-reducers", action="store_true",
+                   help="list the reducers with their options and defaults, then exit")
     p.add_argument("--log-level", default=os.environ.get("SPARSECOMM_LOG", "INFO"))
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """The settings named by the command line; without ``--preset`` the preset is chosen from
+    ``--task`` and ``--model``."""
     flags = {"task": args.task, "model": args.model, "reducer.name": args.reducer,
              "reducer.density": args.density, "epochs": args.epochs, "seed": args.seed,
              "data.dir": args.data_dir, "output_dir": args.output_dir}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    preset = find_preset(args.preset) if args.preset else None
-    return load_config(preset, overrides)
+    name = args.preset
+    if name is None:
+        if args.task is None and args.model is None:
+            raise ConfigError("no preset given: name one with --preset NAME (--list-presets shows them), or name "
+                              "--task and/or --model to have one chosen")
+        from ..tasks import models_by_task
+
+        name, why = choose_preset(args.task, args.model, models_by_task())
+        log.info("no preset named: using %s, %s", name, why)
+    return load_config(find_preset(name), overrides)
+
+
+def list_presets() -> str:
+    rows = [preset_info(name) for name in available_presets()]
+    width = max((len(r.name) for r in rows), default=0)
+    return "\n".join(f"{r.name:<{width}}  {r.description or f'{r.model} on {r.task}'}" for r in rows)
+
+
+def list_reducers() -> str:
+    from .. import reducers
+    from ..reducers.registry import COMMON_OPTIONS
+
+    lines = []
+    for name in reducers.available():
+        cls = reducers.lookup(name)
+        options = ", ".join(f"{k}={v!r}" for k, v in reducers.method_options(name).items()) or "none"
+        lines.append(f"{name:<12} {cls.summary}\n{'':<12} options: {options}")
+    lines.append(f"every method also takes: density (0.001), error_feedback (true), "
+                 f"{', '.join(COMMON_OPTIONS)}; set them with --reducer, --density and "
+                 f"--set reducer.options={{key: value}}")
+    return "\n".join(lines)
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return _gpus() or 2
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--workers must be a positive integer or 'auto', got {text!r}")
+    return int(text)
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _fail(message: str) -> int:
+    """One line on rank 0 (every rank finds the same fault in the settings), exit code 2."""
+    if _is_main():
+        print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before training started (a stop during training checkpoints)
+        if _is_main():
+            print("interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.list_presets:
-        print("\n".join(available_presets()))
+        print(list_presets())
+        return 0
+    if args.list_reducers:
+        print(list_reducers())
         return 0
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("sparsecomm").setLevel(args.log_level.upper())
+    if not _is_main():
+        logging.getLogger("sparsecomm.train.cli").setLevel(logging.WARNING)
     try:
-        cfg = resolve_config(args).validate()
+        from .checks import check_run
+
+        workers = _workers(args.workers) if args.check and args.workers is not None else None
+        cfg = check_run(resolve_config(args), workers)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    if args.check:
+        from pathlib import Path
 
+        from .records import run_name
+
+        print(f"preset={cfg.preset or ''}\ntask={cfg.task}\ngpus={_gpus()}")
+        if workers is not None:
+            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers)}")
+        return 0
+    return _train(cfg, args.fresh)
+
+
+def _train(cfg: RunConfig, fresh: bool) -> int:
+    from .checkpoint import CheckpointError
     from .distributed import join, leave, lost_ranks
     from .loop import Stopped, Trainer
 
@@ -97,14 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2
+    trainer = None
     try:
-        trainer = Trainer(cfg, job, fresh=args.fresh)
+        trainer = Trainer(cfg, job, fresh=fresh)
         summary = trainer.run()
     except Stopped as stop:
-        log.warning("%s; checkpoint written, rerun the same command to resume", stop)
+        if job.is_main:
+            log.warning("%s; run the same command again to resume", stop)
         leave()
         return 128 + stop.signum if stop.signum else 0
-    except (ValueError, FileNotFoundError) as exc:
+    except KeyboardInterrupt:
+        if job.is_main:
+            log.warning("interrupted%s; nothing was saved after the last checkpoint",
+                        "" if trainer is None else f" at step {trainer.step}")
+        return 130
+    except ConfigError as exc:
+        if job.is_main:
+            log.error("%s", exc)
+        leave()
+        return 2
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         log.error("%s", exc)
         leave()
         return 2

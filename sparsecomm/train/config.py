@@ -82,6 +82,7 @@ class RunConfig:
     output_dir: str = "runs"
     name: str | None = None           # run directory name (default: derived from the settings)
     description: str = ""
+    preset: str | None = None         # the preset these settings started from (set when loading one)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -205,6 +206,9 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"preset {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"preset {str(path)!r} must hold a mapping of settings")
+        from .presets import preset_dirs
+
+        data["preset"] = path.stem if path.resolve().parent in [d.resolve() for d in preset_dirs()] else str(path)
     data = apply_overrides(data, overrides or [])
     return _build(RunConfig, data, "")
 

@@ -48,6 +48,18 @@ class Job:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def all(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on every rank (a collective)."""
+        return not self.any(not flag)
+
+    def max(self, value: float) -> float:
+        """The largest ``value`` over ranks (a collective; identical on every rank)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over ranks, in float64 (a collective; identical on every rank)."""
         if not self.distributed:

@@ -17,14 +17,24 @@ from .checkpoint import Checkpoints
 from .config import RunConfig
 from .distributed import Job
 from .optim import LearningRate, build_optimizer, peak_lr
-from .records import Recorder, environment, run_name
+from .records import Recorder, check_run_dir, environment, run_name, set_aside
 
 __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
-# What SLURM sends before a time limit or preemption (--signal), and what schedulers send to stop.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# What SLURM sends before a time limit or preemption (--signal), what schedulers send to stop,
+# and Ctrl-C: each makes every rank checkpoint and stop at the same step.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# Steps after the start (or a resume) at which rank 0 projects the run's length, and the steps
+# left out of that measurement at the start (warm-up: allocation, caches, first collectives).
+_PROJECT_AT = 30
+_PROJECT_SKIP = 5
+
+# A method whose achieved density is off its target by more than this factor, on more than
+# half of the steps, gets a warning in the log and in summary.json.
+_DENSITY_FACTOR = 2.0
 
 # Per-step measurements averaged into each training line of metrics.jsonl.
 _MEANS = ("density", "local_density", "bytes_sent", "bytes_wire", "t_data", "t_forward", "t_backward",
@@ -47,6 +57,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
         self.cfg = cfg.validate()
         self.job = job
+        self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.world)
+        check_run_dir(self.run_dir)
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = build_task(cfg, job)
         self.model = self.task.build_model().to(job.device)
@@ -64,22 +76,25 @@ class Trainer:
             raise ValueError(f"task {cfg.task!r} yields no training batch per worker (batch size "
                              f"{cfg.batch_per_worker(job.world)} x {job.world} workers exceeds the training data)")
         self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
-        self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.world)
         self.checkpoints = Checkpoints(self.run_dir, job)
+        resumed = self.checkpoints.exists() and not fresh
+        if not resumed:
+            self._keep_earlier_run(fresh)
         self.recorder = Recorder(self.run_dir, job.is_main, cfg.records.tensorboard)
         self.step = 0
         self.elapsed = 0.0
         self.totals = {"bytes_sent": 0.0, "bytes_wire": 0.0, "density": 0.0, "local_density": 0.0,
-                       "steps": 0, "skipped": 0}
+                       "steps": 0, "skipped": 0, "off_target": 0}
         self.best: dict[str, Any] | None = None
         self.evaluations: list[dict[str, Any]] = []
         self._signal: int | None = None
         self._saved_step: int | None = None
+        self._saved_tag: str | None = None
         self._described: dict[str, Any] | None = None
         self._window: dict[str, float] = {}
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=job.device)
         self._loss_count = 0
-        resumed = self.checkpoints.exists() and not fresh
+        self._clock: list[float] = []  # end times of this process's first steps (for the projection)
         if resumed:
             self._resume()
         backend = "nccl" if job.device.type == "cuda" and job.world > 1 else ("gloo" if job.world > 1 else "none")
@@ -89,6 +104,14 @@ class Trainer:
             log.info("run %s: %s, %d workers, %d steps per epoch, %d steps in all%s", self.run_dir, cfg.task,
                      job.world, self.steps_per_epoch, self.total_steps,
                      f", resumed at step {self.step}" if resumed else "")
+
+    def _keep_earlier_run(self, fresh: bool) -> None:
+        """Starting from step 0 where an earlier run left records: move them aside, never over them."""
+        moved = set_aside(self.run_dir) if self.job.is_main else None
+        self.job.barrier()
+        if moved is not None:
+            log.warning("%s: the earlier run in %s was moved aside to %s",
+                        "--fresh" if fresh else "no checkpoint to resume", self.run_dir, moved)
 
     # ------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
@@ -103,9 +126,11 @@ class Trainer:
         return self._summary()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self._signal = signum
-        log.warning("rank %d received %s: will checkpoint and stop after this step",
-                    self.job.rank, signal.Signals(signum).name)
+        log.debug("rank %d received %s: will checkpoint and stop after this step",
+                  self.job.rank, signal.Signals(signum).name)
 
     def _train(self) -> None:
         cfg, job = self.cfg, self.job
@@ -115,13 +140,20 @@ class Trainer:
             self.task.begin_epoch(epoch)
             self.reducer.begin_epoch(epoch, self.schedule(self.step / self.steps_per_epoch), cfg.epochs)
             end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)  # this segment's last step
-            progress = _progress(job.is_main and cfg.records.progress, end - self.step, f"epoch {epoch}")
+            progress = _progress(job.is_main and cfg.records.progress, end - self.step,
+                                 f"epoch {epoch + 1}/{math.ceil(cfg.epochs)}")
             mark = time.perf_counter()
             before = self.step
             for batch in self.task.batches(epoch, start):
                 self._train_step(batch, epoch, time.perf_counter() - mark)
                 progress.update(1)
                 self.elapsed = time.perf_counter() - started
+                if len(self._clock) < _PROJECT_AT:
+                    self._clock.append(self.elapsed)
+                    if len(self._clock) == _PROJECT_AT:
+                        self._project()
+                if cfg.records.progress and job.is_main and self.step % 10 == 0 and self._loss_count:
+                    progress.set_postfix(loss=f"{float(self._loss_sum) / self._loss_count:.4g}", refresh=False)
                 if self.step % cfg.records.log_every == 0:
                     self._log_training(epoch)
                 if self.step == 1 or self.step % cfg.records.log_every == 0:
@@ -155,7 +187,7 @@ class Trainer:
             progress.close()
         if self._saved_step != self.step:
             self._checkpoint()
-        raise Stopped(*stop)
+        raise Stopped(f"{stop[0]}; checkpoint {self._saved_tag} in {self.checkpoints.root}", stop[1])
 
     def _train_step(self, batch: Any, epoch: int, t_data: float) -> None:
         cfg, model, sync = self.cfg, self.model, self._sync
@@ -203,6 +235,11 @@ class Trainer:
             self.totals[key] += float(measured[key])
         self.totals["steps"] += 1
         self.totals["skipped"] += int(skipped)
+        target = r.stat("target_density", 0.0) or 0.0
+        if not skipped and target > 0:
+            ratio = float(measured["density"]) / target
+            self.totals["off_target"] = self.totals.get("off_target", 0) + int(
+                not 1 / _DENSITY_FACTOR <= ratio <= _DENSITY_FACTOR)
         self._lr = lr
 
     def _sync(self) -> None:
@@ -211,14 +248,30 @@ class Trainer:
 
     def _stop_reason(self) -> tuple[str, int | None] | None:
         """Agreed by every rank (one tiny all-reduce per step): stop now?"""
-        by_signal = self.job.any(self._signal is not None)
-        if by_signal:
-            return f"stopped by a signal at step {self.step}", self._signal or signal.SIGTERM
+        signum = int(self.job.max(float(self._signal or 0)))
+        if signum:
+            return f"stopped by {signal.Signals(signum).name} at step {self.step}", signum
         if self.cfg.max_steps is not None and self.step >= self.cfg.max_steps and self.step < self.total_steps:
             return f"stopped at max_steps={self.cfg.max_steps}", None
         return None
 
     # -------------------------------------------------------------------- measurements
+    def _project(self) -> None:
+        """Rank 0 says how long an epoch and the rest of the run will take, from the steps so far."""
+        if not self.job.is_main:
+            return
+        per_step = (self._clock[-1] - self._clock[_PROJECT_SKIP - 1]) / (len(self._clock) - _PROJECT_SKIP)
+        left = self.total_steps - self.step
+        message = (f"projected from steps {self.step - len(self._clock) + _PROJECT_SKIP + 1}-{self.step}: "
+                   f"{per_step * 1000:.4g} ms per step, {_duration(per_step * self.steps_per_epoch)} per epoch "
+                   f"({self.steps_per_epoch} steps), {_duration(per_step * left)} for the remaining {left} steps "
+                   f"(evaluation not included)")
+        if self.job.device.type == "cpu" and per_step * left > 86400:
+            log.warning("%s: this set-up is sized for GPUs; on this CPU it would take %s", message,
+                        _duration(per_step * left))
+        else:
+            log.info("%s", message)
+
     def _log_training(self, epoch: int) -> None:
         n = self._window.pop("n", 0.0)
         if not n:
@@ -284,9 +337,24 @@ class Trainer:
             "skipped_steps": self.totals["skipped"],
             "wall_time": self.elapsed,
             "time_to_best": None if self.best is None else self.best["time"],
+            "warnings": self._warnings(),
         }
         self.recorder.write_summary(summary)
         return summary
+
+    def _warnings(self) -> list[str]:
+        """What a reader of the results must know: a method that missed its target density."""
+        warnings = []
+        counted = self.totals["steps"] - self.totals["skipped"]
+        off = self.totals.get("off_target", 0)
+        if counted and off > counted / 2:
+            mean = self.totals["density"] / max(self.totals["steps"], 1)
+            warnings.append(f"achieved density was more than {_DENSITY_FACTOR:g}x off the target "
+                            f"{self.reducer.target_density:g} on {off} of {counted} steps (mean {mean:.3g})")
+        if self.job.is_main:
+            for warning in warnings:
+                log.warning("%s: %s", self.cfg.reducer.name, warning)
+        return warnings
 
     # --------------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
@@ -296,13 +364,15 @@ class Trainer:
         local = {"reducer": self.reducer.state_dict(), "task": self.task.state_dict(),
                  "rng": _rng_state(self.job.device), "window": dict(self._window),
                  "loss": [float(self._loss_sum), self._loss_count]}
-        self.checkpoints.save(f"step-{self.step:09d}", shared, local, {"step": self.step})
+        self._saved_tag = f"step-{self.step:09d}"
+        self.checkpoints.save(self._saved_tag, shared, local, {"step": self.step})
         self._saved_step = self.step
         if self.job.is_main:
-            log.info("checkpoint at step %d in %s", self.step, self.checkpoints.root)
+            log.info("checkpoint %s written in %s", self._saved_tag, self.checkpoints.root)
 
     def _resume(self) -> None:
         shared, local, info = self.checkpoints.load()
+        self._saved_tag = info["tag"]
         saved = shared["config"]
         mine = self.cfg.to_dict()
         keys = ("task", "model", "model_options", "task_options", "seed", "clip_norm", "data", "optimizer",
@@ -347,8 +417,23 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _duration(seconds: float) -> str:
+    """3 d 4 h, 2 h 05 min, 4 min 10 s, 12.3 s."""
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400} d {s % 86400 // 3600} h"
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{seconds:.3g} s"
+
+
 class _NoProgress:
     def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, **kwargs: Any) -> None:
         pass
 
     def close(self) -> None:

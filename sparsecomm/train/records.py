@@ -2,6 +2,7 @@
 one directory per run (written by rank 0), optionally TensorBoard event files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -10,20 +11,75 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig, load_config
 
-__all__ = ["run_name", "Recorder", "environment"]
+__all__ = ["run_name", "differences", "Recorder", "environment", "RECORD_FILES", "check_run_dir", "set_aside"]
 
 log = logging.getLogger(__name__)
 
+RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "reducer.json")
+
+# Settings that do not change what a run computes (paths, records, length, device), or that
+# the name already shows.
+_UNNAMED = ("name", "description", "preset", "output_dir", "epochs", "max_steps", "device", "records",
+            "data.dir", "data.cache_dir", "data.loader_workers", "data.eval_batch_size",
+            "task", "model", "seed", "reducer.name", "reducer.density", "reducer.error_feedback",
+            "data.batch_size", "data.global_batch_size")
+_MAX_READABLE = 40
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def differences(cfg: RunConfig) -> dict[str, Any]:
+    """The settings of ``cfg`` that differ from its preset's (from the defaults without a
+    preset) and change what the run computes, beyond those the name shows anyway."""
+    if cfg.preset:
+        from .presets import find_preset
+
+        try:
+            base = load_config(find_preset(cfg.preset)).to_dict()
+        except ConfigError:
+            base = RunConfig().to_dict()
+    else:
+        base = RunConfig().to_dict()
+    mine, theirs = _flat(cfg.to_dict()), _flat(base)
+    return {k: v for k, v in sorted(mine.items())
+            if v != theirs.get(k) and not any(k == u or k.startswith(u + ".") for u in _UNNAMED)}
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "_".join(_short(v) for v in value)
+    if isinstance(value, dict):
+        return "_".join(f"{k}{_short(v)}" for k, v in sorted(value.items()))
+    return str(value)
+
+
+def _setting(key: str, value: Any) -> str:
+    """``lr0.05``; ``l2_0.0001`` where the key ends in a digit."""
+    return f"{key}{'_' if key[-1:].isdigit() else ''}{_short(value)}"
+
 
 def run_name(cfg: RunConfig, world: int) -> str:
-    """A directory name made of the settings that tell runs apart."""
+    """A directory name made of the settings that tell runs apart: task, model, method,
+    density, workers, batch, seed, then what else differs from the preset, written out while
+    short (``lr0.05``) and as a hash of it otherwise (``x1a2b3c4d``; config.yaml has them all)."""
     if cfg.name:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", cfg.name)
     r = cfg.reducer
@@ -33,7 +89,51 @@ def run_name(cfg: RunConfig, world: int) -> str:
         if not r.error_feedback:
             parts.append("noef")
     parts += [f"P{world}", f"b{cfg.batch_per_worker(world)}", f"seed{cfg.seed}"]
+    diff = differences(cfg)
+    if diff:
+        readable = "-".join(_setting(k.rsplit(".", 1)[-1], v) for k, v in diff.items())
+        if len(readable) > _MAX_READABLE or len({k.rsplit('.', 1)[-1] for k in diff}) < len(diff):
+            text = json.dumps(diff, sort_keys=True, default=str)
+            readable = "x" + hashlib.sha1(text.encode()).hexdigest()[:8]
+        parts.append(readable)
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Raise :class:`ConfigError` (one line) when the run directory cannot be created or
+    written, or a record file's name is taken by a folder."""
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"cannot create the run directory {run_dir}: {path} is a file, not a folder; "
+                                  f"choose another --output-dir (OUTPUT_DIR)")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"cannot write the run directory {run_dir}: {path} is not writable")
+            break
+    for name in (*RECORD_FILES, "checkpoints"):
+        path = run_dir / name
+        wrong = path.exists() and (path.is_dir() if name != "checkpoints" else not path.is_dir())
+        if wrong:
+            kind = "a folder" if path.is_dir() else "a file"
+            raise ConfigError(f"{path} is {kind}, where the run keeps its {name}; move it away or choose "
+                              f"another --output-dir (OUTPUT_DIR)")
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's directory out of the way (``<name>.<YYYYmmdd-HHMMSS>``) and return
+    where it went; None when there is nothing to keep."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = run_dir.with_name(f"{run_dir.name}.{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = run_dir.with_name(f"{run_dir.name}.{stamp}-{n}")
+    run_dir.rename(target)
+    return target
 
 
 def _git_commit() -> str | None:

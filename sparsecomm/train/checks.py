@@ -1,0 +1,34 @@
+"""Everything about a run that can be checked in one process, in seconds, before any data is
+prepared or any worker starts: the settings, the model against the task, the task's and the
+reducer's options, and the run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import reducers
+from ..tasks import task_class
+from .config import ConfigError, RunConfig
+from .records import check_run_dir, run_name
+
+__all__ = ["check_run"]
+
+
+def check_run(cfg: RunConfig, workers: int | None = None) -> RunConfig:
+    """Raise :class:`ConfigError` with one line naming the first bad value (and the allowed
+    ones); with ``workers``, also check that the run directory of a job that size can be
+    written. Returns ``cfg``."""
+    cfg.validate()
+    try:
+        task_class(cfg.task).check(cfg)
+        rc = cfg.reducer
+        reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
+                       group=reducers.SoloCommunicator(), seed=cfg.seed, **rc.options)
+        if workers is not None:
+            cfg.batch_per_worker(workers)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+    if workers is not None:
+        check_run_dir(Path(cfg.output_dir) / run_name(cfg, workers))
+    return cfg
