@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsecomm.data.corpus import EOS, Corpus, batchify, bptt_batches, shard_columns
+import tiny_data
 from shared_data import SHARED_DATA, need
 
 
@@ -48,15 +49,31 @@ def test_tiny_wikitext(tmp_path):
 def test_missing_file_and_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         Corpus(tmp_path, "wikitext2", splits=("valid",))
-    assert "wiki.valid.tokens" in str(e.value) and "./prepare_dataset.sh wikitext2" in str(e.value)
+    assert "wiki.valid.tokens" in str(e.value)
+    assert f"./prepare_dataset.sh --data-dir {tmp_path} wikitext2" in str(e.value)
     _write_ptb(tmp_path / "ptb")
     (tmp_path / "ptb" / "ptb.test.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"ptb\.test\.txt.*\./prepare_dataset\.sh ptb"):
+    with pytest.raises(FileNotFoundError, match=rf"ptb\.test\.txt.*\./prepare_dataset\.sh --data-dir {tmp_path} ptb`"):
         Corpus(tmp_path, "ptb")
     with pytest.raises(ValueError, match="unknown corpus 'wt103'"):
         Corpus(tmp_path, "wt103")
     with pytest.raises(ValueError, match="bad splits"):
         Corpus(tmp_path, "ptb", splits=("train", "dev"))
+
+
+def test_published_corpus_counts_and_manifest_sizes(tmp_path):
+    root = tiny_data.write_corpus(tmp_path, "ptb", lines=(30, 5, 5))
+    tiny_data.mark_prepared(root, "ptb", "txt")                 # tiny, not published: loads
+    assert Corpus(root, "ptb").valid is not None
+    tiny_data.mark_prepared(root, "ptb", "txt", published=True)  # claims to be the real PTB
+    with pytest.raises(ValueError, match=r"ptb\.train\.txt: 30 lines and [\d,]+ tokens, but the published ptb train "
+                                         r"file has 42,068 lines and 929,589 tokens .*--force ptb`"):
+        Corpus(root, "ptb")
+    valid = root / "ptb" / "ptb.valid.txt"
+    size = valid.stat().st_size
+    valid.write_text("".join(valid.read_text().splitlines(keepends=True)[:4]))   # cut at a line boundary
+    with pytest.raises(ValueError, match=rf"ptb\.valid\.txt: [\d,]+ bytes, but it had {size:,} when it was prepared"):
+        Corpus(root, "ptb", splits=("valid",))
 
 
 def test_real_ptb(tmp_path):

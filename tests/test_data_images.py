@@ -14,6 +14,7 @@ from sparsecomm.data import images as images_mod
 from sparsecomm.data.augment import (NORMALIZATION, TRAIN_AUGMENTATION, Augmentation, ImageDataset, augment,
                                      normalize, sample_uniforms)
 from sparsecomm.data.images import ImageSet, load_cifar, load_images, load_mnist, read_idx
+import tiny_data
 from shared_data import SHARED_DATA, need
 
 
@@ -94,8 +95,8 @@ def test_cifar_missing_names_folder_files_and_script(tmp_path):
         load_cifar(tmp_path, "cifar10", "train")
     msg = str(e.value)
     assert str(tmp_path / "cifar10") in msg and "data_batch_1" in msg and "train/<class>" in msg
-    assert "./prepare_dataset.sh cifar10" in msg
-    with pytest.raises(FileNotFoundError, match=r"prepare_dataset\.sh cifar100"):
+    assert f"./prepare_dataset.sh --data-dir {tmp_path} cifar10" in msg
+    with pytest.raises(FileNotFoundError, match=r"prepare_dataset\.sh --data-dir \S+ cifar100"):
         load_cifar(tmp_path, "cifar100", "test")
     with pytest.raises(ValueError, match="unknown image data set 'svhn'"):
         load_images(tmp_path, "svhn", "train")
@@ -248,8 +249,35 @@ def test_bad_idx_magic_and_count_mismatch(tmp_path):
         load_mnist(tmp_path, "mnist", "train")
 
 
+def test_idx_files_checked_against_the_manifest_and_published_counts(tmp_path):
+    root = tiny_data.write_mnist(tmp_path, n_train=12, n_test=4)
+    tiny_data.mark_prepared(root, "mnist", "idx")                        # tiny, not published: loads
+    assert len(load_mnist(root, "mnist", "train")) == 12
+    tiny_data.mark_prepared(root, "mnist", "idx", published=True)        # claims to be the real MNIST
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: 12 images of 28x28, but the published mnist "
+                                         r"train split has 60,000 of 28x28 .*--data-dir \S+ --force mnist`"):
+        load_mnist(root, "mnist", "train")
+    path = root / "mnist" / "t10k-labels-idx1-ubyte.gz"                  # cut after it was prepared
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=rf"t10k-labels-idx1-ubyte\.gz: {size - 3} bytes, but it had {size} when it "
+                                         rf"was prepared .*prepare_dataset\.sh --data-dir {root} --force mnist`"):
+        load_mnist(root, "mnist", "test")
+
+
+def test_image_folder_checked_against_the_manifest(tmp_path):
+    _write_folder(tmp_path / "cifar10", "train", {"cat": ["0", "1", "2"], "dog": ["0", "1", "2"]},
+                  np.random.default_rng(3))
+    tiny_data.mark_prepared(tmp_path, "cifar10", "jpeg")
+    assert len(load_cifar(tmp_path, "cifar10", "train")) == 6
+    (tmp_path / "cifar10" / "train" / "dog" / "2.png").unlink()
+    with pytest.raises(ValueError, match=r"train/dog: 2 images, but .*\.prepared recorded 3; run"):
+        load_cifar(tmp_path, "cifar10", "train")
+
+
 def test_missing_idx_mentions_script(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.*\./prepare_dataset\.sh fashion-mnist"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"train-images-idx3-ubyte.*\./prepare_dataset\.sh --data-dir {tmp_path} fashion-mnist`"):
         load_mnist(tmp_path, "fashion-mnist", "train")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from sparsecomm.data import movielens
 from sparsecomm.data.movielens import hit_rate_ndcg, load_ncf, load_ratings, preprocess, training_negatives
+import tiny_data
 from shared_data import SHARED_DATA, need
 
 
@@ -38,7 +39,8 @@ def test_three_file_formats(tmp_path, name, text):
 def test_load_ratings_errors(tmp_path):
     with pytest.raises(ValueError, match=r"unknown ratings file name 'ratings\.txt'.*u\.data"):
         load_ratings(tmp_path / "ratings.txt")
-    with pytest.raises(FileNotFoundError, match=r"ratings\.dat not found; run `\./prepare_dataset\.sh ml-1m`"):
+    with pytest.raises(FileNotFoundError, match=rf"ratings\.dat not found; "
+                                                rf"run `\./prepare_dataset\.sh --data-dir {tmp_path.parent} ml-1m`"):
         load_ratings(tmp_path / "ratings.dat")
     (tmp_path / "u.data").write_text("1\t2\t3\t4\n5\tx\t3\t4\n")
     with pytest.raises(ValueError, match=r"u\.data: not a ml-100k ratings file"):
@@ -46,6 +48,35 @@ def test_load_ratings_errors(tmp_path):
     (tmp_path / "u.data").write_text("1\t2\t3\t4\n5\t6\t3\n")
     with pytest.raises(ValueError, match=r"u\.data: .*rating 2 lacks a field"):
         load_ratings(tmp_path / "u.data")
+
+
+def test_u_data_must_agree_with_u_info(tmp_path):
+    root = tiny_data.write_ratings(tmp_path, "ml-100k", users=5, items=40, per_user=6)
+    n_items = load_ratings(root / "ml-100k" / "u.data")["item"].nunique()
+    (root / "ml-100k" / "u.info").write_text(f"5 users\n{n_items} items\n30 ratings\n")
+    assert len(load_ratings(root / "ml-100k" / "u.data")) == 30
+    lines = (root / "ml-100k" / "u.data").read_text().splitlines(keepends=True)
+    (root / "ml-100k" / "u.data").write_text("".join(lines[:12]))       # cut at a line boundary: 2 users left
+    with pytest.raises(ValueError, match=rf"u\.data: 12 ratings, 2 users, \d+ items, but u\.info beside it says "
+                                         rf"30 ratings, 5 users, {n_items} items; run `\./prepare_dataset\.sh "
+                                         rf"--data-dir {root} --force ml-100k`"):
+        load_ratings(root / "ml-100k" / "u.data")
+
+
+def test_published_counts_and_manifest_size(tmp_path):
+    root = tiny_data.write_ratings(tmp_path, "ml-1m", users=4, items=30, per_user=5)
+    path = root / "ml-1m" / "ratings.dat"
+    tiny_data.mark_prepared(root, "ml-1m", "zip")                      # tiny, not published: loads
+    assert len(load_ratings(path)) == 20
+    tiny_data.mark_prepared(root, "ml-1m", "zip", published=True)      # claims to be the real ML-1M
+    with pytest.raises(ValueError, match=r"ratings\.dat: 20 ratings, 4 users, \d+ items, but the published ml-1m has "
+                                         r"1,000,209 ratings, 6,040 users, 3,706 items"):
+        load_ratings(path)
+    size = path.stat().st_size
+    path.write_text(path.read_text()[:-30])
+    for load in (load_ratings, load_ncf):                               # also before using a cache
+        with pytest.raises(ValueError, match=rf"ratings\.dat: {size - 30} bytes, but it had {size} when it was"):
+            load(path)
 
 
 def _table():

@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch-data")
     tiny_data.write_libsvm(root, "tiny.svm", n=2048, features=64)
     tiny_data.write_mnist(root, n_train=256, n_test=64)
-    (root / "mnist" / ".prepared").write_text("dataset=mnist\ncandidate=idx\n")  # tiny files: no real checksums
+    tiny_data.mark_prepared(root, "mnist", "idx")
     return root
 
 
@@ -183,8 +183,8 @@ def mpirun():
 
 def test_mpirun_starts_run_sh(mpirun, data_dir, tmp_path):
     """MNIST, so that rank 0 runs prepare_dataset.sh while rank 1 waits for its marker (4 steps)."""
-    env = clean_env(PRESET="mnist-cnn", DATA_DIR=data_dir, OUTPUT_DIR=tmp_path, EPOCHS=1,
-                    EXTRA_ARGS="--set records.progress=false --set data.batch_size=16 --set max_steps=4")
+    env = clean_env(PRESET="mnist-cnn", DATA_DIR=data_dir, OUTPUT_DIR=tmp_path, EPOCHS=0.5,
+                    EXTRA_ARGS="--set records.progress=false --set data.batch_size=16")
     done = run([mpirun, "-np", "2", "./run.sh"], env)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "Open MPI started 2 worker(s)" in done.stderr
@@ -398,7 +398,7 @@ def test_bad_settings_under_a_launcher_are_said_once(mpirun, data_dir, tmp_path)
 
 def test_dataset_alone_chooses_its_preset(tmp_path):
     data = tiny_data.write_ratings(tmp_path / "data", "ml-100k")
-    (data / "ml-100k" / ".prepared").write_text("dataset=ml-100k\ncandidate=zip\n")  # tiny file: no real checksums
+    tiny_data.mark_prepared(data, "ml-100k", "zip")
     env = clean_env(DATASET="ml-100k", DATA_DIR=data, OUTPUT_DIR=tmp_path / "runs", NPROC=1,
                     EXTRA_ARGS="--set data.global_batch_size=256 --set max_steps=2 --set records.progress=false")
     done = run(["./run.sh"], env)

@@ -1,10 +1,11 @@
-"""Tests of prepare_dataset.sh: fetch, verify, unpack, lay out.
+"""Tests of prepare_dataset.sh (python -m sparsecomm.data.prepare): fetch, verify, unpack, lay out,
+record a manifest and re-check it.
 
 A local HTTP server on 127.0.0.1 serves SMALL files in the real upstream formats (CIFAR python
 batches in a tar.gz, gzipped IDX files, zips of WikiText-2, PTB and MovieLens, a JPEG image-folder
 tarball). Their checksums are not the published ones, so every run passes the script a checksum
-override table (--checksums / SPARSECOMM_CHECKSUMS). One test uses the REAL files of the shared
-data folder with the built-in (published) checksums.
+override table (--checksums / SPARSECOMM_CHECKSUMS). Tests marked "real" use the REAL files of the
+shared data folder with the built-in (published) checksums, and the loaders' checks on them.
 """
 
 import functools
@@ -27,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import tiny_data
+from sparsecomm.data.prepared import read_marker
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "prepare_dataset.sh"
 SHARED = (REPO / ".." / "shared" / "data").resolve()
 NAMES = ["cifar10", "cifar100", "mnist", "fashion-mnist", "wikitext2", "ptb", "ml-100k", "ml-1m", "ml-20m"]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None and shutil.which("wget") is None,
-                                reason="needs curl or wget")
-
 
 # ----------------------------------------------------------------------------------------------
 # tiny files in the real formats
@@ -385,6 +385,7 @@ def _assert_offline_message(out, d, name, url, checksum):
     assert checksum in out
     assert str(d / ".downloads" / name) in out
     assert "--base-url" in out
+    assert "SPARSECOMM_DATA_URL=FOLDER ./run.sh" in out   # run.sh takes no --base-url
 
 
 def test_missing_file_gives_the_offline_message(server, tmp_path):
@@ -440,6 +441,108 @@ def test_concurrent_runs_fetch_once(server, tmp_path):
     assert sum(1 for path, status in Handler.log if path.endswith("ml-100k.zip") and status == 200) == 1
     assert sum("already prepared" in o for o in outs) == 1
     assert_layout(d, ["ml-100k"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the manifest: re-checked before "already prepared"; old markers
+
+def _lines(out, *words):
+    return [ln for ln in out.splitlines() if all(w in ln for w in words)]
+
+
+def test_manifest_lists_every_installed_file(server, tmp_path):
+    d = tmp_path / "data"
+    p = run(["--base-url", server["url"], "--data-dir", d, "--checksums", server["sums_file"], "ml-100k"])
+    assert p.returncode == 0, p.out
+    marker = read_marker(d / "ml-100k")
+    assert marker.dataset == "ml-100k" and marker.candidate == "zip"
+    assert not marker.published, "prepared with a checksum override: not the published data set"
+    assert set(marker.files) == {"u.data", "u.item", "u.user", "README"}
+    data = (d / "ml-100k/u.data").read_bytes()
+    assert marker.files["u.data"] == (len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_truncated_files_are_caught_by_the_rerun_and_prepared_again(server, tmp_path):
+    d = tmp_path / "data"
+    args = ["--base-url", server["url"], "--data-dir", d, "--checksums", server["sums_file"], "ml-100k", "mnist"]
+    assert run(args).returncode == 0
+    udata, images = d / "ml-100k/u.data", d / "mnist/train-images-idx3-ubyte.gz"
+    good_u, good_i = udata.read_bytes(), images.read_bytes()
+    udata.write_bytes(b"".join(good_u.splitlines(keepends=True)[:2]))      # cut at a line boundary
+    images.write_bytes(good_i[:-10])
+    Handler.log.clear()
+    p = run(args)
+    assert p.returncode == 0, p.out
+    assert "already prepared" not in p.out
+    cut = len(b"".join(good_u.splitlines(keepends=True)[:2]))
+    assert _lines(p.out, "[ml-100k] WARNING", str(udata), f"size {cut:,}, expected {len(good_u):,}")
+    assert _lines(p.out, "[mnist] WARNING", str(images), f"size {len(good_i) - 10:,}, expected {len(good_i):,}")
+    assert Handler.log == [], "prepared again from the download cache"
+    assert udata.read_bytes() == good_u and images.read_bytes() == good_i
+    assert run(args).out.count("already prepared") == 2
+
+    # a changed file (same size) is found by its sha256
+    udata.write_bytes(good_u.replace(b"196\t242\t3", b"196\t242\t5"))
+    p = run(args[:-1])
+    assert _lines(p.out, "[ml-100k] WARNING", "u.data changed since it was prepared (sha256")
+    assert udata.read_bytes() == good_u
+
+    # no download cache and no source: one line names the file and how it differs, then the offline help
+    udata.write_bytes(good_u[:40])
+    shutil.rmtree(d / ".downloads")
+    p = run(["--base-url", server["url"] + "/nothing-here", "--data-dir", d, "ml-100k"])
+    assert p.returncode == 1
+    assert _lines(p.out, "[ml-100k] ERROR", str(udata), f"size 40, expected {len(good_u):,}",
+                  "cannot be prepared again")
+    assert "could not obtain" in p.out
+
+
+def test_old_marker_is_verified_and_upgraded(server, tmp_path):
+    d = tmp_path / "data"
+    args = ["--base-url", server["url"], "--data-dir", d, "--checksums", server["sums_file"], "ptb"]
+    assert run(args).returncode == 0
+    (d / "ptb/.prepared").write_text("dataset=ptb\ncandidate=txt\nsource=x\nprepared=2024-01-01T00:00:00Z\n")
+    Handler.log.clear()
+    p = run(args)
+    assert p.returncode == 0 and Handler.log == []
+    assert _lines(p.out, "already prepared", "upgraded to a manifest")
+    marker = read_marker(d / "ptb")
+    assert marker.candidate == "txt" and set(marker.files) == {"ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"}
+
+    # an old marker over a damaged file: prepared again from the download cache
+    good = (d / "ptb/ptb.valid.txt").read_bytes()
+    (d / "ptb/ptb.valid.txt").write_bytes(good[:5])
+    (d / "ptb/.prepared").write_text("dataset=ptb\ncandidate=txt\n")
+    p = run(args)
+    assert p.returncode == 0 and "already prepared" not in p.out
+    assert _lines(p.out, "WARNING", "ptb.valid.txt does not match the checksum tables")
+    assert (d / "ptb/ptb.valid.txt").read_bytes() == good and read_marker(d / "ptb").files
+
+
+def test_hand_written_old_marker_over_tiny_files_is_accepted(tmp_path):
+    """Other tests (launchers) write a tiny MNIST and an old-style marker by hand: it must stay
+    prepared (with a warning), without a network attempt and without a manifest being made up."""
+    root = tiny_data.write_mnist(tmp_path / "data", n_train=8, n_test=4)
+    (root / "mnist/.prepared").write_text("dataset=mnist\ncandidate=idx\n")
+    p = run(["--data-dir", root, "mnist"], SPARSECOMM_DATA_URL="http://127.0.0.1:9")
+    assert p.returncode == 0, p.out
+    assert "fetching" not in p.out and "copying" not in p.out
+    assert _lines(p.out, "[mnist] WARNING", "accepted as its old marker says", "--force")
+    assert (root / "mnist/.prepared").read_text() == "dataset=mnist\ncandidate=idx\n"
+
+
+def test_data_dir_with_a_mirror_layout_is_named(tmp_path):
+    mirror = tmp_path / "looks-like-shared"
+    (mirror / "movielens-100k").mkdir(parents=True)
+    (mirror / "movielens-100k/ml-100k.zip").write_bytes(b"PK not really")
+    (mirror / "ptb").mkdir()
+    (mirror / "ptb/ptb.zip").write_bytes(b"PK not really")
+    p = run(["--data-dir", mirror, "ml-100k"])
+    assert p.returncode == 1
+    line, = _lines(p.out, "looks like a mirror")
+    assert f"DATA_DIR {mirror}" in line and "movielens-100k/ml-100k.zip" in line
+    assert f"SPARSECOMM_DATA_URL={mirror}" in line and "separate DATA_DIR" in line
+    assert sorted(x.name for x in mirror.iterdir()) == ["movielens-100k", "ptb"], "nothing written into a mirror"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,10 +628,49 @@ def test_real_shared_data_ptb_mnist_ml100k(tmp_path):
     assert u.count(b"\n") == 100_000
     p2 = run(["--base-url", rel, "--data-dir", d, "ptb", "mnist", "ml-100k"])
     assert p2.returncode == 0 and p2.out.count("already prepared") == 3
+    # the manifests say these are the published data sets, and the loaders' count checks agree
+    from sparsecomm.data.corpus import Corpus
+    from sparsecomm.data.images import load_mnist
+
+    assert all(read_marker(d / f).published for f in ("ptb", "mnist", "ml-100k"))
+    assert [len(load_mnist(d, "mnist", split)) for split in ("train", "test")] == [60_000, 10_000]
+    c = Corpus(d, "ptb")
+    assert (len(c.train), len(c.valid), len(c.test)) == (929_589, 73_760, 82_430)
+
+
+def test_real_truncated_u_data_is_caught_by_the_rerun_and_by_the_loader(tmp_path):
+    """The issue: a u.data cut at a line boundary trained on half the users, and the script said
+    'already prepared'."""
+    from sparsecomm.data.movielens import load_ratings
+
+    _need_shared("movielens-100k/ml-100k.zip")
+    d = tmp_path / "data"
+    args = ["--base-url", SHARED, "--data-dir", d, "ml-100k"]
+    assert run(args).returncode == 0
+    assert read_marker(d / "ml-100k").published
+    udata = d / "ml-100k/u.data"
+    good = udata.read_bytes()
+    half = b"".join(good.splitlines(keepends=True)[:50_000])
+    udata.write_bytes(half)
+    fix = f"./prepare_dataset.sh --data-dir {d} --force ml-100k"
+    with pytest.raises(ValueError) as e:                      # the manifest's size
+        load_ratings(udata)
+    assert str(udata) in str(e.value) and f"{len(half):,} bytes" in str(e.value) and f"{len(good):,}" in str(e.value)
+    assert fix in str(e.value)
+    (d / "ml-100k/.prepared").unlink()                        # without a manifest: u.info still tells
+    with pytest.raises(ValueError, match=r"u\.data: 50,000 ratings, \d{3} users, [\d,]+ items, but u\.info beside it "
+                                         r"says 100,000 ratings, 943 users, 1,682 items"):
+        load_ratings(udata)
+    (d / "ml-100k/.prepared").write_text("dataset=ml-100k\ncandidate=zip\n")   # an old marker
+    p = run(args)
+    assert p.returncode == 0 and "already prepared" not in p.out
+    assert _lines(p.out, "WARNING", "u.data does not match the checksum tables", "sha256")
+    assert udata.read_bytes() == good and read_marker(d / "ml-100k").published
+    assert len(load_ratings(udata)) == 100_000
 
 
 @pytest.mark.skipif(os.environ.get("SPARSECOMM_TEST_CIFAR_JPEG") != "1",
-                    reason="unpacking the real 60,000-image CIFAR-10 JPEG tarball took 4 s to 49 s on the "
+                    reason="unpacking the real 60,000-image CIFAR-10 JPEG tarball took 4 s to 75 s on the "
                            "project machine (file-system dependent); set SPARSECOMM_TEST_CIFAR_JPEG=1 to run it")
 def test_real_shared_data_cifar10_jpeg(tmp_path):
     _need_shared("cifar10-jpeg/cifar10-jpeg-q75.tar.gz")
@@ -539,3 +681,8 @@ def test_real_shared_data_cifar10_jpeg(tmp_path):
     for c in CLASSES:
         assert len(list((d / "cifar10/train" / c).glob("*.jpg"))) == 5000
         assert len(list((d / "cifar10/test" / c).glob("*.jpg"))) == 1000
+    assert len(read_marker(d / "cifar10").files) == 60_000
+    t0 = time.monotonic()   # the rerun re-checks all 60,000 files (sizes, then sha256): about 1 s here
+    p2 = run(["--base-url", SHARED, "--data-dir", d, "cifar10"])
+    print(f"re-checking 60,000 JPEG files took {time.monotonic() - t0:.1f} s")
+    assert p2.returncode == 0 and "already prepared" in p2.out and time.monotonic() - t0 < 60

@@ -157,11 +157,11 @@ def test_movielens_100k_trains_one_short_epoch_on_two_workers(clusters, tmp_path
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh mnist"):
+    with pytest.raises(FileNotFoundError, match=r"prepare_dataset\.sh --data-dir \S+ mnist"):
         run_solo(overrides("mnist", tmp_path / "empty", tmp_path))
-    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh ptb"):
+    with pytest.raises(FileNotFoundError, match=r"prepare_dataset\.sh --data-dir \S+ ptb"):
         run_solo(overrides("ptb", tmp_path / "empty", tmp_path))
-    with pytest.raises(FileNotFoundError, match="prepare_dataset.sh ml-1m"):
+    with pytest.raises(FileNotFoundError, match=r"prepare_dataset\.sh --data-dir \S+ ml-1m"):
         run_solo(overrides("ml-1m", tmp_path / "empty", tmp_path))
 
 

@@ -109,3 +109,13 @@ def write_all(root: Path) -> Path:
         write_ratings(root, name)
     write_libsvm(root)
     return root
+
+
+def mark_prepared(root: Path, name: str, candidate: str, published: bool = False) -> Path:
+    """A ``.prepared`` manifest for a data set written above, as prepare_dataset.sh writes one
+    (size and sha256 of every file in its folder); ``published`` claims it is the real data set."""
+    from sparsecomm.data.catalog import DATASETS
+    from sparsecomm.data.prepared import hash_files, write_marker
+
+    folder = root / DATASETS[name].folder
+    return write_marker(folder, name, candidate, "tests", hash_files(folder), published)

@@ -9,6 +9,11 @@ the order train, valid, test. Each split becomes one 1-D LongTensor of token ids
 Distributed training: batchify with the global batch (per-worker batch x world), then
 :func:`shard_columns` gives each worker its own disjoint columns (whole text streams) and the
 same number of steps; evaluate the test split the same way, so each token is scored once.
+
+Checks (the rule of :mod:`.prepared`): a file listed in its folder's ``.prepared`` manifest must
+keep its recorded size; when the manifest says the folder holds the published corpus, each
+split must have its published numbers of lines and tokens (:data:`PUBLISHED_COUNTS`), so a file
+cut at a line boundary is caught even where no size was recorded.
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ from typing import Iterator, Sequence
 
 import torch
 
-__all__ = ["CORPORA", "EOS", "Dictionary", "Corpus", "batchify", "shard_columns", "bptt_batches"]
+from .prepared import check_file, prepare_command
+
+__all__ = ["CORPORA", "PUBLISHED_COUNTS", "EOS", "Dictionary", "Corpus", "batchify", "shard_columns",
+           "bptt_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,14 @@ SPLITS = ("train", "valid", "test")
 CORPORA = {
     "wikitext2": ("wikitext-2", "wiki.{}.tokens", "wikitext2"),
     "ptb": ("ptb", "ptb.{}.txt", "ptb"),
+}
+# (lines, tokens with one <eos> per line) of the published files. PTB: counted on the files whose
+# md5s torchtext publishes (929,589 / 73,760 / 82,430 are the usual 929k/73k/82k). WikiText-2:
+# valid/test counted on the shared copies (md5s in the catalog); train from Merity et al. (2016),
+# 2,088,628 tokens, and its 36,718 lines as the Hugging Face wikitext-2-v1 card lists them.
+PUBLISHED_COUNTS = {
+    "ptb": {"train": (42_068, 929_589), "valid": (3_370, 73_760), "test": (3_761, 82_430)},
+    "wikitext2": {"train": (36_718, 2_088_628), "valid": (3_760, 217_646), "test": (4_358, 245_569)},
 }
 
 
@@ -83,16 +99,27 @@ class Corpus:
 
     def tokenize(self, path: Path) -> torch.Tensor:
         """Add the words of ``path`` to the dictionary; return its token ids (``<eos>`` closing each line)."""
+        dataset = CORPORA[self.name][2]
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found; {self.name} expects "
                                     f"{', '.join(CORPORA[self.name][1].format(s) for s in SPLITS)} in {path.parent}; "
-                                    f"run `./prepare_dataset.sh {CORPORA[self.name][2]}`")
+                                    f"run `{prepare_command(path.parent.parent, dataset)}`")
+        marker = check_file(path.parent, path, dataset)
         add = self.dictionary.add_word
         ids: list[int] = []
+        lines = 0
         with open(path, encoding="utf-8") as f:
             for line in f:
                 ids.extend(add(w) for w in line.split())
                 ids.append(add(EOS))
+                lines += 1
+        split = next((s for s in SPLITS if path.name == CORPORA[self.name][1].format(s)), None)
+        if marker is not None and marker.is_published(dataset) and split is not None:
+            want = PUBLISHED_COUNTS[self.name][split]
+            if (lines, len(ids)) != want:
+                raise ValueError(f"{path}: {lines:,} lines and {len(ids):,} tokens, but the published {self.name} "
+                                 f"{split} file has {want[0]:,} lines and {want[1]:,} tokens (<eos> included; "
+                                 f"{marker.path}); run `{prepare_command(path.parent.parent, dataset, force=True)}`")
         log.info("%s: %d tokens, dictionary now %d words", path, len(ids), len(self.dictionary))
         return torch.tensor(ids, dtype=torch.long)
 

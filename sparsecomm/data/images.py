@@ -13,6 +13,13 @@ also check each file's published md5. An image folder is decoded once with PIL a
 file; class labels are the sorted folder names, which for CIFAR-10 and CIFAR-100 is the
 official label order. Files inside a class folder are read in natural order (``2.jpg`` before
 ``10.jpg``), so the JPEG copy keeps the original order within each class.
+
+Checks (the rule of :mod:`.prepared`): an IDX file's payload must be as long as its header's
+dimensions say, and a split's images and labels must be as many; files listed in the folder's
+``.prepared`` manifest must keep their recorded size, an image folder its recorded number of
+images per class; and when the manifest says the folder holds the published MNIST or
+Fashion-MNIST, each split must have its published count of 28x28 images (60,000 train, 10,000
+test). Errors name the file, what was found and expected, and the command that fixes it.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ import numpy as np
 import torch
 import torchvision
 
+from .prepared import check_file, prepare_command, read_marker
+
 __all__ = ["ImageSet", "IMAGE_DATASETS", "load_images", "load_cifar", "load_mnist", "read_idx"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,9 @@ _CIFAR_BATCHES = {
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                     "Ankle boot")
+# Images per split of the published MNIST and Fashion-MNIST (LeCun et al.'s and Zalando's READMEs).
+_IDX_COUNTS = {"train": 60_000, "test": 10_000}
+_IDX_SHAPE = (28, 28)
 # IDX type codes (the third magic byte) and the big-endian dtypes they stand for.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -101,7 +113,7 @@ def load_cifar(data_dir: str | os.PathLike, name: str, split: str,
     raise FileNotFoundError(
         f"no {name} {split} data in {root}: expected the official batches "
         f"{batch_dir}/{{{', '.join(files[split])}}} or an image folder {split}/<class>/*.jpg; "
-        f"run `./prepare_dataset.sh {name}`")
+        f"run `{prepare_command(data_dir, name)}`")
 
 
 def _read_cifar_batches(name: str, split: str, root: Path, batch_dir: str, files: list[str]) -> ImageSet:
@@ -113,7 +125,7 @@ def _read_cifar_batches(name: str, split: str, root: Path, batch_dir: str, files
         dataset = cls(str(root), train=split == "train", download=False)
     except RuntimeError as exc:  # torchvision's integrity check: a truncated or altered file
         raise ValueError(f"{where}: the official {name} batches do not verify "
-                         f"({exc}); run `./prepare_dataset.sh --force {name}`") from None
+                         f"({exc}); run `{prepare_command(root.parent, name, force=True)}`") from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{where}: not {name} python batches "
                          f"({type(exc).__name__}: {exc})") from None
@@ -142,9 +154,27 @@ def _folder_mtime(folder: Path, classes: list[str]) -> float:
     return max([folder.stat().st_mtime] + [(folder / c).stat().st_mtime for c in classes])
 
 
+def _check_folder_counts(name: str, folder: Path, classes: list[str], files: list[list[str]]) -> None:
+    """Each class folder holds as many images as the data set's manifest recorded (if it has one)."""
+    marker = read_marker(folder.parent)
+    if marker is None or not marker.files:
+        return
+    recorded: dict[str, int] = {}
+    for rel in marker.files:
+        parts = rel.split("/")
+        if len(parts) == 3 and parts[0] == folder.name and parts[2].lower().endswith(IMAGE_SUFFIXES):
+            recorded[parts[1]] = recorded.get(parts[1], 0) + 1
+    found = dict(zip(classes, map(len, files)))
+    for c in sorted(set(recorded) | set(found)):
+        if found.get(c, 0) != recorded.get(c, 0):
+            raise ValueError(f"{folder / c}: {found.get(c, 0):,} images, but {marker.path} recorded "
+                             f"{recorded.get(c, 0):,}; run `{prepare_command(folder.parent.parent, name, force=True)}`")
+
+
 def _read_image_folder(name: str, split: str, folder: Path, cache_dir: Path, progress: bool | None) -> ImageSet:
     """Decode ``folder/<class>/*`` to uint8 arrays, through an .npz cache in ``cache_dir``."""
     classes, files = _list_image_folder(folder)
+    _check_folder_counts(name, folder, classes, files)
     counts = np.array([len(f) for f in files], dtype=np.int64)
     cache = cache_dir / f"{name}-{split}-v{CACHE_VERSION}.npz"
     if cache.is_file() and cache.stat().st_mtime > _folder_mtime(folder, classes):
@@ -222,7 +252,7 @@ def _idx_file(folder: Path, stem: str, name: str) -> Path:
             return candidate
     raise FileNotFoundError(f"{folder / stem}(.gz) not found; {name} expects "
                             f"{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte, raw or .gz, in {folder}; "
-                            f"run `./prepare_dataset.sh {name}`")
+                            f"run `{prepare_command(folder.parent, name)}`")
 
 
 def load_mnist(data_dir: str | os.PathLike, name: str, split: str) -> ImageSet:
@@ -233,11 +263,23 @@ def load_mnist(data_dir: str | os.PathLike, name: str, split: str) -> ImageSet:
     folder = Path(data_dir) / name
     image_path = _idx_file(folder, f"{_IDX_PREFIX[split]}-images-idx3-ubyte", name)
     label_path = _idx_file(folder, f"{_IDX_PREFIX[split]}-labels-idx1-ubyte", name)
-    images, labels = read_idx(image_path), read_idx(label_path)
+    fix = f"run `{prepare_command(data_dir, name, force=True)}`"
+    marker = check_file(folder, image_path, name)
+    check_file(folder, label_path, name)
+    try:
+        images, labels = read_idx(image_path), read_idx(label_path)
+    except ValueError as e:
+        raise ValueError(f"{e}; {fix}") from None
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{image_path}: expected uint8 images [n, rows, cols], got {images.dtype} {images.shape}")
+        raise ValueError(f"{image_path}: expected uint8 images [n, rows, cols], got {images.dtype} {images.shape}; "
+                         f"{fix}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}")
+        raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}; {fix}")
+    if marker is not None and marker.is_published(name):
+        want = (_IDX_COUNTS[split], *_IDX_SHAPE)
+        if images.shape != want:
+            raise ValueError(f"{image_path}: {len(images):,} images of {images.shape[1]}x{images.shape[2]}, but the "
+                             f"published {name} {split} split has {want[0]:,} of 28x28 ({marker.path}); {fix}")
     classes = _FASHION_CLASSES if name == "fashion-mnist" else tuple(str(i) for i in range(10))
     return ImageSet(name, split, torch.from_numpy(images[..., None]), torch.from_numpy(labels.astype(np.int64)),
                     classes)

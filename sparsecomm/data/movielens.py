@@ -10,6 +10,12 @@ for MovieLens-20M's 20M ratings.
 Files, as GroupLens ships them: ``ml-100k/u.data`` (tab-separated, no header),
 ``ml-1m/ratings.dat`` (``::``-separated, no header), ``ml-20m/ratings.csv`` (header
 ``userId,movieId,rating,timestamp``).
+
+Checks (the rule of :mod:`.prepared`): a ratings file listed in its folder's ``.prepared``
+manifest must keep its recorded size; ML-100K's ``u.data`` must agree with the ``u.info`` that
+ships beside it (users, items, ratings) when it is there; and when the manifest says the folder
+holds the published data set, the ratings, users and items must be as many as published
+(:data:`PUBLISHED_COUNTS`).
 """
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["RATING_FILES", "NCFData", "load_ratings", "preprocess", "load_ncf", "training_negatives",
-           "hit_rate_ndcg"]
+from .prepared import check_file, prepare_command
+
+__all__ = ["RATING_FILES", "PUBLISHED_COUNTS", "NCFData", "load_ratings", "preprocess", "load_ncf",
+           "training_negatives", "hit_rate_ndcg"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,12 @@ RATING_FILES = {
     "ratings.dat": ("ml-1m", dict(sep=":", header=None, usecols=[0, 2, 4, 6])),
     "ratings.csv": ("ml-20m", dict(sep=",", header=0, usecols=[0, 1, 2, 3])),
 }
+# (ratings, users, rated items) of the published files: ML-100K's u.info; ML-1M and ML-20M's
+# GroupLens READMEs (ratings, users) and public loaders that check all three (1,000,209 / 6,040 /
+# 3,706 is also the NCF paper's ML-1M). A published ML-1M/20M is checked by these counts only.
+PUBLISHED_COUNTS = {"ml-100k": (100_000, 943, 1_682), "ml-1m": (1_000_209, 6_040, 3_706),
+                    "ml-20m": (20_000_263, 138_493, 26_744)}
+INFO_FILES = {"u.data": "u.info"}  # ratings file -> its "N users / N items / N ratings" summary
 COLUMNS = ("user", "item", "rating", "timestamp")
 CACHE_VERSION = 1
 
@@ -60,16 +74,46 @@ def load_ratings(path: str | os.PathLike) -> pd.DataFrame:
         raise ValueError(f"{path}: unknown ratings file name {path.name!r}; expected one of {sorted(RATING_FILES)}")
     dataset, kwargs = RATING_FILES[path.name]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `./prepare_dataset.sh {dataset}`")
+        raise FileNotFoundError(f"{path} not found; run `{prepare_command(path.parent.parent, dataset)}`")
+    marker = check_file(path.parent, path, dataset)
     try:
         df = pd.read_csv(path, engine="c", **kwargs)
         df.columns = list(COLUMNS)
         if df.isna().any().any():
             bad = int(np.flatnonzero(df.isna().any(axis=1).to_numpy())[0])
             raise ValueError(f"rating {bad + 1} lacks a field")
-        return df.astype({"user": np.int64, "item": np.int64, "rating": np.float32, "timestamp": np.int64})
+        df = df.astype({"user": np.int64, "item": np.int64, "rating": np.float32, "timestamp": np.int64})
     except (ValueError, pd.errors.ParserError) as e:
         raise ValueError(f"{path}: not a {dataset} ratings file of user, item, rating, timestamp ({e})") from e
+    info = path.parent / INFO_FILES[path.name] if path.name in INFO_FILES else None
+    has_info = info is not None and info.is_file()
+    published = marker is not None and marker.is_published(dataset)
+    if has_info or published:
+        found = (len(df), df["user"].nunique(), df["item"].nunique())
+        fix = f"run `{prepare_command(path.parent.parent, dataset, force=True)}`"
+        if has_info:
+            said = _read_info(info)
+            if any(said.get(k, n) != n for k, n in zip(("ratings", "users", "items"), found)):
+                says = ", ".join(f"{said[k]:,} {k}" for k in ("ratings", "users", "items") if k in said)
+                raise ValueError(f"{path}: {_counts(found)}, but {info.name} beside it says {says}; {fix}")
+        if published and found != PUBLISHED_COUNTS[dataset]:
+            raise ValueError(f"{path}: {_counts(found)}, but the published {dataset} has "
+                             f"{_counts(PUBLISHED_COUNTS[dataset])} ({marker.path}); {fix}")
+    return df
+
+
+def _counts(found: tuple[int, int, int]) -> str:
+    return "{:,} ratings, {:,} users, {:,} items".format(*found)
+
+
+def _read_info(path: Path) -> dict[str, int]:
+    """``u.info`` (lines ``943 users``, ``1682 items``, ``100000 ratings``) as ``{"users": 943, ...}``."""
+    out = {}
+    for line in path.read_text(encoding="latin-1").splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0].isdigit() and words[1] in ("users", "items", "ratings"):
+            out[words[1]] = int(words[0])
+    return out
 
 
 def _dense_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -222,6 +266,8 @@ def load_ncf(path: str | os.PathLike, min_ratings: int = 20, test_negatives: int
     folder is read-only the result is simply not cached.
     """
     path = Path(path)
+    if path.is_file() and path.name in RATING_FILES:  # a changed file invalidates the cache too
+        check_file(path.parent, path, RATING_FILES[path.name][0])
     cache_file = path.with_name(f"{path.name}.ncf-min{min_ratings}-neg{test_negatives}-seed{seed}"
                                 f"-v{CACHE_VERSION}.npz")
     if cache and cache_file.is_file() and path.is_file() and cache_file.stat().st_mtime > path.stat().st_mtime:
