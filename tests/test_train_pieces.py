@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from sparsecomm.train.checkpoint import CheckpointError, Checkpoints, write_atomic
-from sparsecomm.train.config import ConfigError, ScheduleConfig, OptimizerConfig, apply_overrides, load_config
-from sparsecomm.train.distributed import Job
+from sparsecomm.config import ConfigError, ScheduleConfig, OptimizerConfig, apply_overrides, load_config
+from sparsecomm.job import Job
 from sparsecomm.train.optim import LearningRate, build_optimizer, peak_lr
 from sparsecomm.train.records import Recorder, check_run_dir, run_name, set_aside
 

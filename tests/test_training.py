@@ -13,8 +13,8 @@ import train_scenarios as ts
 from shared_data import SHARED_DATA
 from sparsecomm.train.checkpoint import CheckpointError
 from sparsecomm.train.cli import main as cli_main
-from sparsecomm.train.config import load_config
-from sparsecomm.train.distributed import join
+from sparsecomm.config import load_config
+from sparsecomm.job import join
 from sparsecomm.train.loop import Stopped, Trainer
 
 

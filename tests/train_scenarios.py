@@ -5,8 +5,8 @@ import os
 import signal
 from typing import Any
 
-from sparsecomm.train.config import load_config
-from sparsecomm.train.distributed import join
+from sparsecomm.config import load_config
+from sparsecomm.job import join
 from sparsecomm.train.loop import Stopped, Trainer
 
 

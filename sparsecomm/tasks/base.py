@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..models import available_models, check_model_options
-from ..train.config import RunConfig
-from ..train.distributed import Job
+from ..config import RunConfig
+from ..job import Job
 
 __all__ = ["Task", "load_on_main_first"]
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .distributed import Job
+from ..job import Job
 
 __all__ = ["CheckpointError", "Checkpoints", "write_atomic"]
 

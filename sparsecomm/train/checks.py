@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import reducers
 from ..tasks import task_class
-from .config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig
 from .records import check_run_dir, run_name
 
 __all__ = ["check_run"]

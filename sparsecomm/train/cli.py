@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config
 from .presets import available_presets, choose_preset, find_preset, preset_dirs, preset_info
 
 __all__ = ["main", "preset_dirs", "find_preset", "resolve_config"]
@@ -86,7 +86,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
 
         name, why = choose_preset(args.task, args.model, models_by_task())
         log.info("no preset named: using %s, %s", name, why)
-    return load_config(find_preset(name), overrides)
+    return load_config(find_preset(name), overrides, preset_name=name)
 
 
 def list_presets() -> str:
@@ -184,7 +184,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _train(cfg: RunConfig, fresh: bool) -> int:
     from .checkpoint import CheckpointError
-    from .distributed import join, leave, lost_ranks
+    from ..job import join, leave, lost_ranks
     from .loop import Stopped, Trainer
 
     try:

@@ -14,8 +14,8 @@ import torch
 from .. import reducers
 from ..tasks import build_task
 from .checkpoint import Checkpoints
-from .config import RunConfig
-from .distributed import Job
+from ..config import RunConfig
+from ..job import Job
 from .optim import LearningRate, build_optimizer, peak_lr
 from .records import Recorder, check_run_dir, environment, run_name, set_aside
 

@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import OptimizerConfig, ScheduleConfig
+from ..config import OptimizerConfig, ScheduleConfig
 
 __all__ = ["build_optimizer", "peak_lr", "LearningRate"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError
+from ..config import ConfigError
 
 __all__ = ["preset_dirs", "available_presets", "find_preset", "Preset", "preset_info", "choose_preset",
            "DEFAULT_PRESET", "TASK_DEFAULTS"]

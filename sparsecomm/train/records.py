@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config
 
 __all__ = ["run_name", "differences", "Recorder", "environment", "RECORD_FILES", "check_run_dir", "set_aside"]
 

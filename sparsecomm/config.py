@@ -1,4 +1,4 @@
-"""Run configuration: typed sections, loaded from a YAML preset and overridden from the
+"""Run configuration (shared by the trainer and the tasks): typed sections, loaded from a YAML preset and overridden from the
 command line (``section.key=value``). Unknown keys are errors that list the allowed ones."""
 from __future__ import annotations
 
@@ -193,8 +193,10 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The configuration of a preset file (YAML) with ``section.key=value`` overrides applied."""
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None,
+                preset_name: str | None = None) -> RunConfig:
+    """The configuration of a preset file (YAML) with ``section.key=value`` overrides applied;
+    ``preset`` in the result is ``preset_name`` (the name it was found by), else the file's path."""
     data: dict[str, Any] = {}
     if preset is not None:
         path = Path(preset)
@@ -206,9 +208,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"preset {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"preset {str(path)!r} must hold a mapping of settings")
-        from .presets import preset_dirs
-
-        data["preset"] = path.stem if path.resolve().parent in [d.resolve() for d in preset_dirs()] else str(path)
+        data["preset"] = preset_name or str(path)
     data = apply_overrides(data, overrides or [])
     return _build(RunConfig, data, "")
 
