@@ -11,8 +11,13 @@ and three references measured in the same run, on the same processes, per model:
   - exact: the reduce time of the ``exact`` method (dense all-reduce)
 which give the ratios ``t_select / floor`` and ``reduce / exact``.
 
-The average is written into preallocated tensors (``reduce(grads, out=...)``, as the training
-loop does); ``--fresh-output`` measures the allocating form instead. ``--device cuda`` runs one
+``--layouts`` says how the gradients are held: ``flat`` (the default, as the training loop holds
+them: views of one flat buffer, reduced in place with ``reduce(grads, out=grads)``, so the
+reducer reads them where backward wrote them and builds the average there) and/or ``tensors``
+(separate tensors, the average written into other preallocated tensors: a flatten copy in, a
+copy out; rows named ``method/tensors``). ``--fresh-output`` lets the ``tensors`` form allocate
+its result instead. With both layouts each method is measured in both, one after the other, in
+the same processes. ``--device cuda`` runs one
 process per GPU with NCCL and ``sync_timing=True`` (true device times for the phase split).
 
 Models (shapes only; gradients are ``randn(shape) * grad_scale`` with fixed seeds, generated
@@ -140,14 +145,21 @@ def time_ef(grads: list[torch.Tensor], reps: int) -> float:
     return time_median(compensate, reps, m.device)
 
 
-def bench_method(name: str, grad_sets, args) -> dict:
+def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
     r = reducers.build(name, density=args.density, error_feedback=args.error_feedback, seed=args.seed,
                        sync_timing=args.device == "cuda")
-    out = None if args.fresh_output else [torch.empty_like(g) for g in grad_sets[0]]
+    if layout == "flat":  # views of one buffer, refilled (untimed) as backward would, reduced in place
+        flat = torch.empty(sum(g.numel() for g in grad_sets[0]), device=grad_sets[0][0].device)
+        views = reducers.Layout.of(grad_sets[0]).split(flat)
+    else:
+        out = None if args.fresh_output else [torch.empty_like(g) for g in grad_sets[0]]
     rows = {"t_select": [], "t_comm": [], "t_reduce": [], "bytes_sent": [], "bytes_wire": [],
             "density": [], "local_density": [], "threshold": []}
     for step in range(args.warmup + args.steps):
         grads = grad_sets[step % len(grad_sets)]
+        if layout == "flat":
+            torch._foreach_copy_(views, grads)
+            grads = out = views
         sync(grads[0].device)
         dist.barrier()  # untimed: every rank starts the step together
         t0 = time.perf_counter()
@@ -187,17 +199,22 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
             entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
             # `exact` is the reference: always measured, first.
             for name in ["exact"] + [m for m in args.methods if m != "exact"]:
-                if rank == 0:
-                    print(f"[{model}] {name} ...", flush=True)
-                try:
-                    entry["methods"][name] = bench_method(name, grad_sets, args)
-                except Exception:  # reducers raise on every rank alike; record and go on
-                    entry["methods"][name] = {"error": traceback.format_exc()}
+                for layout in args.layouts:
+                    row = name if layout == "flat" else f"{name}/{layout}"
                     if rank == 0:
-                        print(entry["methods"][name]["error"], file=sys.stderr, flush=True)
-            entry["exact_s"] = entry["methods"]["exact"].get("t_reduce")
+                        print(f"[{model}] {row} ...", flush=True)
+                    try:
+                        entry["methods"][row] = bench_method(name, grad_sets, args, layout)
+                    except Exception:  # reducers raise on every rank alike; record and go on
+                        entry["methods"][row] = {"error": traceback.format_exc()}
+                        if rank == 0:
+                            print(entry["methods"][row]["error"], file=sys.stderr, flush=True)
+            reference = "exact" if "flat" in args.layouts else "exact/tensors"
+            entry["exact_s"] = entry["methods"][reference].get("t_reduce")
             if "exact" not in args.methods:
-                entry["exact_reference"] = entry["methods"].pop("exact")
+                entry["exact_reference"] = entry["methods"][reference]
+                for layout in args.layouts:
+                    entry["methods"].pop("exact" if layout == "flat" else f"exact/{layout}")
             results[model] = entry
             del grad_sets
     finally:
@@ -218,7 +235,7 @@ def fmt(x, spec: str, scale: float = 1.0) -> str:
 
 
 def table(results: dict, methods: list[str]) -> str:
-    head = (f"{'model':<9} {'method':<12} {'select ms':>10} {'comm ms':>9} {'reduce ms':>10} {'MB sent':>9} "
+    head = (f"{'model':<9} {'method':<16} {'select ms':>10} {'comm ms':>9} {'reduce ms':>10} {'MB sent':>9} "
             f"{'density':>9} {'local':>9} {'lambda':>9} {'sel/floor':>10} {'red/exact':>10}")
     lines = [head, "-" * len(head)]
     for model, e in results.items():
@@ -226,15 +243,15 @@ def table(results: dict, methods: list[str]) -> str:
                      f"{e['floor_s'] * 1e3:.3f} ms; ef x = g + m {e['ef_s'] * 1e3:.3f} ms; "
                      f"exact reduce {fmt(e['exact_s'], '.2f', 1e3)} ms; "
                      f"grads randn * {e['grad_scale']:.3g}")
-        for name in methods:
+        for name in [row for m in methods for row in e["methods"] if row.split("/")[0] == m]:
             m = e["methods"].get(name)
             if m is None:
                 continue
             if "error" in m:
-                lines.append(f"{model:<9} {name:<12} ERROR: {m['error'].strip().splitlines()[-1]}")
+                lines.append(f"{model:<9} {name:<16} ERROR: {m['error'].strip().splitlines()[-1]}")
                 continue
             lines.append(
-                f"{model:<9} {name:<12} {fmt(m['t_select'], '10.2f', 1e3)} {fmt(m['t_comm'], '9.2f', 1e3)} "
+                f"{model:<9} {name:<16} {fmt(m['t_select'], '10.2f', 1e3)} {fmt(m['t_comm'], '9.2f', 1e3)} "
                 f"{fmt(m['t_reduce'], '10.2f', 1e3)} {fmt(m['bytes_sent'], '9.3f', 1e-6)} "
                 f"{fmt(m['density'], '9.5f')} {fmt(m['local_density'], '9.5f')} {fmt(m['threshold'], '9.2e')} "
                 f"{fmt(m.get('select_over_floor'), '10.1f')} {fmt(m.get('reduce_over_exact'), '10.3f')}")
@@ -258,8 +275,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: one process per GPU (--workers defaults to the GPU count), NCCL, synchronised timing")
+    p.add_argument("--layouts", default="flat",
+                   help="comma-separated: flat (views of one buffer, reduced in place; the training loop's form), "
+                        "tensors (separate tensors copied in and out)")
     p.add_argument("--fresh-output", action="store_true",
-                   help="let reduce() allocate its result instead of writing into preallocated tensors")
+                   help="with --layouts tensors: let reduce() allocate its result instead of writing into "
+                        "preallocated tensors")
     p.add_argument("--out", default="bench/results/reducers.json")
     args = p.parse_args()
     if args.workers is None:
@@ -268,6 +289,9 @@ def main() -> None:
         p.error("--device cuda: no CUDA device is visible")
     args.methods = [m for m in args.methods.split(",") if m]
     args.models = [m for m in args.models.split(",") if m]
+    args.layouts = [m for m in args.layouts.split(",") if m]
+    if not args.layouts or any(m not in ("flat", "tensors") for m in args.layouts):
+        p.error(f"--layouts must name flat and/or tensors, got {','.join(args.layouts)!r}")
     for m in args.methods:
         reducers.lookup(m)  # fail early on a typo
     for m in args.models:

@@ -21,6 +21,11 @@ METHODS: dict[str, Callable] = {}
 APPROXIMATE: set[str] = set()
 
 
+def has_reference(name: str) -> bool:
+    """Does ``name`` have a single-process reference (registered, or a Simulation method)?"""
+    return name in METHODS or callable(getattr(Simulation, "_" + name, None))
+
+
 def reference(name: str, approximate: bool = False) -> Callable:
     def register(fn: Callable) -> Callable:
         METHODS[name] = fn

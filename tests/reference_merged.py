@@ -3,7 +3,6 @@
 The grouping and per-layer counts a run used come from the reducer's own ``describe()``
 history (the grouping algorithm is checked separately against a brute-force search); given
 them, each group is a plain top-k over its slice and a gather-sum in worker order."""
-import math
 
 import torch
 

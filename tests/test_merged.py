@@ -104,7 +104,7 @@ def test_agtf_shares_the_budget_by_norm():
 
 
 def test_groups_option_is_checked():
-    with pytest.raises(ValueError, match="groups must be a list of positive layer counts"):
+    with pytest.raises(ValueError, match=r"groups must be a list of positive integers \(layer counts, backward order\)"):
         reducers.build("omgs", groups=[2, 0])
     r = reducers.build("omgs", groups=[1, 1])
     with pytest.raises(ValueError, match=r"groups \[1, 1\] must be positive layer counts adding up to 3"):

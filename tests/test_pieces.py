@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsecomm.reducers.control import MultiplicativeScaling, SageScaling, clamp_threshold
-from sparsecomm.reducers.exchange import _pack, _unpack, union_of
+from sparsecomm.reducers.exchange import pack, packed_count, unpack, union_of
 from sparsecomm.reducers.layout import Layout
 from sparsecomm.reducers.memory import ErrorFeedback
 from sparsecomm.reducers.placement import BlockPartitions, EqualPartitions
@@ -219,11 +219,16 @@ def test_block_partitions_state_round_trip():
 def test_pack_round_trip_keeps_pairs_and_zero_pads(vdtype, idtype, count, n):
     idx = torch.arange(count, dtype=idtype) * 3 + 1
     val = torch.randn(count).to(vdtype)
-    rows = torch.stack([_pack([idx, val], n), _pack([idx[:0], val[:0]], n)])  # a second worker sent nothing
-    got_i, got_v = _unpack(rows[0], n, count, (idtype, vdtype))
+    rows = torch.stack([pack([idx[:0], val[:0]], n), pack([idx, val], n)])  # a first worker sent nothing
+    got_i, got_v = unpack(rows[1], n, count, (idtype, vdtype))  # the second row's parts stay aligned
     assert torch.equal(got_i, idx) and torch.equal(got_v, val)
-    assert int(rows[1].count_nonzero()) == 0  # padding is zeros, never stale memory
-    assert rows.stride(0) % 8 == 0
+    assert int(rows[0].count_nonzero()) == 0  # padding is zeros, never stale memory
+    widest = max(idtype.itemsize, vdtype.itemsize)
+    assert rows.stride(0) % widest == 0 and rows.shape[1] == packed_count((idtype, vdtype), n) * (
+        idtype.itemsize + vdtype.itemsize)
+    assert packed_count((idtype, vdtype), n) - n < widest  # only as much padding as alignment needs
+    if idtype.itemsize == vdtype.itemsize:
+        assert packed_count((idtype, vdtype), n) == n  # int32 with float32: none at all
 
 
 # -------------------------------------------------------------------------------- layout

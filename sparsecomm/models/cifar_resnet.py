@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .checks import positive_int
+from ..validate import positive_int
 from .registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "CifarResNet", "resnet18", "resnet152"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import dropout_rate, positive_int
+from ..validate import dropout_rate, positive_int
 from .registry import register_model
 
 __all__ = ["LSTMLanguageModel", "Hidden"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checks import positive_int
+from ..validate import positive_int
 from .registry import register_model
 
 __all__ = ["MnistCNN"]

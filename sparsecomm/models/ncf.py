@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import dropout_rate, positive_int
+from ..validate import dropout_rate, positive_int
 from .registry import register_model
 
 __all__ = ["NeuMF"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import positive_int
+from ..validate import positive_int
 from .cifar_resnet import BasicBlock
 from .registry import register_model
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import positive_int
+from ..validate import positive_int
 from .registry import register_model
 
 __all__ = ["SqueezeExcite", "PreActSEBlock", "SENet", "senet18"]

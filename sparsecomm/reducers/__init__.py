@@ -9,9 +9,10 @@
 from .base import Reducer, Step
 from .comm import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
 from .exchange import LayoutMismatchError, NonFiniteGradientError
+from .layout import Layout, bind_flat_gradients
 from .registry import available, build, lookup, method_options, register
 from . import methods  # noqa: F401  (registers every method)
 
 __all__ = ["available", "build", "lookup", "method_options", "register", "Reducer", "Step", "Communicator",
            "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator", "LayoutMismatchError",
-           "NonFiniteGradientError"]
+           "NonFiniteGradientError", "Layout", "bind_flat_gradients"]

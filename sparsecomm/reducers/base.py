@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 
+from ..validate import choice, number
 from .comm import Communicator, make_communicator
 from .exchange import Header, LayoutMismatchError, SkipStep, handshake
 from .layout import Layout
@@ -22,30 +23,81 @@ STATE_FORMAT = "sparsecomm.reducer/1"
 
 
 class Step:
-    """One ``reduce`` call as a method sees it: the compensated vector, the communicator, the
-    handshake, the phase timer, the error-feedback commit and the stats being filled."""
+    """One ``reduce`` call as a method sees it, and all a method may touch besides the pieces
+    (selection, control, placement, exchange): the compensated vector ``x`` (built by
+    :meth:`compensate`, all of it or tensor by tensor), the communicator, the handshake, the
+    phase timer, the output and scratch buffers, the error-feedback commit, the counts that
+    make ``density`` and ``local_density``, and the method's own ``stats``.
 
-    def __init__(self, reducer: "Reducer", layout: Layout, x: torch.Tensor, reuse_output: bool = False) -> None:
+    A step normally opens inside ``reduce``; a method that starts work while backward is still
+    running (overlap) opens it earlier with :meth:`Reducer.open_step` and compensates tensors as
+    their gradients arrive."""
+
+    def __init__(self, reducer: "Reducer", layout: Layout) -> None:
         self.reducer = reducer
-        self._reuse_output = reuse_output
         self.comm: Communicator = reducer.comm
         self.layout = layout
-        self.x = x
         self.index = reducer.steps
         self.stats: dict[str, Any] = {}
         self.header: Header | None = None
         self.committed = False
         self.phase = reducer._timer
+        self.selected: int | None = None
+        self.received: int | None = None
+        self._memory = reducer._memory
+        self._x: torch.Tensor | None = None
+        self._built: set[int] = set()
         self._finite: torch.Tensor | bool = True
         self._problem: str | None = None
+        self._out: torch.Tensor | None = None  # the caller's flat output buffer, when it has one
+        self._reuse_output = False
 
     @property
     def d(self) -> int:
         return self.layout.numel
 
+    @property
+    def x(self) -> torch.Tensor:
+        """The flat compensated vector ``g + m`` (``g`` with error feedback off). An internal
+        buffer (or the caller's own gradients when they may be overwritten): valid until the
+        commit."""
+        if self._x is None:
+            raise RuntimeError("the step's vector is not built yet: call compensate() first")
+        return self._x
+
+    @property
+    def error_feedback(self) -> bool:
+        return self._memory.enabled
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """The residual ``m`` this step started from (zeros with error feedback off)."""
+        return self._memory.residual
+
+    def compensate(self, grads: Sequence[torch.Tensor], tensors: Iterable[int] | None = None,
+                   flat: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
+        """Build ``x`` for the tensors numbered in ``tensors`` (all by default) that are not
+        built yet, and return ``x``. ``flat``: the gradients as one flat vector (they are
+        consecutive views of it), read in one pass; with ``overwrite`` and error feedback off,
+        ``x`` is that vector itself (no copy)."""
+        wanted = range(len(self.layout.shapes)) if tensors is None else tensors
+        todo = [t for t in wanted if t not in self._built]
+        if not todo and self._x is not None:
+            return self._x
+        if flat is not None and len(todo) == len(self.layout.shapes):
+            self._x = self._memory.compensate_flat(flat, overwrite)
+        else:
+            self._x = self._memory.compensate(grads, self.layout, todo)
+        self._built.update(todo)
+        return self._x
+
     def output(self) -> torch.Tensor:
-        """A zeroed flat vector to build the average in: a fresh one, or the reducer's own
-        reusable buffer when the caller asked for the result to be copied into ``out``."""
+        """A zeroed flat vector to build the average in: the caller's own output buffer when it
+        is one flat vector not shared with ``x``, the reducer's reusable buffer when the result
+        is copied out anyway, else a fresh one."""
+        x = self._x
+        if self._out is not None and (x is None or not _overlap(self._out, x)):
+            return self._out.zero_()
         if self._reuse_output:
             return self.reducer._buffer("output").zero_()
         return torch.zeros(self.d, dtype=self.layout.dtype, device=self.layout.device)
@@ -56,7 +108,8 @@ class Step:
 
     def handshake(self, count: int | torch.Tensor = 0, extras: Iterable[float | torch.Tensor] = ()) -> Header:
         """The step's first collective (see :func:`exchange.handshake`); call it exactly once,
-        before any other collective. Raises on every rank alike when the step cannot go on."""
+        before any other collective of the step. Raises on every rank alike when the step
+        cannot go on."""
         if self.header is not None:
             raise RuntimeError("handshake() called twice in one step")
         with self.phase("comm"):
@@ -65,21 +118,39 @@ class Step:
                                     nonfinite=self.reducer.nonfinite)
         return self.header
 
+    def counted(self, selected: int, received: int) -> None:
+        """What this step moved: ``selected`` coordinates chosen by this worker itself,
+        ``received`` coordinates of the average that got a value. The reducer reports them as
+        ``local_density`` and ``density`` (fractions of d)."""
+        self.selected, self.received = int(selected), int(received)
+
+    def fraction(self, count: float) -> float:
+        """``count / d`` (0 for an empty layout)."""
+        return count / self.d if self.d else 0.0
+
     def commit_sparse(self, sent: torch.Tensor) -> None:
         """Error feedback: the residual is ``x`` with ``sent`` zeroed."""
         with self.phase("select"):
-            self.reducer._memory.commit_sparse(self.x, sent)
+            self._memory.commit_sparse(self.x, sent)
         self.committed = True
 
     def commit_all(self) -> None:
         with self.phase("select"):
-            self.reducer._memory.commit_all(self.x)
+            self._memory.commit_all(self.x)
         self.committed = True
 
     def commit_dense(self, approximation: torch.Tensor) -> None:
         with self.phase("select"):
-            self.reducer._memory.commit_dense(self.x, approximation)
+            self._memory.commit_dense(self.x, approximation)
         self.committed = True
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do the memory ranges of two contiguous tensors intersect?"""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _all_finite(x: torch.Tensor) -> torch.Tensor | bool:
@@ -107,11 +178,8 @@ class Reducer(abc.ABC):
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
                  seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise ValueError(f"density must be a number in (0, 1], got {density!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-        self.density = float(density)
+        self.density = number("density", density, 0.0, 1.0, low_open=True)
+        choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         self.error_feedback = bool(error_feedback)
         self.seed = int(seed)
         self.nonfinite = nonfinite
@@ -121,7 +189,7 @@ class Reducer(abc.ABC):
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
         self._buffers: dict[str, torch.Tensor] = {}
-        self._step_open = False
+        self._step: Step | None = None  # a step opened before its reduce (open_step)
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
         self.steps = 0
@@ -135,6 +203,11 @@ class Reducer(abc.ABC):
     @property
     def world_size(self) -> int:
         return self.comm.size
+
+    @property
+    def layout(self) -> Layout | None:
+        """The gradients' layout, known from the first reduce on (None before)."""
+        return self._layout
 
     def options(self) -> dict[str, Any]:
         """The method-specific options this reducer was built with."""
@@ -161,7 +234,11 @@ class Reducer(abc.ABC):
         """Average ``grads`` over all workers (a collective). Returns new tensors of the same
         shapes, dtype and device, bit-identical on every rank; or, given ``out`` (tensors of the
         same layout, which may be ``grads`` themselves), writes the average there and returns it,
-        allocating nothing per step."""
+        allocating nothing per step.
+
+        Gradients that are consecutive views of one flat buffer (see
+        :func:`~sparsecomm.reducers.layout.bind_flat_gradients`) are read in place, in one pass;
+        with ``out=grads`` the average is built in that buffer directly (no copy in or out)."""
         grads = list(grads)
         problem = None
         if self._layout is None:
@@ -170,22 +247,27 @@ class Reducer(abc.ABC):
             problem = self._layout.difference(grads)
         layout = self._layout
         assert layout is not None
-        if not self._step_open:
-            self._open_step(layout)
-        self._step_open = False
+        if self._step is not None:  # opened while backward ran (open_step)
+            step, self._step = self._step, None
+        else:
+            step = Step(self, layout)
+            self._open(step)
         if problem is not None:
-            step = Step(self, layout, torch.empty(0, dtype=layout.dtype, device=layout.device))
             step._problem = problem
             step.handshake()  # raises on every rank
             raise AssertionError("unreachable")
+        flat_out = None
         if out is not None:
             out = list(out)
             wrong = layout.difference(out)
             if wrong is not None:
                 raise ValueError(f"out does not match the gradients: {wrong.replace('gradient', 'tensor')}")
+            flat_out = layout.flat_view(out)
+            step._out, step._reuse_output = flat_out, True
         with self._timer("select"):
-            x = self._compensate(grads, layout)
-            step = Step(self, layout, x, reuse_output=out is not None)
+            flat_in = layout.flat_view(grads)
+            x = step.compensate(grads, flat=flat_in,
+                                overwrite=flat_in is not None and flat_out is not None and _overlap(flat_in, flat_out))
             step._finite = _all_finite(x)
         try:
             avg = self._run(step)
@@ -197,24 +279,37 @@ class Reducer(abc.ABC):
             raise RuntimeError(f"reducer {self.name!r} finished a step without its handshake")
         if self._memory.enabled and not step.committed:
             raise RuntimeError(f"reducer {self.name!r} finished a step without updating its residual")
+        if step.received is None:
+            raise RuntimeError(f"reducer {self.name!r} finished a step without reporting its counts (step.counted)")
         self.steps += 1
         self._record(step)
         if out is not None:
-            torch._foreach_copy_(out, layout.split(avg))
+            if flat_out is None:
+                torch._foreach_copy_(out, layout.split(avg))
+            elif avg.data_ptr() != flat_out.data_ptr():
+                flat_out.copy_(avg)
             return out
         if avg.data_ptr() == x.data_ptr():  # the method averaged in place in the internal buffer
             avg = avg.clone()
         return layout.split(avg)
+
+    def open_step(self) -> Step:
+        """The step the next ``reduce`` finishes, opened now: for a method that starts work
+        while backward is still running (e.g. exchanging the first gradients as later ones are
+        computed). Only once the layout is known (after the first reduce); calling it again
+        before that ``reduce`` returns the same step."""
+        if self._layout is None:
+            raise RuntimeError("open_step() needs the layout of a first reduce()")
+        if self._step is None:
+            self._step = Step(self, self._layout)
+            self._open(self._step)
+        return self._step
 
     @property
     def target_density(self) -> float:
         """The density this step aims at (reported as ``target_density``): ``density``, or 1
         for methods that ignore it; methods that choose their densities themselves override it."""
         return self.density if self.uses_density else 1.0
-
-    def reduce_flat(self, flat: torch.Tensor) -> torch.Tensor:
-        """Reduce one flat buffer (for example a DDP bucket) as a single tensor."""
-        return self.reduce([flat])[0]
 
     @property
     def memory(self) -> list[torch.Tensor]:
@@ -288,11 +383,6 @@ class Reducer(abc.ABC):
     def _configure(self, layout: Layout) -> None:
         """Build layout-dependent state (partitions, per-layer k, ...) at the first step."""
 
-    def _compensate(self, grads: list[torch.Tensor], layout: Layout) -> torch.Tensor:
-        """Build the flat compensated vector ``x`` (error feedback); a method that already built
-        parts of it while backward ran builds only the rest."""
-        return self._memory.compensate(grads, layout)
-
     def _method_state(self) -> dict[str, Any]:
         return {}
 
@@ -321,12 +411,10 @@ class Reducer(abc.ABC):
     def _end_step(self) -> None:
         """Called when ``reduce`` ends, however it ends (methods with per-step state reset it)."""
 
-    def _open_step(self, layout: Layout) -> None:
-        """Start a step's measurements: byte counters and phase clocks. ``reduce`` does it,
-        unless the method already did while backward was running (overlap)."""
+    def _open(self, step: Step) -> None:
+        """Start a step's measurements: byte counters and phase clocks."""
         self.comm.reset_counters()
-        self._timer.reset(layout.device)
-        self._step_open = True
+        self._timer.reset(step.layout.device)
 
     def _buffer(self, name: str) -> torch.Tensor:
         """A flat buffer of the layout's length, dtype and device, kept for reuse."""
@@ -356,8 +444,8 @@ class Reducer(abc.ABC):
         raw = {"step": step.index, "skipped": False, "skipped_steps": self.skipped_steps,
                "target_density": self.target_density}
         raw.update(step.stats)
-        raw.setdefault("density", 1.0)
-        raw.setdefault("local_density", raw["density"])
+        raw["density"] = step.fraction(step.received)
+        raw["local_density"] = step.fraction(step.selected)
         raw["density_ratio"] = lambda: _plain(raw["density"]) / self.target_density
         raw["bytes_sent"] = self.comm.bytes_sent
         raw["bytes_wire"] = self.comm.bytes_wire
@@ -378,6 +466,3 @@ def _plain(value: Any) -> Any:
         value = value.item()
     return value
 
-
-def density_of(count: int, d: int) -> float:
-    return count / d if d else 0.0

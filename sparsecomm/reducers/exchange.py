@@ -8,12 +8,16 @@ and size padded all-gathers from the counts. The schemes below then move the pay
 
 * :func:`dense_allreduce_mean` -- the ``exact`` baseline, one flat all-reduce;
 * :func:`sparse_gather_sum` -- everyone's (index, value) pairs, padded to the largest count,
-  scatter-added in rank order;
+  scatter-added in rank order (also in two halves: :func:`start_pairs_gather` starts the
+  all-gather, :meth:`PairsInFlight.add_into` finishes it, so a method can overlap it with
+  backward);
 * :func:`union_allreduce` -- indices are all-gathered, then every worker all-reduces its own
   values at the union of everyone's indices;
 * :func:`allreduce_at` -- all-reduce at positions every worker already agrees on.
 
-Padding is zero-initialised, counted as sent, and sliced off before it can reach a result.
+Every exchange of positions and values travels in one format (:func:`pack`): each part
+padded to the same count, widest element type first. Padding is zero-initialised, counted as
+sent, and sliced off before it can reach a result.
 Sums are formed in a fixed order, so ``avg`` is bit-identical on every rank.
 """
 from __future__ import annotations
@@ -23,12 +27,13 @@ from typing import Sequence
 
 import torch
 
-from .comm import Communicator
+from .comm import Communicator, Pending
 from .layout import Layout
 
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
     "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "union_allreduce", "allreduce_at", "union_of",
+    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -106,29 +111,48 @@ def dense_allreduce_mean(comm: Communicator, flat: torch.Tensor) -> torch.Tensor
     return flat
 
 
-def _aligned(n: int) -> int:
-    """Round a padded count up so that every packed row keeps its sub-buffers aligned."""
-    return (n + 7) // 8 * 8
+def _order(dtypes: Sequence[torch.dtype]) -> list[int]:
+    """Parts are laid out widest element type first (stable), so that every part starts at an
+    offset that is a multiple of its own element size."""
+    return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)
 
 
-def _pack(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
-    """One zero-padded byte row holding each 1-D part padded to ``n`` elements."""
-    n = _aligned(n)
-    row = torch.zeros(sum(n * p.element_size() for p in parts), dtype=torch.uint8, device=parts[0].device)
+def packed_count(dtypes: Sequence[torch.dtype], n: int) -> int:
+    """``n``, rounded up (only where needed) so that a row of parts of ``n`` elements each is a
+    multiple of the widest element size: rows stacked by an all-gather then stay aligned too.
+    (int32 positions with float32 values never need padding; with float64 values n is even.)"""
+    row, widest = sum(dt.itemsize for dt in dtypes), max((dt.itemsize for dt in dtypes), default=1)
+    while (n * row) % widest:
+        n += 1
+    return n
+
+
+def pack(parts: Sequence[torch.Tensor], n: int) -> torch.Tensor:
+    """One byte row holding each 1-D part padded with zeros to ``packed_count(n)`` elements:
+    the one wire format of every exchange of (index, value) pairs or index lists."""
+    dtypes = [p.dtype for p in parts]
+    n = packed_count(dtypes, n)
+    device = parts[0].device
+    sizes = [n * dt.itemsize for dt in dtypes]
+    if all(p.numel() == n for p in parts):  # no padding: one concatenation
+        return torch.cat([parts[i].contiguous().view(torch.uint8) for i in _order(dtypes)])
+    row = torch.zeros(sum(sizes), dtype=torch.uint8, device=device)
     at = 0
-    for p in parts:
-        size = n * p.element_size()
-        row[at:at + size].view(p.dtype)[:p.numel()] = p
-        at += size
+    for i in _order(dtypes):
+        row[at:at + sizes[i]].view(dtypes[i])[:parts[i].numel()] = parts[i]
+        at += sizes[i]
     return row
 
 
-def _unpack(row: torch.Tensor, n: int, count: int, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
-    n = _aligned(n)
-    out, at = [], 0
-    for dt in dtypes:
-        size = n * torch.empty((), dtype=dt).element_size()
-        out.append(row[at:at + size].view(dt)[:count])
+def unpack(row: torch.Tensor, n: int, count: int, dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """The first ``count`` elements of each part of a row made by :func:`pack` (views), in the
+    order of ``dtypes``."""
+    n = packed_count(dtypes, n)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(dtypes)
+    at = 0
+    for i in _order(dtypes):
+        size = n * dtypes[i].itemsize
+        out[i] = row[at:at + size].view(dtypes[i])[:count]
         at += size
     return out
 
@@ -143,6 +167,47 @@ def union_of(indices: Sequence[torch.Tensor], d: int) -> torch.Tensor:
     return torch.nonzero(mask).view(-1).to(cat.dtype)
 
 
+class PairsInFlight:
+    """Every worker's (index, value) pairs on their way (an all-gather started by
+    :func:`start_pairs_gather`); :meth:`add_into` finishes the sparse gather-sum."""
+
+    def __init__(self, comm: Communicator, pending: Pending | None, n: int, dtypes: tuple[torch.dtype, torch.dtype]):
+        self.comm, self._pending, self.n, self.dtypes = comm, pending, n, dtypes
+
+    def add_into(self, avg: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
+        """Wait, add every worker's pairs into ``avg`` in rank order, divide by P where any
+        arrived; returns the union of the positions. ``counts``: pairs per worker (default:
+        every worker sent ``n``)."""
+        if self._pending is None:
+            return torch.empty(0, dtype=self.dtypes[0], device=avg.device)
+        table = self._pending.wait()
+        self._pending = None
+        received = []
+        for w, c in enumerate([self.n] * self.comm.size if counts is None else counts):
+            if c:
+                iw, vw = unpack(table[w], self.n, c, self.dtypes)
+                avg.index_add_(0, iw, vw)
+                received.append(iw)
+        union = union_of(received, avg.numel()) if received else torch.empty(0, dtype=self.dtypes[0],
+                                                                              device=avg.device)
+        if self.comm.size > 1 and union.numel():
+            avg[union] = avg[union] / self.comm.size
+        return union
+
+    def wait(self) -> None:
+        """Let the collective finish without using it (a step abandoned mid-way)."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
+
+
+def start_pairs_gather(comm: Communicator, idx: torch.Tensor, values: torch.Tensor, n: int) -> PairsInFlight:
+    """Start the all-gather of this worker's (index, value) pairs, padded to ``n`` (the
+    largest count of any worker; the same ``n`` on every worker)."""
+    pending = comm.all_gather_async(pack([idx, values], n)) if n else None
+    return PairsInFlight(comm, pending, n, (idx.dtype, values.dtype))
+
+
 def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
                       avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse gather-sum: all-gather every worker's (index, value) pairs, add them in rank
@@ -150,30 +215,24 @@ def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, co
     n = max(counts) if counts else 0
     if n == 0:
         return avg, idx[:0]
-    table = comm.all_gather(_pack([idx, x[idx]], n))
-    received = []
-    for w, c in enumerate(counts):
-        if c:
-            iw, vw = _unpack(table[w], n, c, (idx.dtype, x.dtype))
-            avg.index_add_(0, iw, vw)
-            received.append(iw)
-    union = union_of(received, x.numel())
-    if comm.size > 1:
-        avg[union] = avg[union] / comm.size
-    return avg, union
+    return avg, start_pairs_gather(comm, idx, x[idx], n).add_into(avg, counts)
 
 
 def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
-                    avg: torch.Tensor, disjoint: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    avg: torch.Tensor, disjoint: bool = False,
+                    extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Union all-reduce: all-gather indices, then all-reduce everyone's ``x`` at the union,
-    written into the zeroed ``avg``. With ``disjoint`` (exclusive partitions) the union is the
-    plain concatenation in rank order. Returns ``(avg, union)``."""
+    written into the zeroed ``avg``. ``extra``: positions every worker already agrees on that
+    join the union without travelling. With ``disjoint`` (exclusive partitions, no extra) the
+    union is the plain concatenation in rank order. Returns ``(avg, union)``."""
     n = max(counts) if counts else 0
-    if n == 0:
+    received = list(extra)
+    if n:
+        table = comm.all_gather(pack([idx], n))
+        received = [unpack(table[w], n, c, (idx.dtype,))[0] for w, c in enumerate(counts) if c] + received
+    if not received:
         return avg, idx[:0]
-    table = comm.all_gather(_pack([idx], n))
-    received = [_unpack(table[w], n, c, (idx.dtype,))[0] for w, c in enumerate(counts) if c]
-    union = torch.cat(received) if disjoint else union_of(received, x.numel())
+    union = torch.cat(received) if disjoint and not extra else union_of(received, x.numel())
     return allreduce_at(comm, x, union, avg), union
 
 

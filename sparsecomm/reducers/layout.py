@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Layout"]
+__all__ = ["Layout", "bind_flat_gradients"]
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -104,3 +104,37 @@ class Layout:
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of ``flat`` shaped like the original tensors."""
         return [flat[a:b].view(shape) for (a, b), shape in zip(self.segments, self.shapes)]
+
+    def flat_view(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The one flat vector ``tensors`` are consecutive, contiguous views of, in this
+        layout's order (as :func:`bind_flat_gradients` makes them); None when they are not."""
+        if not tensors or self.numel == 0:
+            return None
+        i = next(i for i, t in enumerate(tensors) if t.numel())
+        first = tensors[i]
+        storage = first.untyped_storage()
+        base = first.storage_offset() - self.offsets[i]
+        if base < 0:
+            return None
+        for (a, _), t in zip(self.segments, tensors):
+            if t.numel() == 0:
+                continue
+            if not t.is_contiguous() or t.untyped_storage().data_ptr() != storage.data_ptr() \
+                    or t.storage_offset() != base + a:
+                return None
+        if storage.nbytes() < (base + self.numel) * first.element_size():
+            return None
+        return torch.empty(0, dtype=self.dtype, device=self.device).set_(storage, base, (self.numel,))
+
+
+def bind_flat_gradients(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Give every parameter a ``.grad`` that is a view into one new zeroed flat buffer, in
+    order, and return the buffer: backward then accumulates into it, and a reducer reads the
+    gradients where backward wrote them (keep them with ``zero_grad(set_to_none=False)``).
+    The parameters must share one dtype and device."""
+    params = list(params)
+    layout = Layout.of(params)
+    flat = torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device)
+    for p, view in zip(params, layout.split(flat)):
+        p.grad = view
+    return flat

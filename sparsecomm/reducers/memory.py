@@ -6,7 +6,8 @@ error feedback off, ``x = g`` and ``m`` stays zero.
 
 Two flat buffers alternate: ``x`` is built in one while ``m`` is kept in the other, so a
 step that is abandoned (for example skipped for a non-finite gradient) leaves ``m``
-untouched, and no step allocates.
+untouched, and no step allocates. Gradients that already form one flat vector are read in one
+pass; with error feedback off and the caller's permission, ``x`` is that vector itself.
 """
 from __future__ import annotations
 
@@ -69,6 +70,20 @@ class ErrorFeedback:
                 torch.add(self._m[a:b], g.reshape(-1), out=x[a:b])
             else:
                 x[a:b].copy_(g.reshape(-1))
+        return x
+
+    def compensate_flat(self, g: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+        """Build ``x = g + m`` from the whole flat gradient ``g`` in one pass. With error
+        feedback off, ``x`` is ``g`` itself when ``overwrite`` allows the step to write into it
+        (and the dtypes agree), else a copy."""
+        x = self._x
+        assert x is not None and self._m is not None
+        if self.enabled:
+            torch.add(self._m, g, out=x)
+            return x
+        if overwrite and g.dtype == x.dtype:
+            return g
+        x.copy_(g)
         return x
 
     def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor) -> None:

@@ -63,6 +63,10 @@ class Trainer:
         self.task = build_task(cfg, job)
         self.model = self.task.build_model().to(job.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Gradients live in one flat buffer that backward accumulates into and the reducer
+        # averages in place: no flatten copy, no copy back.
+        self.flat_grad = reducers.bind_flat_gradients(self.params)
+        self.grads = [p.grad for p in self.params]
         self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(job.world), job.world), cfg.optimizer.lr,
                                      cfg.schedule)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule(0.0))
@@ -195,7 +199,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        self.optimizer.zero_grad(set_to_none=False)
+        self.flat_grad.zero_()
         sync()
         t0 = time.perf_counter()
         loss = self.task.loss(model, batch)
@@ -204,12 +208,10 @@ class Trainer:
         loss.backward()
         sync()
         t2 = time.perf_counter()
-        grads = []
-        for p in self.params:
-            if p.grad is None:  # a parameter this batch did not reach: its gradient is zero
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-        self.reducer.reduce(grads, out=grads)
+        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            raise RuntimeError("a parameter's .grad was replaced (the training loop keeps gradients in one flat "
+                               "buffer); do not set .grad or call zero_grad(set_to_none=True) inside a task")
+        self.reducer.reduce(self.grads, out=self.grads)
         sync()
         t3 = time.perf_counter()
         r = self.reducer

@@ -1,22 +1,16 @@
 """Accordion: layer-wise top-k whose per-tensor density switches with the training regime."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from ...validate import number, positive_int
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
 from ..selection import target_count, topk_per_segment
 from .sparse import SparseReducer
-
-
-def check_fraction(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{key} must be a density in (0, 1] (a fraction of each tensor), got {value!r}")
-    return float(value)
 
 
 @register
@@ -59,21 +53,16 @@ class Accordion(SparseReducer):
 
     def __init__(self, *, k_low: float = 0.1, k_high: float = 0.99, detection_threshold: float = 0.5,
                  switch_freq: int = 10, exchange: str = "gather", **common: Any) -> None:
-        k_low = check_fraction("k_low", k_low)
-        k_high = check_fraction("k_high", k_high)
-        if k_low > k_high:
+        fraction = "a fraction of each tensor"
+        self.k_low = number("k_low", k_low, 0.0, 1.0, low_open=True, meaning=fraction)
+        self.k_high = number("k_high", k_high, 0.0, 1.0, low_open=True, meaning=fraction)
+        if self.k_low > self.k_high:
             raise ValueError(f"k_low ({k_low}) must not exceed k_high ({k_high}): k_high is the density of the "
                              f"critical regime")
-        if isinstance(detection_threshold, bool) or not isinstance(detection_threshold, (int, float)) \
-                or not math.isfinite(detection_threshold) or detection_threshold <= 0:
-            raise ValueError(f"detection_threshold must be a finite number > 0 (a relative change of the gradient "
-                             f"norm), got {detection_threshold!r}")
-        if isinstance(switch_freq, bool) or not isinstance(switch_freq, int) or switch_freq < 1:
-            raise ValueError(f"switch_freq must be a positive integer (epochs between decisions), got {switch_freq!r}")
+        self.detection_threshold = number("detection_threshold", detection_threshold, 0.0, low_open=True,
+                                          meaning="a relative change of the gradient norm")
+        self.switch_freq = positive_int("switch_freq", switch_freq, "epochs between decisions")
         super().__init__(exchange=exchange, **common)
-        self.k_low, self.k_high = k_low, k_high
-        self.detection_threshold = float(detection_threshold)
-        self.switch_freq = switch_freq
         self._epoch: int | None = None
         self._lr: float | None = None
         self._critical: list[bool] = []
@@ -161,7 +150,7 @@ class Accordion(SparseReducer):
         layout = step.layout
         if not layout.shapes:
             return []
-        g = torch.sub(step.x, self._memory.residual, out=step.scratch())
+        g = torch.sub(step.x, step.residual, out=step.scratch())
         dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
         norms = torch.stack([torch.linalg.vector_norm(g[a:b], dtype=dtype) for a, b in layout.segments])
         return [float(v) for v in norms.tolist()]
@@ -179,8 +168,8 @@ class Accordion(SparseReducer):
                 "prev_lr": self._prev_lr, "history": [dict(h) for h in self._history]}
 
     def _load_method_state(self, state: dict[str, Any]) -> None:
-        assert self._layout is not None
-        self._set_regimes(self._layout, [bool(c) for c in state["critical"]])
+        assert self.layout is not None
+        self._set_regimes(self.layout, [bool(c) for c in state["critical"]])
         self._decided_epoch = state["decided_epoch"]
         self._prev_norms = None if state["prev_norms"] is None else [float(v) for v in state["prev_norms"]]
         self._prev_lr = state["prev_lr"]

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from ..base import Reducer, Step
-from ..exchange import allreduce_at, gather_counts, union_of
+from ..exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..registry import register
 from ..selection import allocate_k, target_count, topk_per_segment
@@ -139,21 +139,12 @@ class Deft(Reducer):
             n_common = sum(b - a for a, b in common)
         with step.phase("comm"):
             counts = gather_counts(comm, idx.numel(), x.device)
-            n = max(counts)
-            parts = []
-            if n:
-                row = torch.zeros(n, dtype=index_dtype, device=x.device)
-                row[:idx.numel()] = idx
-                gathered = comm.all_gather(row)
-                parts = [gathered[w, :c] for w, c in enumerate(counts) if c]
-            parts += [torch.arange(a, b, dtype=index_dtype, device=x.device) for a, b in common]
-            union = union_of(parts, d) if parts else idx[:0]
-            avg = allreduce_at(comm, x, union, step.output())
+            everyone = [torch.arange(a, b, dtype=index_dtype, device=x.device) for a, b in common]
+            avg, union = union_allreduce(comm, x, idx, counts, step.output(), extra=everyone)
         step.commit_sparse(union)
         total = sum(counts)
-        step.stats.update(density=union.numel() / d if d else 0.0,
-                          local_density=(idx.numel() + n_common) / d if d else 0.0,
-                          common_density=n_common / d if d else 0.0, units=len(units), leader=leader,
+        step.counted(selected=idx.numel() + n_common, received=union.numel())
+        step.stats.update(common_density=step.fraction(n_common), units=len(units), leader=leader,
                           load_imbalance=max(counts) * P / total - 1.0 if total else 0.0)
         return avg
 

@@ -21,5 +21,5 @@ class Exact(Reducer):
         step.handshake(count=step.d)
         with step.phase("comm"):
             avg = dense_allreduce_mean(self.comm, step.x)
-        step.stats.update(density=1.0 if step.d else 0.0, local_density=1.0 if step.d else 0.0)
+        step.counted(selected=step.d, received=step.d)
         return avg

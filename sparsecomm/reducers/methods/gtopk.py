@@ -7,7 +7,7 @@ import torch
 
 from ..base import Reducer, Step
 from ..comm import Communicator
-from ..exchange import allreduce_at
+from ..exchange import allreduce_at, pack, unpack
 from ..registry import register
 from ..selection import target_count, topk
 
@@ -39,26 +39,6 @@ def tree_rounds(rank: int, size: int) -> int:
     return (q.bit_length() - 1) + (1 if rank + q < size else 0)
 
 
-def _values_first(idx_dtype: torch.dtype, val_dtype: torch.dtype) -> bool:
-    """Pairs travel as one byte row, the wider element type first, so that both parts stay
-    aligned when viewed back (element sizes are powers of two)."""
-    return val_dtype.itemsize > idx_dtype.itemsize
-
-
-def _pack(idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    parts = (val, idx) if _values_first(idx.dtype, val.dtype) else (idx, val)
-    return torch.cat([p.contiguous().view(torch.uint8) for p in parts])
-
-
-def _unpack(row: torch.Tensor, k: int, idx_dtype: torch.dtype,
-            val_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if _values_first(idx_dtype, val_dtype):
-        cut = k * val_dtype.itemsize
-        return row[cut:].view(idx_dtype), row[:cut].view(val_dtype)
-    cut = k * idx_dtype.itemsize
-    return row[:cut].view(idx_dtype), row[cut:].view(val_dtype)
-
-
 @register
 class GlobalTreeTopK(Reducer):
     """gTop-k (Shi et al., ICDCS 2019): each worker starts from its own top-k (index, value)
@@ -75,8 +55,10 @@ class GlobalTreeTopK(Reducer):
     own x at G (sorted), and zeroes its residual at G, so conservation holds. Shi et al. finish
     with a broadcast of the approximate merged values instead; this project needs exact sums.
 
-    Byte accounting per step (k positions of 4 bytes, values of e bytes), on top of the 48-byte
-    handshake row:
+    Pairs travel in the one packed format of :func:`~sparsecomm.reducers.exchange.pack` (for
+    int32 positions with float32 or float64 values, exactly k (4 + e) bytes; 16-bit values are
+    padded to an even k). Byte accounting per step (k positions of 4 bytes, values of e bytes),
+    on top of the 48-byte handshake row:
 
     * a rank r < q: ``rounds * k (4 + e)`` sent in the doubling rounds (one ``exchange`` each;
       the same received), plus, when it serves an extra rank r + q, ``4k`` for G sent back (and
@@ -108,8 +90,8 @@ class GlobalTreeTopK(Reducer):
             chosen = _tree(self.comm, idx, val, k) if k else idx
             avg = allreduce_at(self.comm, x, chosen, step.output())
         step.commit_sparse(chosen)
-        step.stats.update(density=k / d if d else 0.0, local_density=k / d if d else 0.0,
-                          rounds=tree_rounds(self.rank, self.comm.size) if k else 0)
+        step.counted(selected=k, received=k)
+        step.stats["rounds"] = tree_rounds(self.rank, self.comm.size) if k else 0
         return avg
 
 
@@ -117,18 +99,18 @@ def _tree(comm: Communicator, idx: torch.Tensor, val: torch.Tensor, k: int) -> t
     """The global index set G (sorted), the same on every worker."""
     rank, size = comm.rank, comm.size
     q = 1 << (size.bit_length() - 1)
-    idx_dtype, val_dtype = idx.dtype, val.dtype
+    dtypes = (idx.dtype, val.dtype)
     if rank >= q:  # an extra rank: hand its pairs to rank - q, get G back
-        comm.send(_pack(idx, val), rank - q)
-        return comm.recv_(torch.empty(k, dtype=idx_dtype, device=idx.device), rank - q)
-    row = _pack(idx, val)
+        comm.send(pack([idx, val], k), rank - q)
+        return comm.recv_(torch.empty(k, dtype=idx.dtype, device=idx.device), rank - q)
+    row = pack([idx, val], k)
     if rank + q < size:
         other = comm.recv_(torch.empty_like(row), rank + q)
-        idx, val = merge_top(idx, val, *_unpack(other, k, idx_dtype, val_dtype), k)
+        idx, val = merge_top(idx, val, *unpack(other, k, k, dtypes), k)
     mask = 1
     while mask < q:
-        other = comm.exchange(_pack(idx, val), rank ^ mask)
-        idx, val = merge_top(idx, val, *_unpack(other, k, idx_dtype, val_dtype), k)
+        other = comm.exchange(pack([idx, val], k), rank ^ mask)
+        idx, val = merge_top(idx, val, *unpack(other, k, k, dtypes), k)
         mask <<= 1
     chosen = torch.sort(idx).values
     if rank + q < size:

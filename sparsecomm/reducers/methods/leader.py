@@ -38,8 +38,8 @@ class CyclicLocalTopK(Reducer):
         super().__init__(**common)
 
     def _run(self, step: Step) -> torch.Tensor:
-        x, d, P = step.x, step.d, self.comm.size
-        k = target_count(self.density, d)
+        x, P = step.x, self.comm.size
+        k = target_count(self.density, step.d)
         leader = step.index % P
         leads = self.rank == leader
         with step.phase("select"):
@@ -52,6 +52,6 @@ class CyclicLocalTopK(Reducer):
             self.comm.broadcast_(idx, leader)
             avg = allreduce_at(self.comm, x, idx, step.output())
         step.commit_sparse(idx)
-        step.stats.update(density=k / d if d else 0.0, local_density=k / d if d and leads else 0.0,
-                          leader=leader)
+        step.counted(selected=k if leads else 0, received=k)
+        step.stats["leader"] = leader
         return avg

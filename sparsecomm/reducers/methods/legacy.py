@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ...validate import boolean, choice, positive_ints
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
@@ -57,14 +58,9 @@ class Legacy(SparseReducer):
 
     def __init__(self, *, group_splits: Sequence[int] = (10000,), group_compressions: Sequence[Any] = (0.01, 0.01),
                  schedule: str = "layer", percent: bool = False, exchange: str = "gather", **common: Any) -> None:
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {schedule!r}")
-        if not isinstance(percent, bool):
-            raise ValueError(f"percent must be true or false, got {percent!r}")
-        if not _is_list(group_splits) or not all(_is_number(s) and float(s).is_integer() and s > 0
-                                                 for s in group_splits):
-            raise ValueError(f"group_splits must be a list of positive integer tensor sizes, got {group_splits!r}")
-        splits = [int(s) for s in group_splits]
+        choice("schedule", schedule, SCHEDULES)
+        boolean("percent", percent)
+        splits = positive_ints("group_splits", group_splits, "tensor sizes")
         if any(b <= a for a, b in zip(splits, splits[1:])):
             raise ValueError(f"group_splits must be strictly increasing, got {splits}")
         table = self._check_compressions(group_compressions, schedule, len(splits) + 1, percent)
@@ -183,7 +179,7 @@ class Legacy(SparseReducer):
                                 "total_epochs": self._epochs, "phases": len(self._table), "phase": phase}
         groups = [{"min_numel": bounds[i], "max_numel": None if bounds[i + 1] is None else bounds[i + 1] - 1,
                    "density": row[i]} for i in range(len(row))]
-        if self._layout is not None:
+        if self.layout is not None:
             for i, g in enumerate(groups):
                 g["tensors"] = sum(1 for x in self._groups if x == i)
             info["densities"] = [row[g] for g in self._groups]

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 
 import torch
 
+from ...validate import boolean, positive_int, positive_ints
 from ..base import Reducer, Step
-from ..comm import Pending
-from ..exchange import _pack, _unpack, union_of
+from ..exchange import PairsInFlight, pack, start_pairs_gather
 from ..grouping import LinearCost, best_grouping, fit_linear, fusion_allowed, groups_from_sizes, predicted_time
 from ..layout import Layout
 from ..registry import register
@@ -44,14 +44,10 @@ class MergedSparsifier(Reducer):
     """
 
     def __init__(self, *, groups: Sequence[int] | None = None, overlap: bool = True, **common: Any) -> None:
-        if groups is not None and (isinstance(groups, (str, bytes)) or not all(
-                isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups)):
-            raise ValueError(f"groups must be a list of positive layer counts (backward order), got {groups!r}")
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be true or false, got {overlap!r}")
+        self.groups_option = None if groups is None else positive_ints("groups", groups,
+                                                                       "layer counts, backward order")
+        self.overlap = boolean("overlap", overlap)
         super().__init__(**common)
-        self.groups_option = None if groups is None else [int(g) for g in groups]
-        self.overlap = overlap
         self._groups: list[tuple[int, int]] | None = None   # [i, j) in backward order
         self._cost: dict[str, Any] = {}
         self._params: list[torch.nn.Parameter] | None = None
@@ -82,7 +78,7 @@ class MergedSparsifier(Reducer):
 
     def _segment(self, group: tuple[int, int]) -> tuple[int, int]:
         t = self._tensors(group)
-        offsets = self._layout.offsets
+        offsets = self.layout.offsets
         return offsets[t.start], offsets[t.stop]
 
     def _group_k(self, group: tuple[int, int]) -> int:
@@ -98,21 +94,22 @@ class MergedSparsifier(Reducer):
 
     def _overlapping(self) -> bool:
         return (self.overlap and self._params is not None and self._groups is not None
-                and self._layout is not None and self.steps >= 1)
+                and self.layout is not None and self.steps >= 1)
 
     def _on_grad(self, number: int, param: torch.Tensor) -> None:
         if not self._overlapping():
             self._stamps[number] = time.perf_counter()
             return
+        step = self.open_step()
         if self._group_of is None:
-            self._start_hooked_step()
+            self._count_members()
         g = self._group_of[number]
         self._missing[g] -= 1
         while self._next < len(self._groups) and self._missing[self._next] == 0:
-            self._launch(self._next, [p.grad for p in self._params])
+            self._launch(step, self._next, [p.grad for p in self._params])
 
-    def _start_hooked_step(self) -> None:
-        self._open_step(self._layout)
+    def _count_members(self) -> None:
+        """A hooked step's bookkeeping: each tensor's group, and how many gradients each group waits for."""
         self._group_of = {}
         self._missing = []
         for g, group in enumerate(self._groups):
@@ -125,41 +122,30 @@ class MergedSparsifier(Reducer):
         self._group_of: dict[int, int] | None = None
         self._missing: list[int] = []
         self._next = 0
-        self._pending: list[tuple[Pending, torch.Tensor, int] | None] = []
-        self._compensated: set[int] = set()
+        self._in_flight: list[tuple[PairsInFlight, torch.Tensor]] = []
 
     def _end_step(self) -> None:
-        for entry in self._pending:  # a step abandoned mid-way: let its collectives finish
-            if entry is not None:
-                entry[0].wait()
+        for pairs, _ in self._in_flight:  # a step abandoned mid-way: let its collectives finish
+            pairs.wait()
         self._reset_step_state()
 
     # ---------------------------------------------------------------------- one group
-    def _launch(self, g: int, grads: Sequence[torch.Tensor] | None) -> None:
-        """Compensate (unless done), select and start the all-gather of group ``g``."""
+    def _launch(self, step: Step, g: int, grads: Sequence[torch.Tensor] | None) -> None:
+        """Compensate group ``g``'s tensors (unless built), select its top-k and start the
+        all-gather of its pairs."""
         group = self._groups[g]
         a, b = self._segment(group)
         k = self._group_k(group)
-        layout, memory = self._layout, self._memory
-        with self._timer("select"):
-            if grads is not None:
-                members = [t for t in self._tensors(group) if t not in self._compensated]
-                memory.compensate(grads, layout, members)
-                self._compensated.update(members)
-            x = memory._x
-            idx = topk(x[a:b], k, layout.index_dtype, self._buffer("scratch")).add_(a) if k else \
-                torch.empty(0, dtype=layout.index_dtype, device=x.device)
-        with self._timer("comm"):
-            pending = self.comm.all_gather_async(_pack([idx, x[idx]], k)) if k else None
-        self._pending.append(None if pending is None else (pending, idx, k))
+        with step.phase("select"):
+            x = step.compensate(grads, self._tensors(group)) if grads is not None else step.x
+            idx = topk(x[a:b], k, step.layout.index_dtype, step.scratch()).add_(a) if k else \
+                torch.empty(0, dtype=step.layout.index_dtype, device=x.device)
+        if k:
+            with step.phase("comm"):
+                self._in_flight.append((start_pairs_gather(self.comm, idx, x[idx], k), idx))
         self._next = g + 1
 
     # ------------------------------------------------------------------------ a step
-    def _compensate(self, grads: list[torch.Tensor], layout: Layout) -> torch.Tensor:
-        rest = [t for t in range(len(layout.shapes)) if t not in self._compensated]
-        self._compensated.update(rest)
-        return self._memory.compensate(grads, layout, rest)
-
     def _run(self, step: Step) -> torch.Tensor:
         overlapping = self._overlapping()
         if not overlapping:  # handshake first: layouts are checked before any group is sent
@@ -167,34 +153,21 @@ class MergedSparsifier(Reducer):
             if self._groups is None or self.steps == 0:
                 self._decide(step)
         for g in range(self._next, len(self._groups)):
-            self._launch(g, None)
+            self._launch(step, g, None)
         if overlapping:  # the groups went first (hooks started them); the handshake closes the step
             step.handshake()
         avg = step.output()
-        own, received_total = [], 0
+        own, received = [], 0
         with step.phase("comm"):
-            for entry in self._pending:
-                if entry is None:
-                    continue
-                pending, idx, k = entry
-                table = pending.wait()
-                received = []
-                for w in range(self.comm.size):
-                    iw, vw = _unpack(table[w], k, k, (idx.dtype, step.x.dtype))
-                    avg.index_add_(0, iw, vw)
-                    received.append(iw)
-                union = union_of(received, step.d)
-                if self.comm.size > 1:
-                    avg[union] = avg[union] / self.comm.size
-                received_total += union.numel()
+            for pairs, idx in self._in_flight:
+                received += pairs.add_into(avg).numel()
                 own.append(idx)
-            self._pending = []
+            self._in_flight = []
         sent = torch.cat(own) if own else torch.empty(0, dtype=step.layout.index_dtype, device=step.x.device)
         self._after_step(step)  # before the commit: step.x still holds the compensated gradient
         step.commit_sparse(sent)
-        d = step.d
-        step.stats.update(density=received_total / d if d else 0.0, local_density=sent.numel() / d if d else 0.0,
-                          groups=len(self._groups), overlapped=overlapping)
+        step.counted(selected=sent.numel(), received=received)
+        step.stats.update(groups=len(self._groups), overlapped=overlapping)
         return avg
 
     def _after_step(self, step: Step) -> None:
@@ -219,8 +192,8 @@ class MergedSparsifier(Reducer):
             v = torch.randn(n, generator=gen).to(device, dtype)
             k = target_count(self.density, n)
             select_s.append(_median_time(lambda: topk(v, k, step.layout.index_dtype), device))
-            row = _pack([torch.zeros(k, dtype=step.layout.index_dtype, device=device),
-                         torch.zeros(k, dtype=dtype, device=device)], k)
+            row = pack([torch.zeros(k, dtype=step.layout.index_dtype, device=device),
+                        torch.zeros(k, dtype=dtype, device=device)], k)
             comm_s.append(_median_time(lambda: self.comm.all_gather(row), device))
             comm_n.append(k)
         self.comm.reset_counters()  # the measurement is not the step's traffic
@@ -337,10 +310,8 @@ class AGTF(MergedSparsifier):
 
     def __init__(self, *, groups: Sequence[int] | None = None, overlap: bool = True, regroup_every: int = 100,
                  **common: Any) -> None:
-        if isinstance(regroup_every, bool) or not isinstance(regroup_every, int) or regroup_every < 1:
-            raise ValueError(f"regroup_every must be a positive integer, got {regroup_every!r}")
+        self.regroup_every = positive_int("regroup_every", regroup_every)
         super().__init__(groups=groups, overlap=overlap, **common)
-        self.regroup_every = regroup_every
         self._sq_norms: list[float] | None = None
 
     def options(self) -> dict[str, Any]:

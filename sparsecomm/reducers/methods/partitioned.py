@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ...validate import positive_int
 from ..base import Reducer, Step
 from ..control import MultiplicativeScaling
 from ..exchange import union_allreduce
@@ -55,9 +56,9 @@ class PartitionedThreshold(Reducer):
         with step.phase("comm"):
             avg, union = union_allreduce(self.comm, x, idx, header.counts, step.output(), disjoint=True)
         step.commit_sparse(union)
-        total, d = sum(header.counts), step.d
-        step.stats.update(density=total / d if d else 0.0, local_density=idx.numel() / d if d else 0.0,
-                          threshold=threshold, partition_size=(end - start) / d if d else 0.0,
+        total = sum(header.counts)
+        step.counted(selected=idx.numel(), received=total)
+        step.stats.update(threshold=threshold, partition_size=step.fraction(end - start),
                           load_imbalance=max(header.counts) * self.comm.size / total - 1.0 if total else 0.0)
         control.update(total)
         parts.update(parts.by_partition(header.counts, step.index))
@@ -98,12 +99,9 @@ class ExDyna(PartitionedThreshold):
     summary = "threshold selection in dynamically balanced rotating block partitions"
 
     def __init__(self, *, num_blocks: int = 1024, block_align: int = 32, **common: Any) -> None:
-        for key, value in (("num_blocks", num_blocks), ("block_align", block_align)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        self.num_blocks = positive_int("num_blocks", num_blocks)
+        self.block_align = positive_int("block_align", block_align)
         super().__init__(**common)
-        self.num_blocks = num_blocks
-        self.block_align = block_align
 
     def options(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_align": self.block_align}

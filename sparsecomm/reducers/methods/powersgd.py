@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ...validate import boolean, choice, nonnegative_int, positive_int
 from ..base import Reducer, Step
 from ..layout import Layout
 from ..registry import register
@@ -137,19 +138,11 @@ class PowerSGD(Reducer):
 
     def __init__(self, *, rank: int = 2, warm_start: bool = True, start_iter: int = 0, residual: str = "local",
                  **common: Any) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {rank!r}")
-        if not isinstance(warm_start, bool):
-            raise ValueError(f"warm_start must be true or false, got {warm_start!r}")
-        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 0:
-            raise ValueError(f"start_iter must be an integer >= 0 (steps sent uncompressed first), got {start_iter!r}")
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {list(RESIDUALS)}, got {residual!r}")
+        self.rank_option = positive_int("rank", rank)
+        self.warm_start = boolean("warm_start", warm_start)
+        self.start_iter = nonnegative_int("start_iter", start_iter, "steps sent uncompressed first")
+        self.residual = choice("residual", residual, RESIDUALS)
         super().__init__(**common)
-        self.rank_option = rank
-        self.warm_start = warm_start
-        self.start_iter = start_iter
-        self.residual = residual
         self._generator = torch.Generator().manual_seed(self.seed)
         self._matrices: list[_Matrix] = []
         self._consumed = False  # the current Q has been used by a step (warm_start=False redraws)
@@ -240,7 +233,7 @@ class PowerSGD(Reducer):
             for mat in self._matrices:  # Q_w^T = P-hat^T M (local, overwrites the kept Q)
                 torch.matmul(self._pv(mat).t(), xf[mat.a:mat.b].view(mat.n, mat.m), out=self._qv(mat))
             approx = None
-            if self._memory.enabled:
+            if step.error_feedback:
                 approx = step.scratch() if self._approx is None else self._approx
                 if self.residual == "local":
                     for mat in self._matrices:
@@ -271,9 +264,9 @@ class PowerSGD(Reducer):
                 approx[mat.a:mat.b] = avg[mat.a:mat.b]
         step.commit_dense(approx if approx is not None else x)
         sent = (P.numel() + Q.numel()) * P.element_size()
-        step.stats.update(density=1.0 if d else 0.0, local_density=1.0 if d else 0.0,
-                          payload_ratio=sent / (d * step.layout.dtype.itemsize) if d else 0.0,
-                          compressed_fraction=self._compressed / d if d else 0.0, warmup=False)
+        step.counted(selected=d, received=d)
+        step.stats.update(payload_ratio=step.fraction(sent / step.layout.dtype.itemsize),
+                          compressed_fraction=step.fraction(self._compressed), warmup=False)
         return avg
 
     def _uncompressed(self, step: Step) -> torch.Tensor:
@@ -285,10 +278,9 @@ class PowerSGD(Reducer):
             if self.comm.size > 1:
                 avg.div_(self.comm.size)
         step.commit_all()
-        d = step.d
-        step.stats.update(density=1.0 if d else 0.0, local_density=1.0 if d else 0.0,
-                          payload_ratio=1.0 if d else 0.0,
-                          compressed_fraction=self._compressed / d if d else 0.0, warmup=True)
+        step.counted(selected=step.d, received=step.d)
+        step.stats.update(payload_ratio=step.fraction(step.d), compressed_fraction=step.fraction(self._compressed),
+                          warmup=True)
         return avg
 
     def _pv(self, mat: _Matrix) -> torch.Tensor:
@@ -301,7 +293,7 @@ class PowerSGD(Reducer):
     # ------------------------------------------------------------------------ reporting, state
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"method": self.name, **self.options()}
-        layout = self._layout
+        layout = self.layout
         if layout is not None:
             d = layout.numel
             info.update(compressed=[{"tensor": m.tensor, "shape": [m.n, m.m], "rank": m.r} for m in self._matrices],

@@ -34,7 +34,7 @@ class RandomK(Reducer):
         with step.phase("comm"):
             avg = allreduce_at(self.comm, step.x, positions, step.output())
         step.commit_sparse(positions)
-        step.stats.update(density=k / step.d if step.d else 0.0, local_density=k / step.d if step.d else 0.0)
+        step.counted(selected=k, received=k)
         return avg
 
     def _method_state(self) -> dict[str, Any]:

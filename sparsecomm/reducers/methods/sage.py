@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ...validate import number
 from ..base import Step
 from ..control import SageScaling
 from ..exchange import gather_counts
@@ -32,10 +33,8 @@ class Sage(SparseReducer):
     summary = "hard threshold rescaled every step to track the target density (synced across workers)"
 
     def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, **common: Any) -> None:
-        if not isinstance(sample_error, (int, float)) or not 0 < sample_error < 1:
-            raise ValueError(f"sample_error must be in (0, 1), got {sample_error!r}")
+        self.sample_error = number("sample_error", sample_error, 0.0, 1.0, low_open=True, high_open=True)
         super().__init__(exchange=exchange, **common)
-        self.sample_error = float(sample_error)
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
         self._control: SageScaling | None = None

@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 
+from ...validate import choice
 from ..base import Reducer, Step
 from ..exchange import sparse_gather_sum, union_allreduce
 
@@ -18,10 +19,8 @@ class SparseReducer(Reducer):
     selected positions and zeroes its residual there)."""
 
     def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+        self.exchange = choice("exchange", exchange, EXCHANGES)
         super().__init__(**common)
-        self.exchange = exchange
 
     def options(self) -> dict[str, Any]:
         return {"exchange": self.exchange}
@@ -34,7 +33,5 @@ class SparseReducer(Reducer):
             else:
                 avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
         step.commit_sparse(idx if self.exchange == "gather" else union)
-        d = step.d
-        step.stats.update(density=union.numel() / d if d else 0.0,
-                          local_density=idx.numel() / d if d else 0.0)
+        step.counted(selected=idx.numel(), received=union.numel())
         return avg

@@ -1,11 +1,11 @@
 """Hard-threshold sparsification with a fixed threshold."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from ...validate import choice, number
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
@@ -13,15 +13,6 @@ from ..selection import ThresholdSearch, initial_threshold, target_count, thresh
 from .sparse import SparseReducer
 
 SCOPES = ("flat", "layer")
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not math.isfinite(threshold) or threshold <= 0:
-        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
-    return float(threshold)
 
 
 @register
@@ -37,11 +28,9 @@ class HardThreshold(SparseReducer):
 
     def __init__(self, *, threshold: float | None = None, scope: str = "flat", exchange: str = "gather",
                  **common: Any) -> None:
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {list(SCOPES)}, got {scope!r}")
+        self.scope = choice("scope", scope, SCOPES)
+        self.threshold = None if threshold is None else number("threshold", threshold, 0.0, low_open=True)
         super().__init__(exchange=exchange, **common)
-        self.threshold = check_threshold(threshold)
-        self.scope = scope
         self._lambdas: list[float] = []
         self._flat = 0.0
         self._search = ThresholdSearch(self.density)
