@@ -130,10 +130,18 @@ def worker_pids(out, count=2, timeout=120):
     raise AssertionError(f"expected {count} workers for {out}, found {found}")
 
 
-def signal_mid_run(out, send, lines=2):
-    """Freeze the job's workers once training has begun, send the stop signal, thaw them: the
-    signal lands mid-run however fast this machine trains."""
-    _wait_for_metrics(out, lines=lines)
+def _wait_for_config(out, timeout=120):
+    deadline = time.time() + timeout
+    while not list(Path(out).glob("*/config.yaml")):
+        assert time.time() < deadline, f"no run started in {out}"
+        time.sleep(0.05)
+
+
+def signal_mid_run(out, send):
+    """Freeze the job's workers once rank 0 has written config.yaml (every rank is then inside
+    the trainer, its stop handler installed, and no step has run), send the stop signal, thaw
+    them: the run stops after its first step, however fast this machine trains."""
+    _wait_for_config(out)
     pids = worker_pids(out)
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from ..commandline import OneLineParser
 from ..config import ConfigError, RunConfig, load_config
 from .presets import available_presets, choose_preset, find_preset, preset_dirs, preset_info
 
@@ -31,17 +32,9 @@ and exit code 2.
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line (``error: ...``), exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"error: {message} (python -m sparsecomm.train --help lists the options)\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m sparsecomm.train", epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Train one benchmark with one gradient reducer, on one worker or "
+    p = OneLineParser(prog="python -m sparsecomm.train", epilog=EXAMPLES,
+                                                description="Train one benchmark with one gradient reducer, on one worker or "
                                             "as one rank of a job (torchrun, run.sh, SLURM or MPI).")
     p.add_argument("--preset", help="preset name or YAML file (see --list-presets); without it, one is chosen "
                                     "from --task and --model")

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,17 @@ class Trainer:
     checkpoint unless ``fresh``."""
 
     def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
+        # Stop signals are caught from the start: one that arrives while the data loads stops
+        # the run after its first step, with a checkpoint, like any other.
+        self._signal: int | None = None
+        self._handlers = _catch(STOP_SIGNALS, self._on_signal)
+        try:
+            self._build(cfg, job, fresh)
+        except BaseException:
+            _release(self._handlers)
+            raise
+
+    def _build(self, cfg: RunConfig, job: Job, fresh: bool) -> None:
         self.cfg = cfg.validate()
         self.job = job
         self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.world)
@@ -91,7 +103,6 @@ class Trainer:
                        "steps": 0, "skipped": 0, "off_target": 0}
         self.best: dict[str, Any] | None = None
         self.evaluations: list[dict[str, Any]] = []
-        self._signal: int | None = None
         self._saved_step: int | None = None
         self._saved_tag: str | None = None
         self._described: dict[str, Any] | None = None
@@ -120,12 +131,10 @@ class Trainer:
     # ------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
         """Train to the end (or until stopped) and return the summary."""
-        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
             self._train()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            _release(self._handlers)
             self.recorder.close()
         return self._summary()
 
@@ -417,6 +426,19 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _catch(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:
+    """Install ``handler`` for ``signals`` (only possible in the main thread); the previous ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in signals}
+
+
+def _release(previous: dict[int, Any]) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    previous.clear()
 
 
 def _duration(seconds: float) -> str:
