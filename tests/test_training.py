@@ -231,3 +231,31 @@ def test_density_far_off_target_is_warned_in_the_summary(data_dir, tmp_path):
     assert summary["warnings"] and "off the target 0.05" in summary["warnings"][0]
     _, dense = run_solo(overrides("mnist", data_dir, tmp_path, reducer="exact"))
     assert dense["warnings"] == []
+
+
+def test_listings_and_help_are_plain_text(capsys):
+    from sparsecomm import reducers
+
+    assert cli_main(["--list-reducers"]) == 0
+    listing = capsys.readouterr().out
+    for name in reducers.available():
+        assert f"\n{name} " in "\n" + listing, name
+    assert "num_blocks=1024, block_align=32" in listing and "rank=2" in listing
+    assert cli_main(["--list-presets"]) == 0
+    presets = capsys.readouterr().out
+    assert "mnist-cnn" in presets and "small CNN on MNIST, quick CPU runs" in presets
+    with pytest.raises(SystemExit) as done:
+        cli_main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and "--list-reducers" in text and "Ctrl-C" in text
+    assert cli_main([]) == 2
+    assert "no preset given: name one with --preset NAME (--list-presets shows them)" in capsys.readouterr().err
+
+
+def test_rank_0_projects_the_run_length(data_dir, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        run_solo(overrides("mnist", data_dir, tmp_path, reducer="exact", epochs=4))  # 8 steps per epoch
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("projected")]
+    assert line.startswith("projected from steps 6-30: ") and "per epoch (8 steps)" in line
+    assert "for the remaining 2 steps" in line
