@@ -156,6 +156,27 @@ nodes OUTPUT_DIR must be on a shared file system, or set MASTER_ADDR and MASTER_
     fi
 }
 
+# The network interface collectives use. Left to themselves, gloo and NCCL take the address the
+# host name resolves to, which is loopback on many nodes (and in network namespaces): peers then
+# cannot connect. Unless GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME is set, take the interface that
+# routes to the rendezvous address (on rank 0's host: the one that holds it), and say which.
+pick_interface() {
+    [[ -n "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]] && return
+    command -v ip >/dev/null 2>&1 || return
+    local addr dev
+    addr=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk 'NR == 1 {print $1}')
+    [[ -n "$addr" && $addr != 127.* ]] || return
+    dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1)
+    if [[ $dev == lo ]]; then  # the address is this host's own: the interface that holds it
+        dev=$(ip -o -4 addr show 2>/dev/null | awk -v a="$addr" '{split($4, p, "/"); if (p[1] == a) print $2}' | head -n 1)
+    fi
+    [[ -n "$dev" && $dev != lo ]] || return
+    export GLOO_SOCKET_IFNAME=$dev NCCL_SOCKET_IFNAME=$dev
+    [[ $RANK == 0 ]] && say "collectives use network interface $dev (it routes to $MASTER_ADDR); set \
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to choose another"
+    return 0
+}
+
 # ------------------------------------------------------------- the environment -------------
 # Can this Python run the trainer of this checkout (its dependencies installed)?
 has_sparsecomm() {  # finds the modules without importing them (importing torch takes seconds)
@@ -271,6 +292,7 @@ address: set MASTER_ADDR and MASTER_PORT (or the seeds' hostip and port)"
         rendezvous
     fi
     export RANK WORLD_SIZE LOCAL_RANK=${LOCAL_RANK:-0} MASTER_ADDR MASTER_PORT
+    pick_interface
     if [[ -n "${LOCAL_SIZE:-}" ]]; then
         export LOCAL_WORLD_SIZE=$LOCAL_SIZE
         # share the cores among this node's workers, as torchrun does

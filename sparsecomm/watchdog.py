@@ -48,6 +48,7 @@ class Watchdog:
         self.store, self.rank, self.world = store, rank, world
         self.interval, self.timeout = interval, timeout
         self.on_lost = on_lost
+        self._last_ok = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -57,9 +58,20 @@ class Watchdog:
     def start(self) -> "Watchdog":
         if self.world > 1 and self._thread is None:
             self.store.add(self._key("beat", self.rank), 1)
+            self._last_ok = time.monotonic()
             self._thread = threading.Thread(target=self._run, name="sparsecomm-watchdog", daemon=True)
             self._thread.start()
+            threading.Thread(target=self._deadline, name="sparsecomm-watchdog-deadline", daemon=True).start()
         return self
+
+    def _deadline(self) -> None:
+        """A store that stops answering (a link down, a host frozen) blocks the beating thread
+        instead of failing it: stop when this rank's own beat has not gone through for ``timeout``."""
+        while not self._stop.wait(self.interval):
+            silent = time.monotonic() - self._last_ok
+            if silent > self.timeout:
+                return self.on_lost(f"rank {self.rank} lost contact with the job's rendezvous store (rank 0's "
+                                    f"host) for {silent:.0f} s: rank 0 or a network link is down")
 
     def stop(self) -> None:
         """Mark this rank done (its end is not a loss) and stop beating."""
@@ -105,9 +117,11 @@ class Watchdog:
                     message = self.store.get(self._key("abort")).decode()
                     return self.on_lost(f"rank {self.rank} stops: {message}")
                 if self.store.check([self._key("done", peer)]):
+                    self._last_ok = time.monotonic()
                     continue
                 value = int(self.store.get(self._key("beat", peer))) if \
                     self.store.check([self._key("beat", peer)]) else 0
+                self._last_ok = time.monotonic()
             except Exception as exc:  # the store is gone: rank 0 or the launcher's agent died
                 if self._stop.is_set():
                     return
