@@ -13,7 +13,6 @@ RATE is tc's form: ``100mbit``, ``1gbit``, ``2.5gbit``, ``10gbit``, or ``unlimit
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
