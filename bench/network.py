@@ -1,0 +1,219 @@
+"""What the links do to each method: training steps on hosts joined by rate-limited links.
+
+For each host count and link rate, ``sparsecomm.netlab`` makes the hosts (network namespaces
+on a bridge, ``tc tbf`` egress limits; root and iproute2 needed); one worker runs on each host
+(``bench/network.py worker``, started with ``ip netns exec``), joins one gloo group over the
+links and, for each model and method, trains ``--steps`` real steps with the project's trainer
+(real data, the model's preset; the first ``--log-every`` steps are warm-up) and reports rank
+0's means per step: forward, backward, select, communicate, optimizer step, bytes sent and on
+the wire, achieved density. For ``exact`` the dense all-reduce's achieved bandwidth is
+``bytes_wire * 8 / t_comm`` against the configured rate.
+
+    .venv/bin/python bench/network.py run --hosts 2,4 --rates 100mbit,1gbit,10gbit,unlimited \
+        --models mnist_cnn,resnet20 --methods exact,exdyna,sage,topk,gtopk,powersgd,randomk \
+        --densities 0.01,0.001 --data-dir DATA --out bench/results/network.json
+    .venv/bin/python bench/network.py tta --rate 100mbit --hosts 2 --methods exact,exdyna,powersgd \
+        --data-dir DATA --out bench/results/network_tta.json
+
+``tta`` trains the MNIST CNN to the end of its preset and records test accuracy against wall
+time (evaluation every ``--eval-every`` steps). Data: ``./prepare_dataset.sh --data-dir DATA
+--base-url ../shared/data mnist cifar10``. All hosts share this machine's 2 cores, so forward and
+backward times include contention; the communicate times are those of the links.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsecomm import netlab  # noqa: E402
+
+MODELS = {"mnist_cnn": ("mnist-cnn", []), "resnet20": ("resnet20-cifar10", []),
+          "lstm": ("lstm-ptb-small", [])}
+PARTS = ("t_data", "t_forward", "t_backward", "t_select", "t_comm", "t_step")
+PORT = 29640
+
+
+def _configs(methods: list[str], densities: list[float]) -> list[tuple[str, float]]:
+    out = []
+    for m in methods:
+        for c in ([1.0] if m in ("exact", "powersgd") else densities):
+            out.append((m, c))
+    return out
+
+
+# ------------------------------------------------------------------------------ worker
+def worker(args: argparse.Namespace) -> int:
+    """One host's worker: every (model, method, density) of the list, one after another."""
+    import logging
+
+    from sparsecomm.config import load_config
+    from sparsecomm.job import join
+    from sparsecomm.train.loop import Trainer
+    from sparsecomm.train.presets import find_preset
+
+    logging.basicConfig(level=logging.WARNING)
+    job = join("cpu")
+    results = []
+    for model in args.models.split(","):
+        preset, extra = MODELS[model]
+        for method, density in _configs(args.methods.split(","), [float(c) for c in args.densities.split(",")]):
+            with tempfile.TemporaryDirectory(dir=args.scratch) as out:
+                overrides = [f"reducer.name={method}", f"reducer.density={density}", f"data.dir={args.data_dir}",
+                             f"output_dir={out}", "records.progress=false", f"records.log_every={args.log_every}",
+                             "records.checkpoint_every=0", "epochs=100", f"max_steps={args.steps}", *extra]
+                if method == "powersgd":
+                    overrides.append("reducer.options={rank: 2}")
+                cfg = load_config(find_preset(preset), overrides, preset_name=preset)
+                # the trainer's metrics are rank 0's; every rank runs the same steps
+                trainer = Trainer(cfg, job, fresh=True)
+                try:
+                    trainer.run()
+                except Exception as exc:  # Stopped at max_steps
+                    if type(exc).__name__ != "Stopped":
+                        raise
+                if job.is_main:
+                    lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+                    timed = [line for line in lines if "split" not in line][1:]  # the first window is warm-up
+                    row = {"model": model, "method": method, "density": density, "steps": args.steps}
+                    for key in (*PARTS, "bytes_sent", "bytes_wire", "density"):
+                        values = [line[key] for line in timed if key in line]
+                        row["achieved_density" if key == "density" else key] = sum(values) / len(values) \
+                            if values else None
+                    results.append(row)
+                    print(json.dumps(row), flush=True)
+            job.barrier()
+    if job.is_main:
+        Path(args.result).write_text(json.dumps(results))
+    return 0
+
+
+# ------------------------------------------------------------------------------ driver
+def _run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeout: float) -> None:
+    procs = []
+    for r in range(hosts):
+        env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(hosts), "LOCAL_RANK": "0",
+               "MASTER_ADDR": netlab.host_address(0), "MASTER_PORT": str(PORT), "GLOO_SOCKET_IFNAME": "eth0",
+               "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
+        procs.append(subprocess.Popen(netlab.host_command(r, command), cwd=ROOT, env=env))
+    deadline = time.time() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.time()))
+            if p.returncode != 0:
+                raise RuntimeError(f"a worker exited with {p.returncode}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def run(args: argparse.Namespace) -> int:
+    results = {"settings": vars(args), "cells": []}
+    scratch = Path(tempfile.mkdtemp(prefix="network-bench-"))
+    try:
+        for hosts in [int(h) for h in args.hosts.split(",")]:
+            for rate in args.rates.split(","):
+                netlab.down(force=True)
+                netlab.up(hosts, rate)
+                result = scratch / f"h{hosts}-{rate}.json"
+                command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
+                           "--methods", args.methods, "--densities", args.densities, "--steps", str(args.steps),
+                           "--log-every", str(args.log_every), "--data-dir", str(Path(args.data_dir).resolve()),
+                           "--scratch", str(scratch), "--result", str(result)]
+                print(f"== {hosts} hosts at {rate}", flush=True)
+                _run_hosts(hosts, command, {}, args.timeout)
+                for row in json.loads(result.read_text()):
+                    results["cells"].append({"hosts": hosts, "rate": rate, **row})
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+    finally:
+        netlab.down(force=True)
+    print(table(results["cells"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def table(cells: list[dict]) -> str:
+    head = (f"{'hosts':>5} {'rate':>9} {'model':<10} {'method':<9} {'c':>6} {'iter ms':>8} {'fwd':>6} {'bwd':>6} "
+            f"{'select':>7} {'comm':>8} {'MB sent':>8} {'density':>8} {'Gbit/s':>7}")
+    lines = [head]
+    for c in cells:
+        it = sum(c[k] or 0.0 for k in PARTS)
+        gbits = c["bytes_wire"] * 8 / c["t_comm"] / 1e9 if c["method"] == "exact" and c["t_comm"] else None
+        lines.append(f"{c['hosts']:>5} {c['rate']:>9} {c['model']:<10} {c['method']:<9} {c['density']:>6g} "
+                     f"{it * 1e3:8.1f} {c['t_forward'] * 1e3:6.1f} {c['t_backward'] * 1e3:6.1f} "
+                     f"{c['t_select'] * 1e3:7.2f} {c['t_comm'] * 1e3:8.1f} {c['bytes_sent'] / 1e6:8.3f} "
+                     f"{c['achieved_density']:8.4f} {'' if gbits is None else f'{gbits:7.3f}'}")
+    return "\n".join(lines)
+
+
+def tta(args: argparse.Namespace) -> int:
+    """Test accuracy against wall time, MNIST CNN to the end of its preset."""
+    netlab.down(force=True)
+    netlab.up(args.hosts, args.rate)
+    curves = {}
+    try:
+        out = Path(tempfile.mkdtemp(prefix="network-tta-"))
+        for method in args.methods.split(","):
+            density = 1.0 if method in ("exact", "powersgd") else args.density
+            command = ["./run.sh"]
+            extra = {"PRESET": "mnist-cnn", "REDUCER": method, "DENSITY": str(density), "DATA_DIR": args.data_dir,
+                     "OUTPUT_DIR": str(out), "EXTRA_ARGS": f"--set records.progress=false --set "
+                     f"records.eval_every_steps={args.eval_every}"}
+            print(f"== {method}", flush=True)
+            _run_hosts(args.hosts, command, extra, args.timeout)
+            run_dir = next(p for p in out.iterdir() if f"-{method}-" in p.name)
+            evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                     if '"split"' in line]
+            curves[method] = [(e["time"], e["accuracy"]) for e in evals]
+            print(curves[method], flush=True)
+    finally:
+        netlab.down(force=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"settings": vars(args), "curves": curves}, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    verbs = p.add_subparsers(dest="verb", required=True)
+    r = verbs.add_parser("run")
+    r.add_argument("--hosts", default="2,4")
+    r.add_argument("--rates", default="100mbit,1gbit,10gbit,unlimited")
+    r.add_argument("--models", default="mnist_cnn,resnet20")
+    r.add_argument("--methods", default="exact,exdyna,sage,topk,gtopk,powersgd,randomk")
+    r.add_argument("--densities", default="0.01,0.001")
+    r.add_argument("--steps", type=int, default=25)
+    r.add_argument("--log-every", type=int, default=5)
+    r.add_argument("--data-dir", required=True)
+    r.add_argument("--timeout", type=float, default=3600)
+    r.add_argument("--out", default="bench/results/network.json")
+    w = verbs.add_parser("worker")
+    for name in ("--models", "--methods", "--densities", "--data-dir", "--scratch", "--result"):
+        w.add_argument(name, required=True)
+    w.add_argument("--steps", type=int, required=True)
+    w.add_argument("--log-every", type=int, required=True)
+    t = verbs.add_parser("tta")
+    t.add_argument("--hosts", type=int, default=2)
+    t.add_argument("--rate", default="100mbit")
+    t.add_argument("--methods", default="exact,exdyna,powersgd")
+    t.add_argument("--density", type=float, default=0.01)
+    t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--data-dir", required=True)
+    t.add_argument("--timeout", type=float, default=7200)
+    t.add_argument("--out", default="bench/results/network_tta.json")
+    args = p.parse_args(argv)
+    return {"run": run, "worker": worker, "tta": tta}[args.verb](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
