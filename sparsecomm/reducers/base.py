@@ -351,7 +351,7 @@ class Reducer(abc.ABC):
             "skipped_steps": self.skipped_steps,
             "layout": None if layout is None else {"shapes": [list(s) for s in layout.shapes],
                                                     "dtype": str(layout.dtype).replace("torch.", "")},
-            "residual": None if layout is None or not self._memory.allocated
+            "residual": None if layout is None or not self._memory.enabled
             else self._memory.residual.detach().cpu().clone(),
             "method_state": {} if layout is None else self._method_state(),
         }

@@ -31,38 +31,53 @@ class ErrorFeedback:
     def __init__(self, enabled: bool, wide: bool = False) -> None:
         self.enabled = bool(enabled)
         self.wide = bool(wide)
+        self._shape: tuple[int, torch.dtype, torch.device] | None = None
         self._m: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
 
     def allocate(self, layout: Layout, residual: torch.Tensor | None = None) -> None:
-        """(Re)create the buffers for ``layout``, optionally starting from a saved residual."""
+        """(Re)create the buffers for ``layout``, optionally starting from a saved residual. With
+        error feedback off nothing is allocated until a step needs a copy of the gradient."""
         d = layout.numel
         dtype = torch.float32 if self.wide and layout.dtype in _HALF else layout.dtype
-        self._m = torch.zeros(d, dtype=dtype, device=layout.device)
-        self._x = torch.empty(d, dtype=dtype, device=layout.device)
-        if residual is not None:
-            if residual.numel() != d:
-                raise ValueError(f"saved residual has {residual.numel()} elements, the gradients {d}")
-            self._m.copy_(residual.reshape(-1))
+        self._shape = (d, dtype, layout.device)
+        self._m = self._x = None
+        if self.enabled:
+            self._m = torch.zeros(d, dtype=dtype, device=layout.device)
+            self._x = torch.empty(d, dtype=dtype, device=layout.device)
+            if residual is not None:
+                if residual.numel() != d:
+                    raise ValueError(f"saved residual has {residual.numel()} elements, the gradients {d}")
+                self._m.copy_(residual.reshape(-1))
 
     @property
     def residual(self) -> torch.Tensor:
-        """The flat residual ``m`` (zeros when error feedback is off)."""
-        if self._m is None:
+        """The flat residual ``m`` (zeros when error feedback is off, made when first asked for)."""
+        if self._shape is None:
             raise RuntimeError("no residual yet: reduce() has not been called")
+        if self._m is None:
+            d, dtype, device = self._shape
+            self._m = torch.zeros(d, dtype=dtype, device=device)
         return self._m
 
     @property
     def allocated(self) -> bool:
-        return self._m is not None
+        return self._shape is not None
+
+    def _spare(self) -> torch.Tensor:
+        """The buffer ``x`` is built in."""
+        if self._x is None:
+            assert self._shape is not None
+            d, dtype, device = self._shape
+            self._x = torch.empty(d, dtype=dtype, device=device)
+        return self._x
 
     def compensate(self, grads: Sequence[torch.Tensor], layout: Layout,
                    tensors: Sequence[int] | None = None) -> torch.Tensor:
         """Build and return the flat ``x = g + m`` (``x = g`` when off), for all tensors or only
         those numbered in ``tensors``. ``x`` is an internal buffer: valid until the next commit,
         not to be handed to users."""
-        x = self._x
-        assert x is not None and self._m is not None
+        x = self._spare()
         segments = layout.segments
         for i in range(len(segments)) if tensors is None else tensors:
             (a, b), g = segments[i], grads[i]
@@ -76,14 +91,13 @@ class ErrorFeedback:
         """Build ``x = g + m`` from the whole flat gradient ``g`` in one pass. With error
         feedback off, ``x`` is ``g`` itself when ``overwrite`` allows the step to write into it
         (and the dtypes agree), else a copy."""
-        x = self._x
-        assert x is not None and self._m is not None
+        if not self.enabled and overwrite and g.dtype == self._shape[1]:
+            return g
+        x = self._spare()
         if self.enabled:
             torch.add(self._m, g, out=x)
-            return x
-        if overwrite and g.dtype == x.dtype:
-            return g
-        x.copy_(g)
+        else:
+            x.copy_(g)
         return x
 
     def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor) -> None:
