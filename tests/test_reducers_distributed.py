@@ -14,7 +14,8 @@ DENSITY = 0.05
 # Every method, named here by hand (a new method must be added, with a reference), with default
 # options, plus the option variants that change the exchange.
 METHODS = ("exact", "topk", "global_topk", "randomk", "thresh", "sage", "micro", "exdyna", "cltk", "gtopk", "deft",
-           "accordion", "legacy", "omgs", "agtf", "powersgd")
+           "accordion", "legacy", "omgs", "agtf", "powersgd", "dgc", "qsgd", "terngrad", "efsignsgd", "signsgd",
+           "fp16", "bf16")
 CASES = [(name, {}) for name in METHODS] + [
     ("topk", {"exchange": "union"}),
     ("global_topk", {"exchange": "union"}),
@@ -23,7 +24,21 @@ CASES = [(name, {}) for name in METHODS] + [
     ("thresh", {"threshold": 0.03}),
     ("sage", {"exchange": "union"}),
     ("exdyna", {"num_blocks": 16}),
+    ("dgc", {"momentum": 0.0}),
 ]
+# Methods whose average is not the plain mean of what the workers hold (their reducer says so:
+# ``conserves`` is False), and why; tests/test_quantized.py checks what holds instead.
+NOT_CONSERVING = {
+    "qsgd": "unbiased, no residual: the mean in expectation only (checked there with a confidence bound)",
+    "terngrad": "unbiased, no residual: the mean in expectation only (checked there with a confidence bound)",
+    "signsgd": "a majority vote, not an average, and no residual (the vote is checked there)",
+    "dgc": "momentum correction adds mu u_w: sum_w (x_w + mu u_w) = P avg + sum_w m_w is checked there; "
+           "the case momentum=0 keeps the plain identity",
+}
+
+
+def conserves(name, options):
+    return getattr(reducers.build(name, **options), "conserves", True)
 
 
 def case_id(case):
@@ -56,7 +71,10 @@ def test_method_across_processes(clusters, P, case):
             assert torch.equal(avgs[r], avgs[0]), f"step {t}: rank {r}'s average differs from rank 0's"
         # conservation: sum_w x_w == P * avg + sum_w m_w(new)
         x_sum = sum(previous[w] + flat(grads[w]) for w in range(P))
-        torch.testing.assert_close(P * avgs[0] + sum(residuals), x_sum, rtol=1e-5, atol=1e-6)
+        if conserves(name, options):
+            torch.testing.assert_close(P * avgs[0] + sum(residuals), x_sum, rtol=1e-5, atol=1e-6)
+        else:
+            assert name in NOT_CONSERVING, f"{name} does not conserve: say why in NOT_CONSERVING"
         # the single-process reference
         ref_avg, ref_residuals = sim.step(grads)
         torch.testing.assert_close(avgs[0], ref_avg, rtol=1e-5, atol=1e-7)

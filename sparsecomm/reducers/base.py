@@ -175,6 +175,10 @@ class Reducer(abc.ABC):
     compensates: ClassVar[bool] = True  # False: the method sends everything, no residual
     uses_density: ClassVar[bool] = True  # False: density is ignored (the target is 1)
     wide_residual: ClassVar[bool] = False  # True: float32 residual for 16-bit gradients
+    # False: the average is not the plain mean of what the workers hold (a vote, an unbiased
+    # random rounding without residual, momentum inside the method), so the conservation
+    # identity sum_w x_w = P avg + sum_w m_w does not apply; say what holds instead
+    conserves: bool = True
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
                  seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:

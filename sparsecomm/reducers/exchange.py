@@ -13,7 +13,9 @@ and size padded all-gathers from the counts. The schemes below then move the pay
   backward);
 * :func:`union_allreduce` -- indices are all-gathered, then every worker all-reduces its own
   values at the union of everyone's indices;
-* :func:`allreduce_at` -- all-reduce at positions every worker already agrees on.
+* :func:`allreduce_at` -- all-reduce at positions every worker already agrees on;
+* :func:`gather_decoded_mean` -- every worker's encoded row (quantized codes, 16-bit values)
+  all-gathered, decoded and added in rank order.
 
 Every exchange of positions and values travels in one format (:func:`pack`): each part
 padded to the same count, widest element type first. Padding is zero-initialised, counted as
@@ -23,7 +25,7 @@ Sums are formed in a fixed order, so ``avg`` is bit-identical on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,7 +35,7 @@ from .layout import Layout
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
     "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "union_allreduce", "allreduce_at", "union_of",
-    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight",
+    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -243,3 +245,24 @@ def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, a
     comm.all_reduce_(values)
     avg[positions] = values / comm.size if comm.size > 1 else values
     return avg
+
+
+def gather_decoded_mean(comm: Communicator, row: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
+                        avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense gather-sum of encoded rows: all-gather this worker's ``row`` (the same length on
+    every worker), add ``decode(row_w)`` (a flat vector like ``avg``) into the zeroed ``avg``
+    for w = 0, 1, ... in rank order, and divide by P. Every rank forms the same sums in the
+    same order, so ``avg`` is bit-identical everywhere; what travels is the encoded row.
+    Returns ``(avg, this worker's own row decoded)`` (what the others received from it: the
+    error-feedback residual is x minus that)."""
+    table = comm.all_gather(row)
+    mine = None
+    for w in range(comm.size):
+        decoded = decode(table[w])
+        avg.add_(decoded)
+        if w == comm.rank:
+            mine = decoded
+    if comm.size > 1:
+        avg.div_(comm.size)
+    assert mine is not None
+    return avg, mine

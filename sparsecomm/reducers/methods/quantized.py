@@ -1,0 +1,379 @@
+"""Quantizers: every coordinate travels, in a few bits (QSGD, TernGrad, scaled sign with error
+feedback, sign with majority vote).
+
+Common to the family: each worker encodes its compensated vector x into one byte row (scales
+first, then bit-packed codes, see :mod:`~sparsecomm.reducers.bitpack`), the rows are
+all-gathered, and every rank decodes them and adds them in rank order
+(:func:`~sparsecomm.reducers.exchange.gather_decoded_mean`), so the average is bit-identical
+everywhere and ``bytes_sent`` is the packed row itself.
+
+Error feedback: ``efsignsgd`` keeps ``x - q`` as its residual, q being this worker's own
+decoded row, so nothing is lost. ``qsgd`` and ``terngrad`` are unbiased (E q = x) and, as in
+their papers, keep no residual whatever ``error_feedback`` says (like ``exact``): error
+feedback needs a compressor whose error is smaller than the signal, and theirs is not at
+these bit widths (their variance exceeds ||x||^2), so a residual grows without bound (QSGD
+with 7 levels, 512-buckets: residual norm x 4e4 in 200 steps on Gaussian gradients). Their
+average is the mean of what the workers hold in expectation only, so the conservation
+identity does not apply to them (``conserves`` is False); the tests check the expectation
+instead. ``signsgd`` is a vote (see there).
+
+Scales and codes are computed in float32 (float64 for float64 gradients); decoded values are
+rounded once to the gradient's dtype. ``density`` is not used: every coordinate gets a value
+(``density`` = 1); ``payload_ratio`` is the bytes of the row over the bytes of the dense
+gradient, ``bits_per_coordinate`` the same in bits.
+
+Stochastic rounding draws one uniform number per coordinate from a generator on the
+gradients' device seeded with ``seed * 65537 + rank``: each worker has its own stream (the
+rounding noise of different workers is independent, so it averages out), reproducible and
+saved in the state. CPU and CUDA streams of one seed differ.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ...validate import choice, number, positive_int
+from ..base import Reducer, Step
+from ..bitpack import code_width, pack_bits, unpack_bits
+from ..exchange import Header, gather_decoded_mean
+from ..layout import Layout
+from ..registry import register
+
+__all__ = ["QuantizedReducer", "QSGD", "TernGrad", "EFSignSGD", "SignSGD", "stream_seed", "per_tensor",
+           "mean_magnitudes"]
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """The seed of worker ``rank``'s rounding stream."""
+    return seed * 65_537 + rank
+
+
+def per_tensor(x: torch.Tensor, layout: Layout, fn: Callable[[torch.Tensor], torch.Tensor],
+               dtype: torch.dtype) -> torch.Tensor:
+    """``fn`` of every tensor's segment of the flat ``x`` (0 for empty tensors), stacked on x's
+    device without a host round-trip."""
+    out = torch.zeros(len(layout.shapes), dtype=dtype, device=x.device)
+    for i, (a, b) in enumerate(layout.segments):
+        if b > a:
+            out[i] = fn(x[a:b])
+    return out
+
+
+def mean_magnitudes(x: torch.Tensor, layout: Layout, dtype: torch.dtype) -> torch.Tensor:
+    """Every tensor's ||x||_1 / n (0 for empty tensors), in ``dtype``."""
+    return per_tensor(x, layout, lambda t: torch.linalg.vector_norm(t, 1, dtype=dtype) / t.numel(), dtype)
+
+
+def _bytes_of(values: torch.Tensor) -> torch.Tensor:
+    return values.contiguous().view(torch.uint8)
+
+
+def _values_of(row: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """The first ``count`` values of ``dtype`` at the start of a byte row (copied, so that a row
+    of a gathered table need not be aligned)."""
+    return row[:count * dtype.itemsize].clone().view(dtype)
+
+
+class QuantizedReducer(Reducer):
+    """Family base: :meth:`_prepare` (before the handshake; per-worker figures that ride on it),
+    :meth:`_encode` (after it: the byte row) and :meth:`_decode` (a row back to a flat vector
+    of the gradients' dtype) define a method. ``conserves``: whether the average is the mean of
+    what the workers hold up to what the residuals keep (the conservation identity)."""
+
+    uses_density = False
+    conserves = True
+    random_rounding = False  # True: the method draws one uniform number per coordinate
+
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        self._generator: torch.Generator | None = None
+
+    def _configure(self, layout: Layout) -> None:
+        self._cdtype = torch.float64 if layout.dtype == torch.float64 else torch.float32
+        if self.random_rounding:
+            self._generator = torch.Generator(device=layout.device)
+            self._generator.manual_seed(stream_seed(self.seed, self.rank))
+
+    def _scale_(self, v: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Multiply each tensor's segment of the flat ``v`` by its entry of ``values``, in place
+        (one pass over v; no vector of d repeated values)."""
+        for i, (a, b) in enumerate(self.layout.segments):
+            if b > a:
+                v[a:b].mul_(values[i])
+        return v
+
+    def _uniform(self, d: int, device: torch.device) -> torch.Tensor:
+        assert self._generator is not None
+        return torch.rand(d, generator=self._generator, dtype=self._cdtype, device=device)
+
+    def _prepare(self, step: Step) -> list[torch.Tensor]:
+        return []
+
+    def _encode(self, step: Step, header: Header) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, row: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run(self, step: Step) -> torch.Tensor:
+        with step.phase("select"):
+            extras = self._prepare(step)
+        header = step.handshake(count=step.d, extras=extras)
+        with step.phase("select"):
+            row = self._encode(step, header)
+        with step.phase("comm"):
+            avg, mine = gather_decoded_mean(self.comm, row, self._decode, step.output())
+        step.commit_dense(mine)
+        step.counted(selected=step.d, received=step.d)
+        step.stats.update(payload_ratio=step.fraction(row.numel() / step.layout.dtype.itemsize),
+                          bits_per_coordinate=step.fraction(8.0 * row.numel()))
+        return avg
+
+    def _method_state(self) -> dict[str, Any]:
+        return {} if self._generator is None else {"generator": self._generator.get_state()}
+
+    def _load_method_state(self, state: dict[str, Any]) -> None:
+        if self._generator is not None:
+            self._generator.set_state(state["generator"])
+
+
+@register
+class QSGD(QuantizedReducer):
+    """QSGD (Alistarh, Grubic, Li, Tomioka & Vojnovic, NeurIPS 2017): stochastic rounding to
+    ``levels`` (s) levels of a bucket's L2 norm. For a bucket v (``bucket_size`` consecutive
+    coordinates of one tensor; the whole tensor when ``bucket_size`` is None) and r_i =
+    |v_i| s / ||v||_2, the level is floor(r_i) + 1 with probability r_i - floor(r_i), else
+    floor(r_i), and the value sent is ||v||_2 sgn(v_i) level / s: unbiased, E q = v.
+
+    Wire format per worker: the buckets' norms (float32, float64 for float64 gradients), then
+    one fixed-width code per coordinate, the signed level offset by s, ``sgn(v_i) level + s``
+    in [0, 2 s], of ceil(log2(2 s + 1)) bits: 4 bits with the default s = 7 (``levels`` from 1
+    to 127, codes of at most 8 bits). The paper's Elias coding of the levels is not used: a
+    fixed width keeps every worker's row the same length, so one all-gather moves them without
+    padding or a count exchange. Buckets never cross tensor boundaries; a tensor's last bucket
+    may be shorter. A bucket whose norm is 0 sends level 0 everywhere. A level can only exceed
+    s through float rounding of the norm; it is clamped to s."""
+
+    name = "qsgd"
+    summary = "stochastic rounding to s levels of each bucket's norm, packed codes (QSGD; unbiased, no residual)"
+    random_rounding = True
+    compensates = False
+    conserves = False  # unbiased: the mean of what the workers hold in expectation only
+
+    def __init__(self, *, levels: int = 7, bucket_size: int | None = 512, **common: Any) -> None:
+        self.levels = positive_int("levels", levels, "quantization levels s, at most 127")
+        if self.levels > 127:
+            raise ValueError(f"levels must be at most 127 (codes of at most 8 bits), got {levels!r}")
+        self.bucket_size = None if bucket_size is None else positive_int(
+            "bucket_size", bucket_size, "coordinates per norm, or None for one norm per tensor")
+        self.width = code_width(2 * self.levels)
+        super().__init__(**common)
+
+    def options(self) -> dict[str, Any]:
+        return {"levels": self.levels, "bucket_size": self.bucket_size}
+
+    def _configure(self, layout: Layout) -> None:
+        super()._configure(layout)
+        self._plan = []  # per tensor: (start, full buckets, bucket size, tail length, first bucket)
+        buckets = 0
+        for a, b in layout.segments:
+            n = b - a
+            size = self.bucket_size or max(n, 1)
+            full, tail = divmod(n, size)
+            self._plan.append((a, full, size, tail, buckets))
+            buckets += full + (1 if tail else 0)
+        self._buckets = buckets
+
+    def _by_bucket(self, v: torch.Tensor, per_bucket: torch.Tensor) -> torch.Tensor:
+        """Multiply each bucket of the flat ``v`` by its entry of ``per_bucket``, in place."""
+        for a, full, size, tail, j in self._plan:
+            if full:
+                v[a:a + full * size].view(full, size).mul_(per_bucket[j:j + full, None])
+            if tail:
+                v[a + full * size:a + full * size + tail].mul_(per_bucket[j + full])
+        return v
+
+    def _norms(self, x: torch.Tensor) -> torch.Tensor:
+        norms = torch.zeros(self._buckets, dtype=self._cdtype, device=x.device)
+        for a, full, size, tail, j in self._plan:
+            if full:
+                norms[j:j + full] = torch.linalg.vector_norm(x[a:a + full * size].view(full, size), dim=1,
+                                                             dtype=self._cdtype)
+            if tail:
+                norms[j + full] = torch.linalg.vector_norm(x[a + full * size:a + full * size + tail],
+                                                           dtype=self._cdtype)
+        return norms
+
+    def _encode(self, step: Step, header: Header) -> torch.Tensor:
+        x, s = step.x, self.levels
+        norms = self._norms(x)
+        inverse = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
+        r = self._by_bucket(x.abs().to(self._cdtype), inverse)  # |v_i| s / ||v||
+        level = torch.floor(r)
+        up = self._uniform(step.d, x.device) < r.sub_(level)  # with probability r - floor(r)
+        level = level.add_(up).clamp_(max=s)
+        codes = torch.copysign(level, x.to(self._cdtype)).add_(s).to(torch.uint8)
+        return torch.cat([_bytes_of(norms), pack_bits(codes, self.width)])
+
+    def _decode(self, row: torch.Tensor) -> torch.Tensor:
+        d, cdtype = self.layout.numel, self._cdtype
+        norms = _values_of(row, self._buckets, cdtype)
+        codes = unpack_bits(row[self._buckets * cdtype.itemsize:], d, self.width)
+        values = self._by_bucket(codes.to(cdtype).sub_(self.levels), norms / self.levels)
+        return values.to(self.layout.dtype)
+
+
+@register
+class TernGrad(QuantizedReducer):
+    """TernGrad (Wen, Xu, Yan, Wu, Wang, Chen & Li, NeurIPS 2017): per tensor ("layer"), each
+    coordinate becomes s * sign(g_i) * b_i with b_i ~ Bernoulli(|g_i| / s): unbiased, E q = g.
+
+    The paper's three techniques, as in its code: *gradient clipping* (``clip``, c = 2.5;
+    None turns it off): g_i is clipped to [-c sigma, c sigma], sigma the standard deviation of
+    the tensor's coordinates (mean-centred, divided by n); *scaler sharing*: s = max over
+    workers of each worker's max |g| of the clipped tensor (the paper's s_t = ||g||_inf, taken
+    after clipping), exchanged on the step's handshake (one float per tensor per worker), so
+    all workers use the same s; *ternary encoding*: sign(g) b + 1 in {0, 1, 2}, 2 bits per
+    coordinate, four to a byte. b_i is drawn as ``u_i s < |g_i|`` with u_i uniform on [0, 1)
+    (their code's form).
+
+    Clipping makes the quantizer biased (the paper accepts that): the clipped-off part is lost,
+    as is the rounding noise (no residual, see the module)."""
+
+    name = "terngrad"
+    summary = "stochastic ternary levels {-s, 0, s}, shared per-tensor scaler, clipping (TernGrad; no residual)"
+    random_rounding = True
+    compensates = False
+    conserves = False  # unbiased (up to clipping): the mean of what the workers hold in expectation only
+
+    def __init__(self, *, clip: float | None = 2.5, **common: Any) -> None:
+        self.clip = None if clip is None else number(
+            "clip", clip, 0.0, low_open=True, meaning="a multiple of the standard deviation, or None")
+        super().__init__(**common)
+        self._g: torch.Tensor | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"clip": self.clip}
+
+    def _prepare(self, step: Step) -> list[torch.Tensor]:
+        layout, cdtype = step.layout, self._cdtype
+        g = step.x.to(cdtype, copy=True)
+        if self.clip is not None:
+            bound = per_tensor(g, layout, lambda t: torch.std(t, correction=0), cdtype).mul_(self.clip)
+            for i, (a, b) in enumerate(layout.segments):
+                if b > a:
+                    g[a:b].clamp_(-bound[i], bound[i])
+        self._g = g
+        return list(per_tensor(g, layout, lambda t: t.abs().amax(), cdtype).unbind())
+
+    def _encode(self, step: Step, header: Header) -> torch.Tensor:
+        g, self._g = self._g, None
+        assert g is not None
+        L = len(step.layout.shapes)
+        self._scaler = header.extras[:, :L].amax(dim=0).to(self._cdtype).to(g.device) if L else \
+            torch.zeros(0, dtype=self._cdtype, device=g.device)
+        keep = self._scale_(self._uniform(step.d, g.device), self._scaler) < g.abs()  # u s < |g|
+        codes = torch.sign(g).mul_(keep).add_(1).to(torch.uint8)  # sign(g) b + 1
+        return pack_bits(codes, 2)
+
+    def _decode(self, row: torch.Tensor) -> torch.Tensor:
+        codes = unpack_bits(row, self.layout.numel, 2)
+        return self._scale_(codes.to(self._cdtype).sub_(1), self._scaler).to(self.layout.dtype)
+
+    def _end_step(self) -> None:
+        self._g = None
+
+
+@register
+class EFSignSGD(QuantizedReducer):
+    """Scaled sign with error feedback, EF-SignSGD (Karimireddy, Rebjock, Stich & Jaggi, ICML
+    2019): per tensor, q = (||x||_1 / n) sign(x), x = g + e the error-compensated gradient,
+    and the new error e = x - q. Here the sign and the scale are taken per tensor (the paper
+    states the operator for one vector), and the average is the mean of the workers' q (the
+    paper analyses one worker). The error is kept in gradient units (the optimizer applies the
+    learning rate afterwards), while the paper's is in parameter units (p = lr g + e); the two
+    agree while the learning rate is constant.
+
+    Wire format per worker: one scale per tensor (float32; float64 for float64 gradients), then
+    one bit per coordinate (1 for x_i < 0). A zero coordinate is sent as +scale (one bit
+    cannot say 0); error feedback keeps the difference, and a tensor that is all zeros has
+    scale 0 and sends zeros."""
+
+    name = "efsignsgd"
+    summary = "per-tensor scaled sign (||x||_1/n) with error feedback, 1 bit per coordinate (EF-SignSGD)"
+
+    def _encode(self, step: Step, header: Header) -> torch.Tensor:
+        x = step.x
+        scales = mean_magnitudes(x, step.layout, self._cdtype)
+        return torch.cat([_bytes_of(scales), pack_bits(x < 0, 1)])
+
+    def _decode(self, row: torch.Tensor) -> torch.Tensor:
+        L = len(self.layout.shapes)
+        scales = _values_of(row, L, self._cdtype)
+        bits = unpack_bits(row[L * self._cdtype.itemsize:], self.layout.numel, 1)
+        return self._scale_(bits.to(self._cdtype).mul_(-2).add_(1), scales).to(self.layout.dtype)
+
+
+@register
+class SignSGD(QuantizedReducer):
+    """signSGD with majority vote (Bernstein, Wang, Azizzadenesheli & Anandkumar, ICML 2018;
+    and ICLR 2019 for the vote's fault tolerance): each worker sends sign(g), one bit per
+    coordinate, and the update is the sign of the sum of the workers' signs, the majority
+    vote: +1 or -1, 0 on a tie (an even worker count).
+
+    **The result is a vote, not an average**, so the conservation identity does not apply
+    (``conserves`` is False): P times the vote is not the sum of what the workers hold, and
+    the method keeps no residual (signSGD has no error feedback; ``efsignsgd`` is the one
+    with it). A zero coordinate votes +1 (one bit cannot say 0).
+
+    ``scale``: ``"l1"`` (default) multiplies the vote in each tensor by the mean over workers
+    of their ||g||_1 / n (one float32 per tensor per worker on the wire), so the update has
+    the gradient's magnitude, learning rates tuned for SGD stay meaningful, and a zero
+    gradient gives a zero update; ``"none"`` returns the bare vote, the paper's update, to be
+    used with a learning rate suited to sign updates (every coordinate moves by the full
+    rate). Signum's
+    momentum (the sign of a momentum) is not part of it: momentum in the optimizer acts on the
+    votes. Stats: ``tie_fraction``, the fraction of coordinates whose vote was 0."""
+
+    name = "signsgd"
+    summary = "sign of the workers' 1-bit sign votes (majority vote; not an average, no residual)"
+    compensates = False
+    conserves = False  # a vote, not an average: the conservation identity does not apply
+
+    def __init__(self, *, scale: str = "l1", **common: Any) -> None:
+        self.scale = choice("scale", scale, ("l1", "none"))
+        super().__init__(**common)
+
+    def options(self) -> dict[str, Any]:
+        return {"scale": self.scale}
+
+    def _run(self, step: Step) -> torch.Tensor:
+        layout, x, L, cdtype = step.layout, step.x, len(step.layout.shapes), self._cdtype
+        step.handshake(count=step.d)
+        with step.phase("select"):
+            parts = [pack_bits(x < 0, 1)]
+            if self.scale == "l1":
+                scales = mean_magnitudes(x, layout, cdtype)
+                parts.insert(0, _bytes_of(scales))
+            row = torch.cat(parts)
+        with step.phase("comm"):
+            P = self.comm.size
+            table = self.comm.all_gather(row)
+            negative = torch.zeros(step.d, dtype=torch.int32, device=x.device)  # workers voting -1
+            scale = torch.zeros(L, dtype=cdtype, device=x.device)
+            at = L * cdtype.itemsize if self.scale == "l1" else 0
+            for w in range(P):  # rank order
+                negative.add_(unpack_bits(table[w, at:], step.d, 1))
+                if self.scale == "l1":
+                    scale.add_(_values_of(table[w], L, cdtype))
+            votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
+            result = torch.sign(votes).to(cdtype)
+            if self.scale == "l1":
+                self._scale_(result, scale.div_(P))
+            avg = step.output().copy_(result)
+        step.counted(selected=step.d, received=step.d)
+        step.stats.update(payload_ratio=step.fraction(row.numel() / layout.dtype.itemsize),
+                          bits_per_coordinate=step.fraction(8.0 * row.numel()),
+                          tie_fraction=(votes == 0).sum() / step.d if step.d else 0.0)
+        return avg
