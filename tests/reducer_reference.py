@@ -61,6 +61,61 @@ def above(x: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.nonzero(x.abs() >= lam).view(-1)
 
 
+def halvings(top: int) -> list[int]:
+    """top, ceil(top / 2), ... down to 1, returned smallest first."""
+    out = [max(1, top)]
+    while out[-1] != 1:
+        out.append(-(-out[-1] // 2))
+    return list(reversed(out))
+
+
+def warm_threshold(domains: list[torch.Tensor], top: int, target: float) -> float | None:
+    """The warm start from docs/reducers.md: each worker's m-th largest |x| over its domain for
+    m in halvings(top) (m capped at the domain's size), a count estimate per worker that is
+    straight in log(count) against log(lambda) between those points, 1/lambda below the last
+    (up to the domain's size) and 0 above the largest; the answer is the smallest reported
+    value where the estimates add up to at most target, interpolated log-log towards the
+    reported value just below it."""
+    ms = halvings(top)
+    curves = []
+    for dom in domains:
+        n = dom.numel()
+        if n == 0:
+            continue
+        ordered = torch.sort(dom.abs(), descending=True).values
+        curves.append((n, [(min(m, n), float(ordered[min(m, n) - 1])) for m in ms]))
+
+    def count(n: int, points, lam: float) -> float:
+        if lam > points[0][1]:
+            return 0.0
+        for (m1, u1), (m2, u2) in zip(points, points[1:]):
+            if u1 >= lam > u2:
+                if u2 > 0 and m2 > m1:
+                    return m1 * math.exp(math.log(m2 / m1) * math.log(u1 / lam) / math.log(u1 / u2))
+                return float(m1)
+        m_last, u_last = points[-1]
+        return float(m_last) if m_last >= n else min(float(n), m_last * (u_last / lam))
+
+    def total(lam: float) -> float:
+        s = 0.0
+        for n, points in curves:
+            s += count(n, points, lam)
+        return s
+
+    values = sorted({u for _, points in curves for _, u in points if u > 0})
+    if not values:
+        return None
+    for i, lam in enumerate(values):  # smallest first
+        t_a = total(lam)
+        if t_a <= target:
+            if i == 0 or t_a <= 0 or t_a >= target:
+                return lam
+            lam_b = values[i - 1]
+            t_b = total(lam_b)
+            return lam * (lam_b / lam) ** (math.log(target / t_a) / math.log(t_b / t_a))
+    return values[-1]
+
+
 def gather_sum(xs: list[torch.Tensor], sel: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Each worker's own pairs, added in worker order, divided by P where anything arrived."""
     P = len(xs)
@@ -181,9 +236,11 @@ class Simulation:
 
     def _sage(self, xs):
         st = self.state
+        k = k_of(self.c, self.d)
+        fast = self.options.get("controller", "fast") == "fast"
         if "gen" not in st:
             st["gen"] = torch.Generator().manual_seed(self.seed)
-            st["lam"] = lam0(k_of(self.c, self.d))
+            st["lam"] = lam0(k)
         n_s = slovin_sample_size(self.d, self.options.get("sample_error", 0.05))
         pos = torch.randint(0, max(self.d, 1), (n_s,), generator=st["gen"])
         means = [float(x[pos].abs().float().mean()) if n_s else 0.0 for x in xs]
@@ -191,13 +248,24 @@ class Simulation:
         for v in means:  # rank order
             s += v
         s /= self.P
+        if "s_prev" not in st and self.options.get("warm_start", True):
+            lam = warm_threshold(xs, min(self.d, 2 * k), self.P * k)
+            if lam is not None:
+                st["lam"] = lam
         if "s_prev" in st:
             prev = st["s_prev"]
             alpha = s / prev if prev and s else 1.0
             exam = sum(int((x.abs() >= st["lam"] * alpha).sum()) for x in xs) / (self.P * self.d)
             beta = 2.0 / (1.0 + math.exp(self.c - exam))
             ratio = exam / self.c
-            gamma = 0.95 if ratio < 0.1 else (1.05 if ratio > 10 else 1.0)
+            if fast and (ratio < 0.5 or ratio > 2):  # fast: ratio ** 0.1 outside 0.5-2, within [0.5, 2]
+                gamma = min(2.0, max(0.5, ratio ** 0.1))
+            elif ratio < 0.1:
+                gamma = 0.95
+            elif ratio > 10:
+                gamma = 1.05
+            else:
+                gamma = 1.0
             st["lam"] = st["lam"] * alpha * beta * gamma
         st["s_prev"] = s
         return self._exchange(xs, [above(x, st["lam"]) for x in xs])
@@ -205,8 +273,14 @@ class Simulation:
     def _partitioned(self, xs, bounds: list[tuple[int, int]]):
         st = self.state
         k = k_of(self.c, self.d)
+        fast = self.options.get("controller", "fast") == "fast"
         if "lam" not in st:
             st["lam"] = lam0(k)
+            st["descent"] = 0.0
+            if self.options.get("warm_start", True):  # worker r owns partition r at step 0
+                lam = warm_threshold([x[a:b] for x, (a, b) in zip(xs, bounds)], k, k)
+                if lam is not None:
+                    st["lam"] = lam
         sel, counts = [], []
         for r, x in enumerate(xs):
             a, b = bounds[(self.t + r) % self.P]
@@ -223,12 +297,23 @@ class Simulation:
         avg[union] = total / self.P if self.P > 1 else total
         # threshold control for the next step
         r_ = sum(counts) / max(k, 1)
-        if r_ > 1.1:
-            f = 1.005
-        elif r_ <= 0.909:
-            f = 0.995
+        if fast and r_ <= 0.909:
+            # downward steps start at 0.995 and grow (in log) by min(1.5, r^-0.25) per step
+            # below the band, never past halving
+            if st["descent"] == 0.0:
+                st["descent"] = -math.log(0.995)
+            else:
+                grow = 1.5 if r_ == 0 else min(1.5, r_ ** -0.25)
+                st["descent"] = min(math.log(2.0), max(-math.log(0.995), st["descent"] * grow))
+            f = math.exp(-st["descent"])
         else:
-            f = 1.00125 if r_ > 1 else (0.9987 if r_ < 1 else 1.0)
+            st["descent"] = 0.0
+            if r_ > 1.1:
+                f = max(1.005, min(2.0, r_ ** 0.1)) if fast else 1.005
+            elif r_ <= 0.909:
+                f = 0.995
+            else:
+                f = 1.00125 if r_ > 1 else (0.9987 if r_ < 1 else 1.0)
         st["lam"] = st["lam"] * f
         st["last_counts"] = counts
         return avg, [union] * self.P

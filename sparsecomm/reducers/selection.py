@@ -13,7 +13,7 @@ import torch
 
 __all__ = ["target_count", "initial_threshold", "topk", "topk_per_segment", "threshold_select",
            "threshold_select_segments", "search_block", "ThresholdSearch", "sample_distinct", "slovin_sample_size",
-           "allocate_k"]
+           "allocate_k", "curve_counts", "top_curve"]
 
 
 def target_count(density: float, n: int) -> int:
@@ -183,3 +183,25 @@ class ThresholdSearch:
         if end > start:
             self.fraction = found.numel() / (end - start)
         return found
+
+
+def curve_counts(top: int) -> list[int]:
+    """The counts at which the warm start reads a worker's largest |x|: ``top``, halved (rounding
+    up) until 1, in ascending order (``[1, 2, 3, 5, 10]`` for 10): about log2(top) + 1 points."""
+    counts = [max(1, top)]
+    while counts[-1] > 1:
+        counts.append((counts[-1] + 1) // 2)
+    return counts[::-1]
+
+
+def top_curve(x: torch.Tensor, counts: Sequence[int], start: int = 0, end: int | None = None,
+              scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``min(n, size)``-th largest |x| in ``[start, end)`` for each n of ``counts`` (a 1-D
+    tensor on x's device; zeros for an empty range): one sorted top-k of ``max(counts)``."""
+    end = x.numel() if end is None else end
+    size = end - start
+    if size <= 0 or not counts:
+        return torch.zeros(len(counts), dtype=x.dtype, device=x.device)
+    top = torch.topk(_abs(x[start:end], scratch), min(max(counts), size), sorted=True).values
+    at = torch.tensor([min(n, size) - 1 for n in counts], device=x.device)
+    return top[at]

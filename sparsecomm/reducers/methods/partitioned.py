@@ -5,14 +5,14 @@ from typing import Any
 
 import torch
 
-from ...validate import positive_int
+from ...validate import boolean, choice, positive_int
 from ..base import Reducer, Step
-from ..control import MultiplicativeScaling
-from ..exchange import union_allreduce
+from ..control import CONTROLLERS, MultiplicativeScaling, pooled_threshold
+from ..exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..placement import BlockPartitions, EqualPartitions, Partitions
 from ..registry import register
-from ..selection import ThresholdSearch, initial_threshold, target_count
+from ..selection import ThresholdSearch, curve_counts, initial_threshold, target_count, top_curve
 
 
 class PartitionedThreshold(Reducer):
@@ -21,21 +21,35 @@ class PartitionedThreshold(Reducer):
     Partitions never overlap, so the union of indices is their concatenation; every worker
     all-reduces its values there and zeroes its residual there. lambda follows
     :class:`~sparsecomm.reducers.control.MultiplicativeScaling` with k = max(1, floor(c d)),
-    so the total count over all workers tracks k."""
+    so the total count over all workers tracks k.
 
-    def __init__(self, **common: Any) -> None:
+    ``warm_start`` (default True): step 0's lambda is not 1/(2 sqrt(k)) but where the workers'
+    exact top-k curves over their own partitions say the total count is k
+    (:func:`~sparsecomm.reducers.control.pooled_threshold`; the curves ride on the handshake,
+    and that step's counts take one more small all-gather). ``controller``: ``"fast"`` (default)
+    keeps the published steps inside the band 0.909 < r <= 1.1 and moves faster outside it;
+    ``"paper"`` is the published rule. ``controller="paper", warm_start=False`` is the
+    published method exactly."""
+
+    def __init__(self, *, warm_start: bool = True, controller: str = "fast", **common: Any) -> None:
+        self.warm_start = boolean("warm_start", warm_start)
+        self.controller = choice("controller", controller, CONTROLLERS)
         super().__init__(**common)
         self._partitions: Partitions | None = None
         self._control: MultiplicativeScaling | None = None
         self._search = ThresholdSearch(self.density)
+        self._k = 1
+
+    def options(self) -> dict[str, Any]:
+        return {"warm_start": self.warm_start, "controller": self.controller}
 
     def _partitioning(self, d: int) -> Partitions:
         raise NotImplementedError
 
     def _configure(self, layout: Layout) -> None:
-        k = target_count(self.density, layout.numel)
+        self._k = k = target_count(self.density, layout.numel)
         self._partitions = self._partitioning(layout.numel)
-        self._control = MultiplicativeScaling(k, initial_threshold(k))
+        self._control = MultiplicativeScaling(k, initial_threshold(k), fast=self.controller == "fast")
 
     @property
     def partitions(self) -> Partitions:
@@ -46,22 +60,36 @@ class PartitionedThreshold(Reducer):
     def _run(self, step: Step) -> torch.Tensor:
         x, control, parts = step.x, self._control, self.partitions
         assert control is not None
+        bounds = parts.bounds()
+        start, end = bounds[parts.owned(step.index, self.rank)]
+        if self.warm_start and step.index == 0:
+            counts = curve_counts(self._k)
+            with step.phase("select"):
+                curve = top_curve(x, counts, start, end, step.scratch())
+            header = step.handshake(extras=curve.unbind())
+            sizes = [b - a for a, b in (bounds[parts.owned(0, r)] for r in range(self.comm.size))]
+            calibrated = pooled_threshold(header.extras.tolist(), counts, sizes, self._k)
+            if calibrated is not None:
+                control.start(calibrated)
         threshold = control.threshold
-        start, end = parts.bounds()[parts.owned(step.index, self.rank)]
         with step.phase("select"):
             idx = self._search(x, threshold, step.layout.index_dtype, start, end, step.scratch())
             if idx.numel() == 0 and end > start:
                 idx = torch.tensor([start + step.index % (end - start)], dtype=idx.dtype, device=x.device)
-        header = step.handshake(count=idx.numel())
+        if step.header is None:
+            per_rank = step.handshake(count=idx.numel()).counts
+        else:  # the warm start's handshake came before the selection
+            with step.phase("comm"):
+                per_rank = gather_counts(self.comm, idx.numel(), x.device)
         with step.phase("comm"):
-            avg, union = union_allreduce(self.comm, x, idx, header.counts, step.output(), disjoint=True)
+            avg, union = union_allreduce(self.comm, x, idx, per_rank, step.output(), disjoint=True)
         step.commit_sparse(union)
-        total = sum(header.counts)
+        total = sum(per_rank)
         step.counted(selected=idx.numel(), received=total)
         step.stats.update(threshold=threshold, partition_size=step.fraction(end - start),
-                          load_imbalance=max(header.counts) * self.comm.size / total - 1.0 if total else 0.0)
+                          load_imbalance=max(per_rank) * self.comm.size / total - 1.0 if total else 0.0)
         control.update(total)
-        parts.update(parts.by_partition(header.counts, step.index))
+        parts.update(parts.by_partition(per_rank, step.index))
         return avg
 
     def _method_state(self) -> dict[str, Any]:
@@ -82,9 +110,6 @@ class Micro(PartitionedThreshold):
     name = "micro"
     summary = "threshold selection in P equal rotating exclusive partitions"
 
-    def __init__(self, **common: Any) -> None:
-        super().__init__(**common)
-
     def _partitioning(self, d: int) -> Partitions:
         return EqualPartitions(d, self.comm.size)
 
@@ -98,13 +123,14 @@ class ExDyna(PartitionedThreshold):
     name = "exdyna"
     summary = "threshold selection in dynamically balanced rotating block partitions"
 
-    def __init__(self, *, num_blocks: int = 1024, block_align: int = 32, **common: Any) -> None:
+    def __init__(self, *, num_blocks: int = 1024, block_align: int = 32, warm_start: bool = True,
+                 controller: str = "fast", **common: Any) -> None:
         self.num_blocks = positive_int("num_blocks", num_blocks)
         self.block_align = positive_int("block_align", block_align)
-        super().__init__(**common)
+        super().__init__(warm_start=warm_start, controller=controller, **common)
 
     def options(self) -> dict[str, Any]:
-        return {"num_blocks": self.num_blocks, "block_align": self.block_align}
+        return {"num_blocks": self.num_blocks, "block_align": self.block_align, **super().options()}
 
     def _partitioning(self, d: int) -> Partitions:
         return BlockPartitions(d, self.comm.size, self.num_blocks, self.block_align)

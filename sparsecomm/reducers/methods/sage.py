@@ -5,13 +5,14 @@ from typing import Any
 
 import torch
 
-from ...validate import number
+from ...validate import boolean, choice, number
 from ..base import Step
-from ..control import SageScaling
+from ..control import CONTROLLERS, SageScaling, pooled_threshold
 from ..exchange import gather_counts
 from ..layout import Layout
 from ..registry import register
-from ..selection import ThresholdSearch, initial_threshold, slovin_sample_size, target_count
+from ..selection import (ThresholdSearch, curve_counts, initial_threshold, slovin_sample_size, target_count,
+                         top_curve)
 from .sparse import SparseReducer
 
 
@@ -27,13 +28,25 @@ class Sage(SparseReducer):
     sampled means ride on the step's handshake and are averaged, and the examined counts
     for ``d_exam`` are summed with one 8-byte all-reduce, so every worker derives the same
     lambda from the same global statistics.
+
+    ``warm_start`` (default True): step 0's lambda is not 1/(2 sqrt(k)) but where the workers'
+    exact top-2k curves say their mean count is k
+    (:func:`~sparsecomm.reducers.control.pooled_threshold`; the curves ride on the handshake
+    with the sampled means). ``controller``: ``"fast"`` (default) keeps the published alpha and
+    beta, and gamma = 1 inside 0.5 <= d_exam / c <= 2, and takes gamma = (d_exam / c) ** 0.1
+    outside it (:class:`~sparsecomm.reducers.control.SageScaling` says why that band is
+    narrower than the published 0.1-10); ``"paper"`` is the published rule.
+    ``controller="paper", warm_start=False`` is the published method exactly.
     """
 
     name = "sage"
     summary = "hard threshold rescaled every step to track the target density (synced across workers)"
 
-    def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, **common: Any) -> None:
+    def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, warm_start: bool = True,
+                 controller: str = "fast", **common: Any) -> None:
         self.sample_error = number("sample_error", sample_error, 0.0, 1.0, low_open=True, high_open=True)
+        self.warm_start = boolean("warm_start", warm_start)
+        self.controller = choice("controller", controller, CONTROLLERS)
         super().__init__(exchange=exchange, **common)
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
@@ -41,11 +54,12 @@ class Sage(SparseReducer):
         self._search = ThresholdSearch(self.density)
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "sample_error": self.sample_error}
+        return {**super().options(), "sample_error": self.sample_error, "warm_start": self.warm_start,
+                "controller": self.controller}
 
     def _configure(self, layout: Layout) -> None:
-        k = target_count(self.density, layout.numel)
-        self._control = SageScaling(self.density, initial_threshold(k))
+        self._k = k = target_count(self.density, layout.numel)
+        self._control = SageScaling(self.density, initial_threshold(k), fast=self.controller == "fast")
         self._samples = slovin_sample_size(layout.numel, self.sample_error)
 
     def _run(self, step: Step) -> torch.Tensor:
@@ -54,10 +68,15 @@ class Sage(SparseReducer):
         with step.phase("select"):
             positions = torch.randint(0, max(d, 1), (self._samples,), generator=self._generator)
             sampled = x[positions.to(x.device)].abs().float().mean() if self._samples else 0.0
-        header = step.handshake(extras=[sampled])
+            warm = self.warm_start and not control.started
+            points = curve_counts(min(d, 2 * self._k)) if warm else []
+            curve = top_curve(x, points, scratch=step.scratch()).unbind() if warm else ()
+        header = step.handshake(extras=[sampled, *curve])
         sampled_mean = sum(header.extras[:, 0].tolist()) / self.comm.size  # rank order
         if not control.started:
-            control.start(sampled_mean)
+            calibrated = pooled_threshold(header.extras[:, 1:].tolist(), points, [d] * self.comm.size,
+                                          self.comm.size * self._k) if warm else None
+            control.start(sampled_mean, calibrated)
         else:
             alpha = control.alpha(sampled_mean)
             with step.phase("select"):
