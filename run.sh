@@ -161,16 +161,16 @@ nodes OUTPUT_DIR must be on a shared file system, or set MASTER_ADDR and MASTER_
 # cannot connect. Unless GLOO_SOCKET_IFNAME or NCCL_SOCKET_IFNAME is set, take the interface that
 # routes to the rendezvous address (on rank 0's host: the one that holds it), and say which.
 pick_interface() {
-    [[ -n "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]] && return
-    command -v ip >/dev/null 2>&1 || return
+    [[ -n "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]] && return 0
+    command -v ip >/dev/null 2>&1 || return 0
     local addr dev
     addr=$(getent ahostsv4 "$MASTER_ADDR" 2>/dev/null | awk 'NR == 1 {print $1}')
-    [[ -n "$addr" && $addr != 127.* ]] || return
+    [[ -n "$addr" && $addr != 127.* ]] || return 0
     dev=$(ip -o route get "$addr" 2>/dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p' | head -n 1)
     if [[ $dev == lo ]]; then  # the address is this host's own: the interface that holds it
         dev=$(ip -o -4 addr show 2>/dev/null | awk -v a="$addr" '{split($4, p, "/"); if (p[1] == a) print $2}' | head -n 1)
     fi
-    [[ -n "$dev" && $dev != lo ]] || return
+    [[ -n "$dev" && $dev != lo ]] || return 0
     export GLOO_SOCKET_IFNAME=$dev NCCL_SOCKET_IFNAME=$dev
     [[ $RANK == 0 ]] && say "collectives use network interface $dev (it routes to $MASTER_ADDR); set \
 GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME to choose another"
