@@ -38,6 +38,9 @@ OUTPUT_DIR=${OUTPUT_DIR:-$ROOT/runs}
 
 say() { echo "run.sh${RANK:+ [rank $RANK]}: $*" >&2; }
 die() { say "error: $*"; exit 2; }
+# A command that fails unexpectedly names itself instead of ending the job without a word.
+set -E
+trap 'rc=$?; say "error: line $LINENO: \`$BASH_COMMAND\` failed (exit $rc)"; exit $rc' ERR
 
 # ----------------------------------------------------------- who started us? --------------
 detect_launcher() {
