@@ -2,7 +2,8 @@
 
 The launcher (``run.sh``, ``torchrun``, SLURM or MPI through ``run.sh``) exports the
 torchrun variables ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; without ``WORLD_SIZE`` the process runs alone, with no process group.
+``MASTER_PORT``; without ``WORLD_SIZE`` the process runs alone, with no process group. A
+process alone may simulate W virtual workers (``join(virtual=W)``).
 """
 from __future__ import annotations
 
@@ -14,19 +15,26 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Job", "join", "leave", "lost_ranks"]
+__all__ = ["Job", "join", "leave", "lost_ranks", "multiprocess_launch", "virtual_conflict"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Job:
-    """This process's place in the job: rank, world size, local rank and device."""
+    """This process's place in the job: rank, world size (processes), local rank and device;
+    ``virtual``: the logical workers this one process simulates (0: it is one worker)."""
 
     rank: int
     world: int
     local_rank: int
     device: torch.device
+    virtual: int = 0
+
+    @property
+    def workers(self) -> int:
+        """Workers training together: the virtual ones of this process, else the processes."""
+        return self.virtual or self.world
 
     @property
     def distributed(self) -> bool:
@@ -79,14 +87,36 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
+_LAUNCHERS = (("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "torchrun"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM"),
+              ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"), ("PMI_RANK", "PMI_SIZE", "MPI"),
+              (None, "WORLD_SIZE", "a launcher (run.sh or torchrun)"))
+
+
+def multiprocess_launch() -> tuple[str, int] | None:
+    """(launcher, process count) when the environment says this process is one of several
+    started together, else None."""
+    for marker, size, name in _LAUNCHERS:
+        if marker is None or os.environ.get(marker) is not None:
+            count = _env_int(size, 1)
+            if count is not None and count > 1:
+                return name, count
+    return None
+
+
 _watchdog = None
 
 
-def join(device: str = "auto", timeout_s: float = 1800.0, watchdog: bool = False) -> Job:
+def join(device: str = "auto", timeout_s: float = 1800.0, watchdog: bool = False, virtual: int = 0) -> Job:
     """Join the process group described by the environment (or run alone) and pick a device:
     with CUDA, GPU ``LOCAL_RANK`` and NCCL; otherwise the CPU and gloo. A process group that
     is already initialised is used as it is. With ``watchdog``, a lost rank stops every rank
-    within ``SPARSECOMM_HEARTBEAT_TIMEOUT`` seconds (default 30; see :mod:`.watchdog`)."""
+    within ``SPARSECOMM_HEARTBEAT_TIMEOUT`` seconds (default 30; see :mod:`.watchdog`).
+    ``virtual`` = W: this process alone simulates W workers (refused in a launch of several)."""
+    if virtual:
+        launch = multiprocess_launch()
+        if launch is not None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            name, count = launch or ("init_process_group", dist.get_world_size())
+            raise ValueError(virtual_conflict(virtual, name, count))
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
         local_rank = _env_int("LOCAL_RANK", rank)
@@ -119,7 +149,14 @@ def join(device: str = "auto", timeout_s: float = 1800.0, watchdog: bool = False
         log.info("rank %d/%d joined (%s, %s)", rank, world, backend, dev)
     if watchdog and world > 1:
         _start_watchdog(rank, world)
-    return Job(rank=rank, world=world, local_rank=local_rank, device=dev)
+    return Job(rank=rank, world=world, local_rank=local_rank, device=dev, virtual=virtual)
+
+
+def virtual_conflict(virtual: int, launcher: str, count: int) -> str:
+    """The one line that refuses virtual workers inside a launch of ``count`` processes."""
+    return (f"--virtual-workers {virtual} simulates {virtual} workers in one process, but this process is one of "
+            f"{count} started by {launcher}: for virtual workers start a single process (python -m sparsecomm.train "
+            f"... --virtual-workers {virtual}); for {count} real workers drop --virtual-workers")
 
 
 def _start_watchdog(rank: int, world: int) -> None:

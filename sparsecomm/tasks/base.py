@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 from typing import Any, Callable, ClassVar, Iterator, TypeVar
 
 import torch
@@ -81,6 +83,23 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
         """Evaluation records, one per split: ``{"split": "test", "accuracy": ...}``."""
+
+    def train_examples(self) -> int | None:
+        """Training examples in the data set (tokens for a language model); None if unknown."""
+        return None
+
+    def place(self) -> None:
+        """Derive what depends on this worker's rank and the world size (batch size, shard,
+        per-worker state) from ``self.job``; called by the constructor and by :meth:`worker`."""
+
+    def worker(self, rank: int, world: int) -> "Task":
+        """This task as logical worker ``rank`` of ``world`` simulated in this process (virtual
+        workers): a shallow copy sharing the loaded data, with its own shard, batch size and
+        per-worker state. Its ``evaluate`` would cover only its share: evaluate on ``self``."""
+        view = copy.copy(self)
+        view.job = dataclasses.replace(self.job, rank=rank, world=world)
+        view.place()
+        return view
 
     def begin_epoch(self, epoch: int) -> None:
         """Called before the first batch of every epoch (also when resuming mid-epoch)."""

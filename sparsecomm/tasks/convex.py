@@ -40,8 +40,14 @@ class LogisticRegressionTask(Task):
         self.test = None
         if test_path:
             self.test = load_libsvm(self._resolve(test_path), num_features=self.X.shape[1])
-        self.batch_size = cfg.batch_per_worker(job.world)
         self.model: nn.Module | None = None
+        self.place()
+
+    def train_examples(self) -> int:
+        return len(self.y)
+
+    def place(self) -> None:
+        self.batch_size = self.cfg.batch_per_worker(self.job.world)
 
     def _resolve(self, path: str) -> Path:
         p = Path(path)

@@ -37,7 +37,13 @@ class ImageClassification(Task):
         self.classes = train.classes
         self.train = ImageDataset(train, train=True, seed=cfg.seed, device=job.device)
         self.test = ImageDataset(test, train=False, device=job.device)
-        self.batch_size = cfg.batch_per_worker(job.world)
+        self.place()
+
+    def train_examples(self) -> int:
+        return len(self.train)
+
+    def place(self) -> None:
+        self.batch_size = self.cfg.batch_per_worker(self.job.world)
 
     def build_model(self) -> nn.Module:
         options = {"num_classes": len(self.classes), **self.cfg.model_options}

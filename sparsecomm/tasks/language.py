@@ -36,11 +36,22 @@ class LanguageModelling(Task):
         super().__init__(cfg, job)
         self.bptt = int(self.option("bptt", 35))
         self.corpus = load_on_main_first(job, lambda: Corpus(cfg.data.dir, cfg.task))
-        self.batch_size = cfg.batch_per_worker(job.world)
-        folded = batchify(self.corpus.train, self.batch_size * job.world)
-        self.train = shard_columns(folded, job.rank, job.world).to(job.device)
-        self.hidden: Any = None
+        self._folded: dict[int, torch.Tensor] = {}  # shared by worker views: the stream in batch x P columns
         self.model: nn.Module | None = None
+        self.place()
+
+    def train_examples(self) -> int:
+        return self.corpus.train.numel()
+
+    def place(self) -> None:
+        job = self.job
+        self.batch_size = self.cfg.batch_per_worker(job.world)
+        columns = self.batch_size * job.world
+        if columns not in self._folded:
+            self._folded.clear()
+            self._folded[columns] = batchify(self.corpus.train, columns)
+        self.train = shard_columns(self._folded[columns], job.rank, job.world).to(job.device)
+        self.hidden: Any = None
 
     def build_model(self) -> nn.Module:
         self.model = build_model(self.cfg.model, vocab_size=len(self.corpus.dictionary), **self.cfg.model_options)

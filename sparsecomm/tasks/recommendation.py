@@ -41,11 +41,18 @@ class Recommendation(Task):
         self.data = load_on_main_first(job, lambda: load_ncf(
             path, min_ratings=int(self.option("min_ratings", 20)),
             test_negatives=int(self.option("test_negatives", 100)), seed=cfg.seed))
-        self.batch_size = cfg.batch_per_worker(job.world)
         self.examples = len(self.data.train_users) * (1 + self.negatives)
+        self._negatives: dict[int, tuple[np.ndarray, ...]] = {}  # shared by worker views: one epoch's examples
+        self.metric = f"hr@{self.top_k}"
+        self.place()
+
+    def train_examples(self) -> int:
+        return self.examples
+
+    def place(self) -> None:
+        self.batch_size = self.cfg.batch_per_worker(self.job.world)
         self._epoch: int | None = None
         self._arrays: tuple[torch.Tensor, ...] = ()
-        self.metric = f"hr@{self.top_k}"
 
     def build_model(self) -> nn.Module:
         return build_model(self.cfg.model, num_users=self.data.num_users, num_items=self.data.num_items,
@@ -56,8 +63,11 @@ class Recommendation(Task):
 
     def _epoch_examples(self, epoch: int) -> tuple[torch.Tensor, ...]:
         if self._epoch != epoch:
-            users, items, labels = training_negatives(self.data.train_users, self.data.train_items,
-                                                      self.data.num_items, self.negatives, self.cfg.seed, epoch)
+            if epoch not in self._negatives:
+                self._negatives.clear()
+                self._negatives[epoch] = training_negatives(self.data.train_users, self.data.train_items,
+                                                            self.data.num_items, self.negatives, self.cfg.seed, epoch)
+            users, items, labels = self._negatives[epoch]
             shard = shard_indices(self.examples, self.job.rank, self.job.world, epoch, self.cfg.seed).numpy()
             self._arrays = tuple(torch.from_numpy(np.ascontiguousarray(a[shard])).to(self.device)
                                  for a in (users, items, labels))

@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``checkpoints/<tag>/`` holding ``shared.pt`` (written by rank 0:
 model, optimizer, progress) and one ``rank-<r>.pt`` per rank (its reducer state and
-residual, its RNG states). Every file is written to a temporary name, flushed, fsync'ed and
+residual, its RNG states); a process of virtual workers writes one per virtual worker, so
+the folder looks the same, and the pointer says it was virtual. Every file is written to a temporary name, flushed, fsync'ed and
 renamed; only when every rank has finished does rank 0 mark the folder complete, atomically
 replace ``latest.json`` with a pointer to it, and delete all but the last two complete ones. A
 reader therefore always finds a complete checkpoint, and a damaged latest one falls back to the
@@ -92,6 +93,11 @@ class Checkpoints:
     def __init__(self, run_dir: Path, job: Job) -> None:
         self.root = Path(run_dir) / "checkpoints"
         self.job = job
+        self.world = job.workers
+        self.ranks = list(range(job.virtual)) if job.virtual else [job.rank]  # whose files this process keeps
+
+    def _kind(self, world: Any, virtual: bool) -> str:
+        return f"{world} {'virtual workers in one process' if virtual else 'workers'}"
 
     @property
     def pointer(self) -> Path:
@@ -100,22 +106,27 @@ class Checkpoints:
     def exists(self) -> bool:
         return self.pointer.is_file() or bool(self._complete_tags())
 
-    def save(self, tag: str, shared: dict[str, Any], local: dict[str, Any], info: dict[str, Any]) -> Path:
-        """Write one checkpoint (a collective: every rank calls it with its own ``local``)."""
+    def save(self, tag: str, shared: dict[str, Any], local: dict[str, Any] | list[dict[str, Any]],
+             info: dict[str, Any]) -> Path:
+        """Write one checkpoint (a collective: every rank calls it with its own ``local``; a
+        process of virtual workers with a list, one per worker)."""
         job = self.job
+        states = local if job.virtual else [local]
         folder = self.root / tag
         if job.is_main:
             folder.mkdir(parents=True, exist_ok=True)
         job.barrier()
         folder.mkdir(parents=True, exist_ok=True)  # on file systems slow to show rank 0's folder
-        write_atomic(folder / f"rank-{job.rank}.pt",
-                     lambda f: torch.save({"format": FORMAT, "rank": job.rank, "world": job.world, **local}, f))
+        for rank, state in zip(self.ranks, states, strict=True):
+            write_atomic(folder / f"rank-{rank}.pt",
+                         lambda f: torch.save({"format": FORMAT, "rank": rank, "world": self.world, **state}, f))
         if job.is_main:
             write_atomic(folder / "shared.pt",
-                         lambda f: torch.save({"format": FORMAT, "world": job.world, **shared}, f))
+                         lambda f: torch.save({"format": FORMAT, "world": self.world, **shared}, f))
         job.barrier()
         if job.is_main:
-            text = json.dumps({"format": FORMAT, "tag": tag, "world": job.world, **info}, indent=1).encode()
+            text = json.dumps({"format": FORMAT, "tag": tag, "world": self.world, "virtual": bool(job.virtual),
+                               **info}, indent=1).encode()
             write_atomic(folder / "complete.json", lambda f: f.write(text))
             write_atomic(self.pointer, lambda f: f.write(text))
             keep = set(self._complete_tags()[:self.KEEP]) | {tag}
@@ -150,15 +161,17 @@ class Checkpoints:
             log.warning("checkpoint pointer %s is not a sparsecomm checkpoint pointer; looking for the newest "
                         "complete checkpoint", self.pointer)
             return None
-        if info.get("world") != self.job.world:
-            raise CheckpointError(f"checkpoint {self.root / info['tag']} was written by {info.get('world')} workers; "
-                                  f"this job has {self.job.world}. Resume with the same worker count, or start "
-                                  f"a fresh run")
+        saved, virtual = info.get("world"), bool(info.get("virtual", False))
+        if saved != self.world or virtual != bool(self.job.virtual):
+            raise CheckpointError(f"checkpoint {self.root / info['tag']} was written by {self._kind(saved, virtual)}; "
+                                  f"this job has {self._kind(self.world, bool(self.job.virtual))}. Resume with the "
+                                  f"same workers, or start a fresh run")
         return str(info["tag"])
 
-    def load(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(shared, this rank's local, checkpoint info) of the newest checkpoint every rank can
-        read (a collective)."""
+    def load(self) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """(shared, this rank's local state, checkpoint info) of the newest checkpoint every rank
+        can read (a collective); for a process of virtual workers, a list of local states, one
+        per worker."""
         pointed = self._pointed_tag()
         candidates = ([pointed] if pointed else []) + [t for t in self._complete_tags() if t != pointed]
         problems: list[str] = []
@@ -167,11 +180,14 @@ class Checkpoints:
             loaded = None
             try:
                 shared = _load(folder / "shared.pt")
-                local = _load(folder / f"rank-{self.job.rank}.pt")
-                if local.get("rank") != self.job.rank or local.get("world") != self.job.world:
-                    raise CheckpointError(f"checkpoint file {folder / f'rank-{self.job.rank}.pt'} belongs to rank "
-                                          f"{local.get('rank')} of {local.get('world')} workers")
-                loaded = (shared, local, {"tag": tag, "step": shared.get("step")})
+                local = []
+                for rank in self.ranks:
+                    state = _load(folder / f"rank-{rank}.pt")
+                    if state.get("rank") != rank or state.get("world") != self.world:
+                        raise CheckpointError(f"checkpoint file {folder / f'rank-{rank}.pt'} belongs to rank "
+                                              f"{state.get('rank')} of {state.get('world')} workers")
+                    local.append(state)
+                loaded = (shared, local if self.job.virtual else local[0], {"tag": tag, "step": shared.get("step")})
             except CheckpointError as exc:
                 problems.append(str(exc))
             if self.job.all(loaded is not None):

@@ -13,10 +13,10 @@ from .records import check_run_dir, run_name
 __all__ = ["check_run"]
 
 
-def check_run(cfg: RunConfig, workers: int | None = None) -> RunConfig:
+def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False) -> RunConfig:
     """Raise :class:`ConfigError` with one line naming the first bad value (and the allowed
-    ones); with ``workers``, also check that the run directory of a job that size can be
-    written. Returns ``cfg``."""
+    ones); with ``workers`` (``virtual``: simulated in one process), also check the per-worker
+    batch and that the run directory of a job that size can be written. Returns ``cfg``."""
     cfg.validate()
     try:
         task_class(cfg.task).check(cfg)
@@ -30,5 +30,5 @@ def check_run(cfg: RunConfig, workers: int | None = None) -> RunConfig:
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
     if workers is not None:
-        check_run_dir(Path(cfg.output_dir) / run_name(cfg, workers))
+        check_run_dir(Path(cfg.output_dir) / run_name(cfg, workers, virtual))
     return cfg

@@ -24,6 +24,7 @@ examples:
   python -m sparsecomm.train --task ml-100k                 (chooses the preset ncf-ml100k)
   python -m sparsecomm.train --preset lstm-ptb-small --set optimizer.lr=10 --set reducer.options={num_blocks: 512}
   torchrun --nproc_per_node 2 -m sparsecomm.train --preset mnist-cnn
+  python -m sparsecomm.train --preset mnist-cnn --reducer exdyna --virtual-workers 64
   python -m sparsecomm.train --list-presets | --list-reducers
 
 Ctrl-C, SIGTERM or SIGUSR1 make every worker checkpoint and stop at the same step (exit 128 +
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(preset, task, gpus, workers, run_dir), then exit")
     p.add_argument("--workers", help="with --check: the worker count the job will have, or 'auto' (one per GPU "
                                      "of this machine, else 2: run.sh's plain runs)")
+    p.add_argument("--virtual-workers", type=_positive, metavar="W",
+                   help="simulate W workers in this one process (each with its own shard, batch, reducer and "
+                        "residual; same results as W processes, no network time): to study methods at scale")
     p.add_argument("--list-presets", action="store_true", help="list the presets with their descriptions and exit")
     p.add_argument("--list-reducers", action="store_true",
                    help="list the reducers with their options and defaults, then exit")
@@ -109,6 +113,12 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (the number of virtual workers), got {text!r}")
+    return int(text)
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         return _gpus() or 2
@@ -151,11 +161,16 @@ def _main(argv: list[str] | None) -> int:
     logging.getLogger("sparsecomm").setLevel(args.log_level.upper())
     if not _is_main():
         logging.getLogger("sparsecomm.train.cli").setLevel(logging.WARNING)
+    virtual = args.virtual_workers or 0
     try:
+        from ..job import multiprocess_launch, virtual_conflict
         from .checks import check_run
 
-        workers = _workers(args.workers) if args.check and args.workers is not None else None
-        cfg = check_run(resolve_config(args), workers)
+        launch = multiprocess_launch() if virtual else None
+        if launch is not None:
+            return _fail(virtual_conflict(virtual, *launch))
+        workers = virtual or (_workers(args.workers) if args.check and args.workers is not None else None)
+        cfg = check_run(resolve_config(args), workers, virtual=bool(virtual))
     except ConfigError as exc:
         return _fail(str(exc))
     if args.print_config:
@@ -170,18 +185,18 @@ def _main(argv: list[str] | None) -> int:
 
         print(f"preset={cfg.preset or ''}\ntask={cfg.task}\ngpus={_gpus()}")
         if workers is not None:
-            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers)}")
+            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers, bool(virtual))}")
         return 0
-    return _train(cfg, args.fresh)
+    return _train(cfg, args.fresh, virtual)
 
 
-def _train(cfg: RunConfig, fresh: bool) -> int:
+def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
     from .checkpoint import CheckpointError
     from ..job import join, leave, lost_ranks
     from .loop import Stopped, Trainer
 
     try:
-        job = join(cfg.device, watchdog=True)
+        job = join(cfg.device, watchdog=True, virtual=virtual)
     except (ValueError, RuntimeError) as exc:
         log.error("%s", exc)
         return 2

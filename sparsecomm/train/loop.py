@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..job import Job
 from .optim import LearningRate, build_optimizer, peak_lr
 from .records import Recorder, check_run_dir, environment, run_name, set_aside
+from .workers import ProcessWorker, VirtualWorkers
 
 __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
 
@@ -53,7 +54,8 @@ class Stopped(Exception):
 class Trainer:
     """Builds task, model, optimizer and reducer from a configuration and trains, evaluating,
     recording and checkpointing as configured. Resumes from the run directory's latest
-    checkpoint unless ``fresh``."""
+    checkpoint unless ``fresh``. With ``job.virtual`` = W, this one process trains W virtual
+    workers (see :mod:`.workers`)."""
 
     def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
         # Stop signals are caught from the start: one that arrives while the data loads stops
@@ -69,28 +71,38 @@ class Trainer:
     def _build(self, cfg: RunConfig, job: Job, fresh: bool) -> None:
         self.cfg = cfg.validate()
         self.job = job
-        self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.world)
+        P = job.workers
+        self.run_dir = Path(cfg.output_dir) / run_name(cfg, P, virtual=bool(job.virtual))
         check_run_dir(self.run_dir)
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
-        self.task = build_task(cfg, job)
+        self.task = build_task(cfg, job)  # a virtual run evaluates on it; its workers train on views of it
         self.model = self.task.build_model().to(job.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Gradients live in one flat buffer that backward accumulates into and the reducer
         # averages in place: no flatten copy, no copy back.
         self.flat_grad = reducers.bind_flat_gradients(self.params)
         self.grads = [p.grad for p in self.params]
-        self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(job.world), job.world), cfg.optimizer.lr,
+        self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(P), P), cfg.optimizer.lr,
                                      cfg.schedule)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule(0.0))
         rc = cfg.reducer
-        self.reducer = reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
-                                      seed=cfg.seed, sync_timing=cfg.records.profile, **rc.options)
-        self.reducer.attach(self.model)
-        torch.manual_seed(cfg.seed + 7919 * (job.rank + 1))  # per-rank stream (dropout)
-        self.steps_per_epoch = self.task.steps_per_epoch()
+
+        def build_reducer(group: Any) -> reducers.Reducer:
+            return reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback, group=group,
+                                  seed=cfg.seed, sync_timing=cfg.records.profile, **rc.options)
+
+        if job.virtual:
+            self._check_virtual_data(P)
+            self.workers: Any = VirtualWorkers(cfg, job, self.task, self.model, self.params, self.grads, build_reducer)
+        else:
+            self.workers = ProcessWorker(cfg, job, self.task, self.params, self.grads, build_reducer)
+        self.reducer = self.workers.reducer  # rank 0's (or this rank's): its measurements are recorded
+        self.workers.attach(self.model)
+        self.steps_per_epoch = self.workers.steps_per_epoch()
         if self.steps_per_epoch < 1:
             raise ValueError(f"task {cfg.task!r} yields no training batch per worker (batch size "
-                             f"{cfg.batch_per_worker(job.world)} x {job.world} workers exceeds the training data)")
+                             f"{cfg.batch_per_worker(P)} x {P}{' virtual' if job.virtual else ''} workers exceeds "
+                             f"the training data)")
         self.total_steps = math.ceil(cfg.epochs * self.steps_per_epoch)
         self.checkpoints = Checkpoints(self.run_dir, job)
         resumed = self.checkpoints.exists() and not fresh
@@ -112,13 +124,21 @@ class Trainer:
         self._clock: list[float] = []  # end times of this process's first steps (for the projection)
         if resumed:
             self._resume()
-        backend = "nccl" if job.device.type == "cuda" and job.world > 1 else ("gloo" if job.world > 1 else "none")
-        self.recorder.write_config(cfg, environment(job.world, backend, str(job.device)))
+        backend = "virtual" if job.virtual else (
+            "nccl" if job.device.type == "cuda" and job.world > 1 else ("gloo" if job.world > 1 else "none"))
+        self.recorder.write_config(cfg, environment(P, backend, str(job.device), virtual=bool(job.virtual)))
         self.recorder.open(self.step if resumed else None)
         if job.is_main:
-            log.info("run %s: %s, %d workers, %d steps per epoch, %d steps in all%s", self.run_dir, cfg.task,
-                     job.world, self.steps_per_epoch, self.total_steps,
+            log.info("run %s: %s, %d %sworkers, %d steps per epoch, %d steps in all%s", self.run_dir, cfg.task,
+                     P, "virtual " if job.virtual else "", self.steps_per_epoch, self.total_steps,
                      f", resumed at step {self.step}" if resumed else "")
+
+    def _check_virtual_data(self, workers: int) -> None:
+        """Virtual workers need at least one training example each (one line otherwise)."""
+        examples = self.task.train_examples()
+        if examples is not None and workers > examples:
+            raise ValueError(f"--virtual-workers {workers} exceeds the {examples:,} training examples of "
+                             f"{self.cfg.task!r}: every worker needs at least one")
 
     def _keep_earlier_run(self, fresh: bool) -> None:
         """Starting from step 0 where an earlier run left records: move them aside, never over them."""
@@ -150,14 +170,13 @@ class Trainer:
         started = time.perf_counter() - self.elapsed
         while self.step < self.total_steps:
             epoch, start = divmod(self.step, self.steps_per_epoch)
-            self.task.begin_epoch(epoch)
-            self.reducer.begin_epoch(epoch, self.schedule(self.step / self.steps_per_epoch), cfg.epochs)
+            self.workers.begin_epoch(epoch, self.schedule(self.step / self.steps_per_epoch), cfg.epochs)
             end = min((epoch + 1) * self.steps_per_epoch, self.total_steps)  # this segment's last step
             progress = _progress(job.is_main and cfg.records.progress, end - self.step,
                                  f"epoch {epoch + 1}/{math.ceil(cfg.epochs)}")
             mark = time.perf_counter()
             before = self.step
-            for batch in self.task.batches(epoch, start):
+            for batch in self.workers.batches(epoch, start):
                 self._train_step(batch, epoch, time.perf_counter() - mark)
                 progress.update(1)
                 self.elapsed = time.perf_counter() - started
@@ -208,19 +227,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        self.flat_grad.zero_()
-        sync()
-        t0 = time.perf_counter()
-        loss = self.task.loss(model, batch)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
+        loss, count, t_forward, t_backward = self.workers.backward(model, batch, self.flat_grad, sync)
         if any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("a parameter's .grad was replaced (the training loop keeps gradients in one flat "
                                "buffer); do not set .grad or call zero_grad(set_to_none=True) inside a task")
-        self.reducer.reduce(self.grads, out=self.grads)
+        self.workers.reduce(self.flat_grad)
         sync()
         t3 = time.perf_counter()
         r = self.reducer
@@ -232,11 +243,11 @@ class Trainer:
         sync()
         t4 = time.perf_counter()
         self.step += 1
-        self._loss_sum += loss.detach().to(torch.float64)
-        self._loss_count += 1
+        self._loss_sum += loss.to(torch.float64)
+        self._loss_count += count
         measured = {"density": r.stat("density", 0.0), "local_density": r.stat("local_density", 0.0),
                     "bytes_sent": r.stat("bytes_sent", 0), "bytes_wire": r.stat("bytes_wire", 0.0),
-                    "t_data": t_data, "t_forward": t1 - t0, "t_backward": t2 - t1,
+                    "t_data": t_data, "t_forward": t_forward, "t_backward": t_backward,
                     "t_select": r.stat("t_select", 0.0), "t_comm": r.stat("t_comm", 0.0),
                     "t_step": t4 - t3}
         for key, value in measured.items():
@@ -304,7 +315,7 @@ class Trainer:
 
     def _describe_reducer(self) -> None:
         """Write what the reducer decided or fitted (``reducer.json``) when it has something to say."""
-        info = self.reducer.describe()
+        info = self.workers.describe()
         if info and self.job.is_main and info != self._described:
             (self.run_dir / "reducer.json").write_text(json.dumps({"step": self.step, **info}, indent=1) + "\n")
             self._described = info
@@ -336,7 +347,8 @@ class Trainer:
         summary = {
             "run": self.run_dir.name,
             "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name,
-            "target_density": self.cfg.reducer.density, "workers": self.job.world,
+            "target_density": self.cfg.reducer.density, "workers": self.job.workers,
+            "virtual": bool(self.job.virtual),
             "steps": self.step, "epochs": self.step / self.steps_per_epoch, "complete": self.step >= self.total_steps,
             "metric": self.task.metric, "higher_is_better": self.task.higher_is_better,
             "final": final,
@@ -372,17 +384,17 @@ class Trainer:
         shared = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "step": self.step, "elapsed": self.elapsed, "totals": dict(self.totals),
                   "best": self.best, "evaluations": self.evaluations, "config": self.cfg.to_dict()}
-        local = {"reducer": self.reducer.state_dict(), "task": self.task.state_dict(),
-                 "rng": _rng_state(self.job.device), "window": dict(self._window),
-                 "loss": [float(self._loss_sum), self._loss_count]}
+        local = self.workers.state()  # one per worker this process holds; the first also keeps the loop's own
+        local[0] = {**local[0], "window": dict(self._window), "loss": [float(self._loss_sum), self._loss_count]}
         self._saved_tag = f"step-{self.step:09d}"
-        self.checkpoints.save(self._saved_tag, shared, local, {"step": self.step})
+        self.checkpoints.save(self._saved_tag, shared, local if self.job.virtual else local[0], {"step": self.step})
         self._saved_step = self.step
         if self.job.is_main:
             log.info("checkpoint %s written in %s", self._saved_tag, self.checkpoints.root)
 
     def _resume(self) -> None:
         shared, local, info = self.checkpoints.load()
+        local = local if self.job.virtual else [local]
         self._saved_tag = info["tag"]
         saved = shared["config"]
         mine = self.cfg.to_dict()
@@ -400,12 +412,10 @@ class Trainer:
         self.totals = dict(shared["totals"])
         self.best = shared["best"]
         self.evaluations = list(shared["evaluations"])
-        self.reducer.load_state_dict(local["reducer"])
-        self.task.load_state_dict(local["task"])
-        _set_rng_state(local["rng"], self.job.device)
-        self._window = dict(local["window"])
-        self._loss_sum.fill_(local["loss"][0])
-        self._loss_count = int(local["loss"][1])
+        self.workers.load_state(local)
+        self._window = dict(local[0]["window"])
+        self._loss_sum.fill_(local[0]["loss"][0])
+        self._loss_count = int(local[0]["loss"][1])
 
 
 def _identity(section: Any, key: str) -> Any:
@@ -413,19 +423,6 @@ def _identity(section: Any, key: str) -> Any:
     if key == "data" and isinstance(section, dict):
         return {k: v for k, v in section.items() if k not in ("dir", "cache_dir", "loader_workers")}
     return section
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _catch(signals: tuple[int, ...], handler: Any) -> dict[int, Any]:

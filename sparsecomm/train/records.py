@@ -76,10 +76,11 @@ def _setting(key: str, value: Any) -> str:
     return f"{key}{'_' if key[-1:].isdigit() else ''}{_short(value)}"
 
 
-def run_name(cfg: RunConfig, world: int) -> str:
+def run_name(cfg: RunConfig, world: int, virtual: bool = False) -> str:
     """A directory name made of the settings that tell runs apart: task, model, method,
-    density, workers, batch, seed, then what else differs from the preset, written out while
-    short (``lr0.05``) and as a hash of it otherwise (``x1a2b3c4d``; config.yaml has them all)."""
+    density, workers (``P4``; ``V64`` for 64 virtual workers in one process), batch, seed, then
+    what else differs from the preset, written out while short (``lr0.05``) and as a hash of it
+    otherwise (``x1a2b3c4d``; config.yaml has them all)."""
     if cfg.name:
         return re.sub(r"[^A-Za-z0-9_.+-]", "_", cfg.name)
     r = cfg.reducer
@@ -88,7 +89,7 @@ def run_name(cfg: RunConfig, world: int) -> str:
         parts.append(f"c{r.density:g}")
         if not r.error_feedback:
             parts.append("noef")
-    parts += [f"P{world}", f"b{cfg.batch_per_worker(world)}", f"seed{cfg.seed}"]
+    parts += [f"{'V' if virtual else 'P'}{world}", f"b{cfg.batch_per_worker(world)}", f"seed{cfg.seed}"]
     diff = differences(cfg)
     if diff:
         readable = "-".join(_setting(k.rsplit(".", 1)[-1], v) for k, v in diff.items())
@@ -149,8 +150,9 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def environment(world: int, backend: str, device: str) -> dict[str, Any]:
-    """Versions and places: what a reader of the run needs besides the settings."""
+def environment(world: int, backend: str, device: str, virtual: bool = False) -> dict[str, Any]:
+    """Versions and places: what a reader of the run needs besides the settings. ``virtual``:
+    the ``world`` workers were simulated in one process."""
     import numpy
     import torch
 
@@ -158,6 +160,7 @@ def environment(world: int, backend: str, device: str) -> dict[str, Any]:
 
     return {
         "world_size": world,
+        "virtual": virtual,
         "backend": backend,
         "device": device,
         "git_commit": _git_commit(),
