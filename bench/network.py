@@ -7,13 +7,18 @@ links and, for each model and method, trains ``--steps`` real steps with the pro
 (real data, the model's preset; the first ``--log-every`` steps are warm-up) and reports rank
 0's means per step: forward, backward, select, communicate, optimizer step, bytes sent and on
 the wire, achieved density. For ``exact`` the dense all-reduce's achieved bandwidth is
-``bytes_wire * 8 / t_comm`` against the configured rate.
+``bytes_wire * 8 / t_comm`` against the configured rate. Before training, each host count and
+rate times the bare all-reduce and all-gather at ``--collectives`` sizes: the points
+``python -m sparsecomm.costmodel fit`` fits the links' alpha and beta to.
 
     .venv/bin/python bench/network.py run --hosts 2,4 --rates 100mbit,1gbit,10gbit,unlimited \
         --models mnist_cnn,resnet20 --methods exact,exdyna,sage,topk,gtopk,powersgd,randomk \
         --densities 0.01,0.001 --data-dir DATA --out bench/results/network.json
     .venv/bin/python bench/network.py tta --rate 100mbit --hosts 2 --methods exact,exdyna,powersgd \
         --data-dir DATA --out bench/results/network_tta.json
+
+    .venv/bin/python bench/network.py fit           # the links' alpha and beta -> bench/links.json
+    .venv/bin/python bench/network.py validate --data-dir DATA   # the cost model against the steps
 
 ``tta`` trains the MNIST CNN to the end of its preset and records test accuracy against wall
 time (evaluation every ``--eval-every`` steps). Data: ``./prepare_dataset.sh --data-dir DATA
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,7 +68,7 @@ def worker(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     job = join("cpu")
-    results = []
+    results = collectives(job, [int(float(b)) for b in args.collectives.split(",") if b])
     for model in args.models.split(","):
         preset, extra = MODELS[model]
         for method, density in _configs(args.methods.split(","), [float(c) for c in args.densities.split(",")]):
@@ -96,6 +102,35 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def collectives(job: Any, sizes: list[int], repeats: int = 5) -> list[dict]:
+    """Rank 0's median time of the project's all-reduce and all-gather of ``sizes`` bytes
+    (float32) over the links: what :mod:`sparsecomm.costmodel` fits its alpha and beta to."""
+    import torch
+
+    from sparsecomm.reducers.comm import make_communicator
+
+    comm = make_communicator()
+    rows = []
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4))
+        for kind in ("all_reduce", "all_gather"):
+            times = []
+            for i in range(repeats + 1):
+                job.barrier()
+                t0 = time.perf_counter()
+                if kind == "all_reduce":
+                    comm.all_reduce_(x)
+                else:
+                    comm.all_gather(x)
+                if i:  # the first is warm-up
+                    times.append(time.perf_counter() - t0)
+            row = {"collective": kind, "bytes": 4 * x.numel(), "seconds": sorted(times)[len(times) // 2]}
+            rows.append(row)
+            if job.is_main:
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------ driver
 def _run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeout: float) -> None:
     procs = []
@@ -117,7 +152,7 @@ def _run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeou
 
 
 def run(args: argparse.Namespace) -> int:
-    results = {"settings": vars(args), "cells": []}
+    results: dict[str, Any] = {"settings": vars(args), "cells": [], "collectives": []}
     scratch = Path(tempfile.mkdtemp(prefix="network-bench-"))
     try:
         for hosts in [int(h) for h in args.hosts.split(",")]:
@@ -127,12 +162,13 @@ def run(args: argparse.Namespace) -> int:
                 result = scratch / f"h{hosts}-{rate}.json"
                 command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
                            "--methods", args.methods, "--densities", args.densities, "--steps", str(args.steps),
-                           "--log-every", str(args.log_every), "--data-dir", str(Path(args.data_dir).resolve()),
+                           "--log-every", str(args.log_every), "--collectives", args.collectives, "--data-dir", str(Path(args.data_dir).resolve()),
                            "--scratch", str(scratch), "--result", str(result)]
                 print(f"== {hosts} hosts at {rate}", flush=True)
                 _run_hosts(hosts, command, {}, args.timeout)
                 for row in json.loads(result.read_text()):
-                    results["cells"].append({"hosts": hosts, "rate": rate, **row})
+                    where = "collectives" if "collective" in row else "cells"
+                    results.setdefault(where, []).append({"hosts": hosts, "rate": rate, **row})
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
     finally:
@@ -183,6 +219,67 @@ def tta(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results(files: str, part: str) -> list[dict]:
+    """The ``part`` rows of one or more result files of ``run`` (comma-separated)."""
+    return [row for f in files.split(",") for row in json.loads(Path(f).read_text()).get(part, [])]
+
+
+def fit(args: argparse.Namespace) -> int:
+    """Fit the links' alpha and efficiency to the timed collectives of ``run`` (rate-limited
+    links only) and write them where ``python -m sparsecomm.predict`` reads them."""
+    from sparsecomm import costmodel
+
+    points = [{**p, "rate_bps": netlab.parse_rate(p["rate"])} for p in _results(args.results, "collectives")
+              if p["rate"] != "unlimited"]
+    links = costmodel.fit(points)
+    links.save(args.out)
+    print(f"alpha {links.alpha * 1e3:.3f} ms per round, {100 * links.efficiency:.1f}% of the rate; wrote {args.out}")
+    for p in points:
+        t = costmodel.collective_seconds(p["collective"], p["bytes"], p["hosts"], links, p["rate_bps"])
+        print(f"  {p['hosts']} hosts {p['rate']:>8} {p['collective']:<10} {p['bytes']:>9} B: measured "
+              f"{p['seconds'] * 1e3:8.2f} ms, fitted {t * 1e3:8.2f} ms ({100 * (t / p['seconds'] - 1):+.0f}%)")
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    """The cost model against the training steps of ``run`` (which the fit never saw): each
+    method profiled on as many virtual workers as there were hosts, fed the model's gradients,
+    its collectives priced with the fitted links; the step predicted from the measured compute
+    and selection plus the predicted communication, against the measured step."""
+    from sparsecomm import costmodel
+    from sparsecomm.config import load_config
+    from sparsecomm.predict import worker_gradients
+    from sparsecomm.train.presets import find_preset
+
+    links = costmodel.Links.load(args.links)
+    cells = [c for c in _results(args.results, "cells") if c["rate"] != "unlimited"]
+    rows, cache = [], {}
+    for c in cells:
+        key = (c["model"], c["hosts"])
+        if key not in cache:
+            preset, extra = MODELS[c["model"]]
+            cfg = load_config(find_preset(preset), [f"data.dir={args.data_dir}", *extra], preset_name=preset)
+            cache[key] = worker_gradients(cfg, c["hosts"])[:2]
+        grads, shapes = cache[key]
+        options = {"rank": 2} if c["method"] == "powersgd" else {}
+        prof = costmodel.profile(c["method"], grads, shapes, c["density"], **options)
+        comm = prof.comm_seconds(links, netlab.parse_rate(c["rate"]))
+        measured = sum(c[k] or 0.0 for k in PARTS)
+        predicted = measured - c["t_comm"] + comm
+        rows.append({**{k: c[k] for k in ("hosts", "rate", "model", "method", "density")},
+                     "t_comm": c["t_comm"], "predicted_comm": comm, "step": measured, "predicted_step": predicted})
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    misses = [r for r in rows if abs(r["predicted_step"] / r["step"] - 1) > 0.2]
+    print(f"{'hosts':>5} {'rate':>8} {'model':<10} {'method':<9} {'c':>6} {'comm ms':>8} {'predicted':>9} "
+          f"{'step ms':>8} {'predicted':>9} {'error':>6}")
+    for r in rows:
+        print(f"{r['hosts']:>5} {r['rate']:>8} {r['model']:<10} {r['method']:<9} {r['density']:>6g} "
+              f"{r['t_comm'] * 1e3:8.1f} {r['predicted_comm'] * 1e3:9.1f} {r['step'] * 1e3:8.1f} "
+              f"{r['predicted_step'] * 1e3:9.1f} {100 * (r['predicted_step'] / r['step'] - 1):+5.0f}%")
+    print(f"{len(rows) - len(misses)} of {len(rows)} steps predicted within 20%; wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -195,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=25)
     r.add_argument("--log-every", type=int, default=5)
     r.add_argument("--data-dir", required=True)
+    r.add_argument("--collectives", default="16e3,256e3,4e6",
+                   help="bytes of the all-reduces and all-gathers timed first (empty: none)")
     r.add_argument("--timeout", type=float, default=3600)
     r.add_argument("--out", default="bench/results/network.json")
     w = verbs.add_parser("worker")
     for name in ("--models", "--methods", "--densities", "--data-dir", "--scratch", "--result"):
         w.add_argument(name, required=True)
+    w.add_argument("--collectives", default="")
     w.add_argument("--steps", type=int, required=True)
     w.add_argument("--log-every", type=int, required=True)
     t = verbs.add_parser("tta")
@@ -211,8 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-dir", required=True)
     t.add_argument("--timeout", type=float, default=7200)
     t.add_argument("--out", default="bench/results/network_tta.json")
+    f = verbs.add_parser("fit")
+    f.add_argument("--results", default="bench/results/network.json", help="result files of run, comma-separated")
+    f.add_argument("--out", default="bench/links.json")
+    v = verbs.add_parser("validate")
+    v.add_argument("--results", default="bench/results/network.json", help="result files of run, comma-separated")
+    v.add_argument("--links", default="bench/links.json")
+    v.add_argument("--data-dir", required=True)
+    v.add_argument("--out", default="bench/results/costmodel_validation.json")
     args = p.parse_args(argv)
-    return {"run": run, "worker": worker, "tta": tta}[args.verb](args)
+    return {"run": run, "worker": worker, "tta": tta, "fit": fit, "validate": validate}[args.verb](args)
 
 
 if __name__ == "__main__":

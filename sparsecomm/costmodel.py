@@ -1,0 +1,201 @@
+"""A cost model of one training step: compute, selection and collectives in the alpha-beta form.
+
+A step of data-parallel training with a reducer costs the forward and backward pass, the
+method's selection (its ``t_select``) and its collectives. Each collective is priced by the
+algorithm gloo and NCCL run for it, in the alpha-beta (Hockney) form of Thakur, Rabenseifner
+and Gropp (2005), for P workers, n bytes per worker, ``alpha`` seconds per round and
+``beta = 8 / (efficiency x rate)`` seconds per byte:
+
+    ring all-reduce              2 (P - 1) alpha + 2 (P - 1) / P n beta
+    ring all-gather              (P - 1) alpha + (P - 1) n beta
+    binomial-tree broadcast      ceil(log2 P) (alpha + n beta)
+    point-to-point exchange      alpha + n beta
+
+``alpha`` and ``efficiency`` (the share of the configured rate a bulk transfer achieves) are
+fitted (:func:`fit`) to collectives timed on real links (``bench/network.py run``) and kept in
+a JSON file (:class:`Links`). Which collectives a method makes at P workers, of what sizes,
+and how much it selects come from running the method itself, unchanged, on P virtual workers
+fed real gradients (:func:`profile`): a method's traffic is never re-derived by hand. What the
+model leaves out: overlap of communication with backward, contention between workers sharing
+a host's link, and the latency of the network itself beyond alpha (this machine's emulated
+links add none; give ``alpha`` of the target network where it matters).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import reducers
+from .reducers.virtual import VirtualCommunicator, VirtualWorld
+
+__all__ = ["Links", "Collective", "Profile", "collective_seconds", "fit", "profile", "step_seconds"]
+
+KINDS = ("all_reduce", "all_gather", "broadcast", "exchange")
+
+
+@dataclass(frozen=True)
+class Links:
+    """Fitted link parameters: seconds per round and the share of the rate bulk data achieves."""
+
+    alpha: float
+    efficiency: float
+    fitted_on: str = ""
+
+    def beta(self, rate_bps: float) -> float:
+        """Seconds per byte on a link of ``rate_bps`` bits per second."""
+        return 8.0 / (self.efficiency * rate_bps)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Links":
+        data = json.loads(Path(path).read_text())
+        return cls(alpha=float(data["alpha"]), efficiency=float(data["efficiency"]), fitted_on=data.get("fitted_on", ""))
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective a worker started: its kind and the bytes it contributed."""
+
+    kind: str
+    nbytes: int
+
+
+def rounds_and_bytes(kind: str, nbytes: int, workers: int) -> tuple[float, float]:
+    """(rounds, bytes each worker moves over its link) of one collective."""
+    P = workers
+    if P <= 1 or nbytes == 0:
+        return 0.0, 0.0
+    if kind == "all_reduce":
+        return 2.0 * (P - 1), 2.0 * (P - 1) / P * nbytes
+    if kind == "all_gather":
+        return float(P - 1), float((P - 1) * nbytes)
+    if kind == "broadcast":
+        depth = math.ceil(math.log2(P))
+        return float(depth), float(depth * nbytes)
+    if kind == "exchange":
+        return 1.0, float(nbytes)
+    raise ValueError(f"unknown collective {kind!r}; known: {', '.join(KINDS)}")
+
+
+def collective_seconds(kind: str, nbytes: int, workers: int, links: Links, rate_bps: float) -> float:
+    rounds, moved = rounds_and_bytes(kind, nbytes, workers)
+    return rounds * links.alpha + moved * links.beta(rate_bps)
+
+
+def fit(points: Iterable[dict[str, Any]]) -> Links:
+    """Least-squares ``alpha`` and ``efficiency`` from timed collectives: dicts with
+    ``collective``, ``bytes`` (per worker), ``hosts``, ``rate_bps`` and ``seconds``. Relative
+    errors are minimised, so small and large transfers count alike."""
+    rows, times, names = [], [], set()
+    for p in points:
+        rounds, moved = rounds_and_bytes(p["collective"], int(p["bytes"]), int(p["hosts"]))
+        if rounds == 0:
+            continue
+        t = float(p["seconds"])
+        # t = rounds alpha + moved 8 / rate x (1 / efficiency): linear in (alpha, 1 / efficiency)
+        rows.append([rounds / t, moved * 8.0 / float(p["rate_bps"]) / t])
+        times.append(1.0)
+        names.add(f"{p['hosts']} hosts at {p.get('rate', p['rate_bps'])}")
+    if len(rows) < 2:
+        raise ValueError("fitting the links needs at least two timed collectives on rate-limited links")
+    (alpha, inverse), *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
+    alpha = max(float(alpha), 0.0)
+    if inverse <= 0:
+        raise ValueError("the timed collectives do not grow with their size; cannot fit a bandwidth")
+    return Links(alpha=alpha, efficiency=1.0 / float(inverse), fitted_on=", ".join(sorted(names)))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _RecordingCommunicator(VirtualCommunicator):
+    """A virtual worker's communicator that also lists the collectives it starts."""
+
+    def __init__(self, world: VirtualWorld, rank: int) -> None:
+        super().__init__(world, rank)
+        self.log: list[Collective] = []
+
+    def _all_reduce(self, tensor: torch.Tensor) -> Any:
+        self.log.append(Collective("all_reduce", _nbytes(tensor)))
+        return super()._all_reduce(tensor)
+
+    def all_gather_async(self, tensor: torch.Tensor) -> Any:
+        if self.size > 1 and tensor.numel() > 0:
+            self.log.append(Collective("all_gather", _nbytes(tensor)))
+        return super().all_gather_async(tensor)
+
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        self.log.append(Collective("broadcast", _nbytes(tensor)))
+        super()._broadcast(tensor, src)
+
+    def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
+        if send is not None:  # a receive is the other half of someone's send
+            self.log.append(Collective("exchange", _nbytes(send)))
+        super()._exchange(send, recv, peer)
+
+
+@dataclass
+class Profile:
+    """What one method does per step at P workers: rank 0's collectives in each profiled step
+    after the first, and its selection seconds and counters (means over those steps)."""
+
+    method: str
+    workers: int
+    steps: list[list[Collective]]
+    t_select: float
+    density: float
+    bytes_sent: float
+    bytes_wire: float
+
+    def comm_seconds(self, links: Links, rate_bps: float) -> float:
+        """Mean over the steps of the collectives' seconds, one after another (as the reducers
+        start and wait for them)."""
+        return sum(collective_seconds(c.kind, c.nbytes, self.workers, links, rate_bps)
+                   for step in self.steps for c in step) / max(1, len(self.steps))
+
+
+def profile(method: str, gradients: Sequence[torch.Tensor], shapes: Sequence[torch.Size], density: float,
+            steps: int = 3, seed: int = 0, **options: Any) -> Profile:
+    """Run ``method`` on P = len(gradients) virtual workers for ``steps`` steps, worker r
+    reducing ``gradients[r]`` (flat, one per worker) split into ``shapes``."""
+    P = len(gradients)
+    world = VirtualWorld(P, communicator=_RecordingCommunicator)
+    try:
+        rs = [reducers.build(method, density=density, seed=seed, group=world.communicator(r), **options)
+              for r in range(P)]
+        layout = reducers.Layout.of([torch.empty(s) for s in shapes])
+        seen: list[dict[str, float]] = []
+        logs: list[list[Collective]] = []
+        comm = world.communicator(0)
+        assert isinstance(comm, _RecordingCommunicator)
+        for step in range(steps):
+            comm.log = []
+            world.run(lambda r: rs[r].reduce(layout.split(gradients[r].clone())))
+            stats = rs[0].stats
+            seen.append({k: float(stats.get(k, 0.0) or 0.0)
+                         for k in ("t_select", "density", "bytes_sent", "bytes_wire")})
+            logs.append(comm.log)
+        kept, kept_logs = (seen[1:], logs[1:]) if steps > 1 else (seen, logs)
+        mean = {k: sum(s[k] for s in kept) / len(kept) for k in kept[0]}
+        return Profile(method, P, kept_logs, mean["t_select"], mean["density"], mean["bytes_sent"],
+                       mean["bytes_wire"])
+    finally:
+        world.close()
+
+
+def step_seconds(compute: float, prof: Profile, links: Links, rate_bps: float,
+                 select: float | None = None) -> dict[str, float]:
+    """Predicted seconds of one step: compute (forward and backward), select (the profile's
+    unless given), communicate; and their sum."""
+    t_select = prof.t_select if select is None else select
+    t_comm = prof.comm_seconds(links, rate_bps)
+    return {"compute": compute, "select": t_select, "comm": t_comm, "step": compute + t_select + t_comm}

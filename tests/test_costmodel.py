@@ -1,0 +1,139 @@
+"""The cost model: the alpha-beta forms, the fit, the collectives a method makes as recorded on
+virtual workers, and the predictor's command line."""
+import json
+import math
+
+import pytest
+import torch
+
+import tiny_data
+from sparsecomm import costmodel
+from sparsecomm import predict as predictor
+
+SHAPES = [torch.Size([40, 30]), torch.Size([30]), torch.Size([7, 11])]
+
+
+def _grads(P, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = sum(s.numel() for s in SHAPES)
+    return [torch.randn(d, generator=g) for _ in range(P)]
+
+
+def test_alpha_beta_forms():
+    links = costmodel.Links(alpha=1e-4, efficiency=0.5)
+    n, P, rate = 4_000_000, 8, 1e9
+    beta = 8 / (0.5 * rate)
+    assert costmodel.collective_seconds("all_reduce", n, P, links, rate) == pytest.approx(
+        2 * (P - 1) * 1e-4 + 2 * (P - 1) / P * n * beta)
+    assert costmodel.collective_seconds("all_gather", n, P, links, rate) == pytest.approx((P - 1) * (1e-4 + n * beta))
+    assert costmodel.collective_seconds("broadcast", n, P, links, rate) == pytest.approx(3 * (1e-4 + n * beta))
+    assert costmodel.collective_seconds("exchange", n, P, links, rate) == pytest.approx(1e-4 + n * beta)
+    assert costmodel.collective_seconds("all_reduce", n, 1, links, rate) == 0.0
+    with pytest.raises(ValueError, match="unknown collective 'scatter'"):
+        costmodel.collective_seconds("scatter", n, P, links, rate)
+
+
+def test_fit_recovers_the_links_it_was_made_from():
+    truth = costmodel.Links(alpha=3e-4, efficiency=0.8)
+    points = [{"collective": kind, "bytes": n, "hosts": P, "rate": "x", "rate_bps": rate,
+               "seconds": costmodel.collective_seconds(kind, n, P, truth, rate)}
+              for kind in ("all_reduce", "all_gather") for n in (16e3, 256e3, 4e6) for P in (2, 4)
+              for rate in (1e8, 1e9)]
+    links = costmodel.fit(points)
+    assert links.alpha == pytest.approx(3e-4, rel=1e-6) and links.efficiency == pytest.approx(0.8, rel=1e-6)
+    with pytest.raises(ValueError, match="at least two"):
+        costmodel.fit(points[:1])
+
+
+@pytest.mark.parametrize("P", [1, 3, 4])
+def test_profile_records_the_collectives_rank_0_starts(P):
+    """What the recording communicator lists adds up to the bytes the reducer counted, and the
+    dense method is one all-reduce of the whole gradient."""
+    d = sum(s.numel() for s in SHAPES)
+    exact = costmodel.profile("exact", _grads(P), SHAPES, 1.0)
+    [last] = exact.steps[-1:]
+    if P > 1:  # the whole gradient in one all-reduce, and a handshake of a few numbers
+        assert costmodel.Collective("all_reduce", 4 * d) in last
+        assert sum(c.nbytes for c in last) - 4 * d < 100
+    else:
+        assert last == []
+    for method in ("topk", "exdyna", "gtopk", "powersgd"):
+        prof = costmodel.profile(method, _grads(P), SHAPES, 0.05)
+        if P > 1:  # alone, a worker counts what it would send but starts no collective
+            sent = [sum(c.nbytes for c in step) for step in prof.steps]
+            assert sum(sent) / len(sent) == pytest.approx(prof.bytes_sent), method
+        assert 0 < prof.density <= 1 and prof.t_select >= 0
+    gtopk = costmodel.profile("gtopk", _grads(P), SHAPES, 0.05)
+    assert sum(c.kind == "exchange" for c in gtopk.steps[-1]) == (math.ceil(math.log2(P)) if P > 1 else 0)
+
+
+def test_step_seconds_adds_the_parts():
+    links = costmodel.Links(alpha=1e-4, efficiency=1.0)
+    prof = costmodel.profile("exact", _grads(2), SHAPES, 1.0)
+    t = costmodel.step_seconds(0.01, prof, links, 1e9)
+    assert t["step"] == pytest.approx(0.01 + prof.t_select + t["comm"])
+    assert t["comm"] == pytest.approx(sum(costmodel.collective_seconds(c.kind, c.nbytes, 2, links, 1e9)
+                                          for step in prof.steps for c in step) / len(prof.steps))
+    assert t["comm"] > 2 * 1e-4 + 4 * sum(s.numel() for s in SHAPES) * 8 / 1e9  # the all-reduce and more
+    assert costmodel.step_seconds(0.01, prof, links, 1e9, select=0.5)["select"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    tiny_data.write_libsvm(root, "tiny.svm", n=256, features=16)
+    links = root / "links.json"
+    costmodel.Links(alpha=1e-4, efficiency=0.9, fitted_on="a test").save(links)
+    return root, links
+
+
+def test_predict_prints_every_cell(setup, capsys, tmp_path):
+    root, links = setup
+    out = tmp_path / "rows.json"
+    rc = predictor.main(["--preset", "logreg", "--workers", "2,3", "--bandwidth", "100mbit,10gbit", "--reducers",
+                         "exact,topk,exdyna", "--density", "0.1", "--links", str(links), "--data-dir", str(root),
+                         "--set", "task_options.path=tiny.svm", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 3
+    for r in rows:
+        assert r["step"] == pytest.approx(r["compute"] + r["select"] + r["comm"]) and r["compute"] > 0
+        if r["method"] == "exact":
+            assert r["speedup"] == 1.0
+    slow = {r["method"]: r["comm"] for r in rows if r["workers"] == 3 and r["rate"] == "100mbit"}
+    fast = {r["method"]: r["comm"] for r in rows if r["workers"] == 3 and r["rate"] == "10gbit"}
+    assert all(slow[m] > fast[m] for m in slow)
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "nope"], "unknown preset 'nope'; known: "),
+    (["--preset", "logreg", "--reducers", "exact,zip"], "unknown reducer 'zip'; registered: "),
+    (["--preset", "logreg", "--bandwidth", "10 gigs"], "rate '10 gigs' is not a rate; use a number with kbit"),
+    (["--preset", "logreg", "--bandwidth", "unlimited"], "--bandwidth needs finite rates"),
+    (["--preset", "logreg", "--workers", "8,0"], "--workers takes positive integers"),
+    (["--preset", "logreg", "--links", "/nonexistent/links.json"], "no fitted links at /nonexistent/links.json"),
+])
+def test_bad_input_is_one_line(setup, capsys, args, message):
+    root, links = setup
+    extra = [] if "--links" in args else ["--links", str(links)]
+    assert predictor.main([*args, *extra, "--data-dir", str(root), "--set", "task_options.path=tiny.svm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err
+
+
+def test_another_devices_times_replace_the_measured_ones(setup, capsys, tmp_path):
+    root, links = setup
+    device = tmp_path / "gpu.json"
+    device.write_text(json.dumps({"presets": {"logreg": {"compute_ms": 5.0, "select_ms": {"topk": 2.0}}}}))
+    out = tmp_path / "rows.json"
+    common = ["--preset", "logreg", "--workers", "2", "--bandwidth", "1gbit", "--links", str(links), "--data-dir",
+              str(root), "--set", "task_options.path=tiny.svm", "--device", str(device)]
+    assert predictor.main([*common, "--reducers", "exact,topk", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert rows["topk"]["compute"] == rows["exact"]["compute"] == 0.005
+    assert rows["topk"]["select"] == 0.002 and rows["exact"]["select"] == 0.0
+    capsys.readouterr()
+    assert predictor.main([*common, "--reducers", "exact,sage"]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {device} has no selection time for sage on logreg; "
+                                                      f"it has: topk")
