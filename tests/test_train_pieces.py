@@ -212,3 +212,25 @@ def test_recorder_drops_lines_after_the_resumed_step(tmp_path):
     steps = [json.loads(line)["step"] for line in rec.metrics_path.read_text().splitlines()]
     assert steps == [10, 20, 30]
     assert not Recorder(tmp_path / "other", active=False).run_dir.exists()
+
+
+@pytest.mark.parametrize("optimizer,ok", [
+    (["optimizer.momentum=0.9"], False), (["optimizer.momentum=0", "optimizer.nesterov=true"], False),
+    (["optimizer.name=adam"], False), (["optimizer.momentum=0"], True),
+])
+def test_a_reducer_with_its_own_momentum_needs_plain_sgd(optimizer, ok):
+    """DGC applies momentum itself: with a momentum (or Nesterov, or Adam) in the optimizer too
+    it would be applied twice, so the check refuses it in one line naming both ways out; with
+    the reducer's momentum off, any optimizer goes."""
+    from sparsecomm.train.checks import check_run
+
+    cfg = load_config(None, ["task=logreg", "model=logreg", "task_options.path=x.svm", "reducer.name=dgc", *optimizer])
+    if ok:
+        check_run(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"reducer 'dgc' applies momentum itself, so the optimizer must be "
+                                              r"plain SGD, got .*reducer.options=\{momentum: 0\}$"):
+            check_run(cfg)
+    check_run(load_config(None, ["task=logreg", "model=logreg", "task_options.path=x.svm", "reducer.name=dgc", "reducer.options={momentum: 0}",
+                                 *optimizer]))
+    check_run(load_config(None, ["task=logreg", "model=logreg", "task_options.path=x.svm", "reducer.name=topk", *optimizer]))

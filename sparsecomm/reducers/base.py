@@ -179,6 +179,9 @@ class Reducer(abc.ABC):
     # random rounding without residual, momentum inside the method), so the conservation
     # identity sum_w x_w = P avg + sum_w m_w does not apply; say what holds instead
     conserves: bool = True
+    # True where the method applies momentum itself (DGC's momentum correction): the
+    # optimizer must then be plain SGD, or the momentum is applied twice
+    applies_momentum: bool = False
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
                  seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:

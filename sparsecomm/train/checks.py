@@ -10,7 +10,19 @@ from ..tasks import task_class
 from ..config import ConfigError, RunConfig
 from .records import check_run_dir, run_name
 
-__all__ = ["check_run"]
+__all__ = ["check_run", "check_optimizer"]
+
+
+def check_optimizer(cfg: RunConfig, reducer: reducers.Reducer) -> None:
+    """A reducer that applies momentum itself (DGC) trains with plain SGD: a momentum, Nesterov
+    or Adam in the optimizer would apply a second one (one line naming both ways out)."""
+    opt = cfg.optimizer
+    if reducer.applies_momentum and (opt.name != "sgd" or opt.momentum > 0 or opt.nesterov):
+        got = f"{opt.name}" + (f" with momentum {opt.momentum:g}" if opt.name == "sgd" else "") + \
+            (" (nesterov)" if opt.nesterov else "")
+        raise ConfigError(f"reducer {cfg.reducer.name!r} applies momentum itself, so the optimizer must be plain SGD, "
+                          f"got {got}: set optimizer.momentum=0 (and optimizer.nesterov=false, optimizer.name=sgd), "
+                          f"or turn the reducer's momentum off with reducer.options={{momentum: 0}}")
 
 
 def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False) -> RunConfig:
@@ -21,8 +33,9 @@ def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False)
     try:
         task_class(cfg.task).check(cfg)
         rc = cfg.reducer
-        reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
-                       group=reducers.SoloCommunicator(), seed=cfg.seed, **rc.options)
+        reducer = reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback,
+                                 group=reducers.SoloCommunicator(), seed=cfg.seed, **rc.options)
+        check_optimizer(cfg, reducer)
         if workers is not None:
             cfg.batch_per_worker(workers)
     except ConfigError:

@@ -18,6 +18,7 @@ from .checkpoint import Checkpoints
 from ..config import RunConfig
 from ..job import Job
 from .optim import LearningRate, build_optimizer, peak_lr
+from .checks import check_optimizer
 from .records import Recorder, check_run_dir, environment, run_name, set_aside
 from .workers import ProcessWorker, VirtualWorkers
 
@@ -97,6 +98,7 @@ class Trainer:
         else:
             self.workers = ProcessWorker(cfg, job, self.task, self.params, self.grads, build_reducer)
         self.reducer = self.workers.reducer  # rank 0's (or this rank's): its measurements are recorded
+        check_optimizer(cfg, self.reducer)
         self.workers.attach(self.model)
         self.steps_per_epoch = self.workers.steps_per_epoch()
         if self.steps_per_epoch < 1:

@@ -107,6 +107,10 @@ class DGC(Reducer):
         """The plain conservation identity holds only without momentum (see the class)."""
         return self.momentum == 0.0
 
+    @property
+    def applies_momentum(self) -> bool:  # type: ignore[override]
+        return self.momentum > 0.0
+
     # ------------------------------------------------------------------------ training context
     def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
         self._epoch = int(epoch)
