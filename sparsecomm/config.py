@@ -62,6 +62,7 @@ class ReducerConfig:
 class RecordsConfig:
     log_every: int = 50               # training lines in metrics.jsonl every this many steps
     eval_every: int = 1               # epochs between evaluations
+    eval_every_steps: int = 0         # also evaluate every this many steps (0: only by epochs; for accuracy against time)
     checkpoint_every: int = 1         # epochs between checkpoints (0: only on signals and at the end)
     progress: bool = True             # a tqdm progress bar on rank 0
     tensorboard: bool = False         # also write TensorBoard event files (needs the tensorboard package)
@@ -124,6 +125,8 @@ class RunConfig:
             problems.append(f"clip_norm must be > 0 or null, got {self.clip_norm!r}")
         if self.records.log_every < 1:
             problems.append(f"records.log_every must be >= 1, got {self.records.log_every!r}")
+        if self.records.eval_every_steps < 0:
+            problems.append(f"records.eval_every_steps must be >= 0 (0: off), got {self.records.eval_every_steps!r}")
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
         return self

@@ -13,7 +13,7 @@ import train_scenarios as ts
 from shared_data import SHARED_DATA
 from sparsecomm.train.checkpoint import CheckpointError
 from sparsecomm.train.cli import main as cli_main
-from sparsecomm.config import load_config
+from sparsecomm.config import ConfigError, load_config
 from sparsecomm.job import join
 from sparsecomm.train.loop import Stopped, Trainer
 
@@ -260,3 +260,15 @@ def test_rank_0_projects_the_run_length(data_dir, tmp_path, caplog):
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("projected")]
     assert line.startswith("projected from steps 6-30: ") and "per epoch (8 steps)" in line
     assert "for the remaining 2 steps" in line
+
+
+def test_evaluation_every_few_steps(data_dir, tmp_path):
+    """records.eval_every_steps adds evaluations between the epochs' (none twice at one step)."""
+    trainer, summary = run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.eval_every_steps=3"],
+                                          epochs=2))
+    per_epoch = trainer.steps_per_epoch
+    steps = [e["step"] for e in trainer.evaluations if e["split"] == trainer.task.metric_split]
+    expected = sorted(set(range(3, 2 * per_epoch + 1, 3)) | {per_epoch, 2 * per_epoch})
+    assert steps == expected and len(steps) > 2
+    with pytest.raises(ConfigError, match="records.eval_every_steps must be >= 0"):
+        load_config(None, overrides("logreg", data_dir, tmp_path, extra=["records.eval_every_steps=-1"])).validate()

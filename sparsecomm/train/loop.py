@@ -194,6 +194,9 @@ class Trainer:
                     self._describe_reducer()
                 if self.step >= end:
                     break
+                if self._evaluation_step():
+                    self._evaluate(self.step / self.steps_per_epoch)
+                    self.elapsed = time.perf_counter() - started
                 self._stop_if_asked(progress)  # not at a segment's end: evaluation comes first there
                 mark = time.perf_counter()
             progress.close()
@@ -202,7 +205,7 @@ class Trainer:
                                    f"although {self.steps_per_epoch} were announced")
             finished_epoch = self.step % self.steps_per_epoch == 0
             last = self.step >= self.total_steps
-            if (finished_epoch and (epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last:
+            if (finished_epoch and (epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last or self._evaluation_step():
                 self._evaluate(epoch + 1 if finished_epoch else self.step / self.steps_per_epoch)
                 self.elapsed = time.perf_counter() - started
             every = cfg.records.checkpoint_every
@@ -210,6 +213,10 @@ class Trainer:
                 self._checkpoint()
             if not last:
                 self._stop_if_asked(None)
+
+    def _evaluation_step(self) -> bool:
+        every = self.cfg.records.eval_every_steps
+        return bool(every) and self.step % every == 0
 
     def _stop_if_asked(self, progress: Any) -> None:
         """Checkpoint (unless this step's is written) and raise :class:`Stopped` when every
