@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -225,17 +226,20 @@ def _results(files: str, part: str) -> list[dict]:
 
 
 def fit(args: argparse.Namespace) -> int:
-    """Fit the links' alpha and efficiency to the timed collectives of ``run`` (rate-limited
-    links only) and write them where ``python -m sparsecomm.predict`` reads them."""
+    """Fit the links' parameters to the timed collectives of ``run`` and write them where
+    ``python -m sparsecomm.predict`` reads them."""
     from sparsecomm import costmodel
 
-    points = [{**p, "rate_bps": netlab.parse_rate(p["rate"])} for p in _results(args.results, "collectives")
-              if p["rate"] != "unlimited"]
+    points = [{**p, "rate_bps": netlab.parse_rate(p["rate"])} for p in _results(args.results, "collectives")]
     links = costmodel.fit(points)
     links.save(args.out)
-    print(f"alpha {links.alpha * 1e3:.3f} ms per round, {100 * links.efficiency:.1f}% of the rate; wrote {args.out}")
+    for kind in ("all_reduce", "all_gather"):
+        c = links.cost(kind)
+        print(f"{kind}: alpha {c.alpha * 1e3:.3f} ms per round, {100 * c.efficiency:.1f}% of the rate, "
+              f"{c.gamma * 1e9:.3f} ns per byte on the hosts")
+    print(f"wrote {args.out}")
     for p in points:
-        t = costmodel.collective_seconds(p["collective"], p["bytes"], p["hosts"], links, p["rate_bps"])
+        t = costmodel.collective_seconds(p["collective"], p["bytes"], p["hosts"], links, p["rate_bps"] or math.inf)
         print(f"  {p['hosts']} hosts {p['rate']:>8} {p['collective']:<10} {p['bytes']:>9} B: measured "
               f"{p['seconds'] * 1e3:8.2f} ms, fitted {t * 1e3:8.2f} ms ({100 * (t / p['seconds'] - 1):+.0f}%)")
     return 0

@@ -4,16 +4,17 @@ A step of data-parallel training with a reducer costs the forward and backward p
 method's selection (its ``t_select``) and its collectives. Each collective is priced by the
 algorithm gloo and NCCL run for it, in the alpha-beta (Hockney) form of Thakur, Rabenseifner
 and Gropp (2005), for P workers, n bytes per worker, ``alpha`` seconds per round and
-``beta = 8 / (efficiency x rate)`` seconds per byte:
+``beta = 8 / (efficiency x rate) + gamma`` seconds per byte (``gamma``: what the hosts spend per
+byte whatever the rate):
 
     ring all-reduce              2 (P - 1) alpha + 2 (P - 1) / P n beta
     ring all-gather              (P - 1) alpha + (P - 1) n beta
     binomial-tree broadcast      ceil(log2 P) (alpha + n beta)
     point-to-point exchange      alpha + n beta
 
-``alpha`` and ``efficiency`` (the share of the configured rate a bulk transfer achieves) are
-fitted (:func:`fit`) to collectives timed on real links (``bench/network.py run``) and kept in
-a JSON file (:class:`Links`). Which collectives a method makes at P workers, of what sizes,
+``alpha``, ``efficiency`` (the share of the configured rate a bulk transfer achieves) and
+``gamma``, per algorithm, are fitted (:func:`fit`) to collectives timed on real links
+(``bench/network.py run``) and kept in a JSON file (:class:`Links`). Which collectives a method makes at P workers, of what sizes,
 and how much it selects come from running the method itself, unchanged, on P virtual workers
 fed real gradients (:func:`profile`): a method's traffic is never re-derived by hand. What the
 model leaves out: overlap of communication with backward, contention between workers sharing
@@ -34,22 +35,42 @@ import torch
 from . import reducers
 from .reducers.virtual import VirtualCommunicator, VirtualWorld
 
-__all__ = ["Links", "Collective", "Profile", "collective_seconds", "fit", "profile", "step_seconds"]
+__all__ = ["Cost", "Links", "Collective", "Profile", "collective_seconds", "fit", "profile", "step_seconds"]
 
 KINDS = ("all_reduce", "all_gather", "broadcast", "exchange")
 
 
 @dataclass(frozen=True)
-class Links:
-    """Fitted link parameters: seconds per round and the share of the rate bulk data achieves."""
+class Cost:
+    """One algorithm's link parameters: ``alpha`` seconds per round; ``efficiency``, the share of
+    the link rate its bulk data achieves; ``gamma`` seconds per byte the hosts spend whatever
+    the rate (copies, the network stack: what bounds an unlimited or very fast link)."""
 
     alpha: float
     efficiency: float
+    gamma: float = 0.0
+
+    def seconds(self, rounds: float, moved: float, rate_bps: float) -> float:
+        return rounds * self.alpha + moved * (8.0 / (self.efficiency * rate_bps) + self.gamma)
+
+
+@dataclass(frozen=True)
+class Links:
+    """Fitted link parameters per algorithm: the ring all-reduce's, and the ring all-gather's
+    (which the point-to-point forms, broadcast and exchange, use as well)."""
+
+    all_reduce: Cost
+    all_gather: Cost
     fitted_on: str = ""
 
-    def beta(self, rate_bps: float) -> float:
-        """Seconds per byte on a link of ``rate_bps`` bits per second."""
-        return 8.0 / (self.efficiency * rate_bps)
+    def cost(self, kind: str) -> Cost:
+        return self.all_reduce if kind == "all_reduce" else self.all_gather
+
+    def with_alpha(self, alpha: float) -> "Links":
+        """The same links with another latency per round (a target network's)."""
+        return Links(Cost(alpha, self.all_reduce.efficiency, self.all_reduce.gamma),
+                     Cost(alpha, self.all_gather.efficiency, self.all_gather.gamma),
+                     f"{self.fitted_on}; alpha set to {alpha:g} s")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -57,7 +78,10 @@ class Links:
     @classmethod
     def load(cls, path: str | Path) -> "Links":
         data = json.loads(Path(path).read_text())
-        return cls(alpha=float(data["alpha"]), efficiency=float(data["efficiency"]), fitted_on=data.get("fitted_on", ""))
+        try:
+            return cls(Cost(**data["all_reduce"]), Cost(**data["all_gather"]), data.get("fitted_on", ""))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a links file of bench/network.py fit ({exc})") from None
 
 
 @dataclass(frozen=True)
@@ -87,30 +111,53 @@ def rounds_and_bytes(kind: str, nbytes: int, workers: int) -> tuple[float, float
 
 def collective_seconds(kind: str, nbytes: int, workers: int, links: Links, rate_bps: float) -> float:
     rounds, moved = rounds_and_bytes(kind, nbytes, workers)
-    return rounds * links.alpha + moved * links.beta(rate_bps)
+    return links.cost(kind).seconds(rounds, moved, rate_bps) if rounds else 0.0
 
 
 def fit(points: Iterable[dict[str, Any]]) -> Links:
-    """Least-squares ``alpha`` and ``efficiency`` from timed collectives: dicts with
-    ``collective``, ``bytes`` (per worker), ``hosts``, ``rate_bps`` and ``seconds``. Relative
-    errors are minimised, so small and large transfers count alike."""
-    rows, times, names = [], [], set()
-    for p in points:
-        rounds, moved = rounds_and_bytes(p["collective"], int(p["bytes"]), int(p["hosts"]))
-        if rounds == 0:
+    """Least-squares link parameters per algorithm from timed collectives: dicts with
+    ``collective`` (all_reduce or all_gather), ``bytes`` (per worker), ``hosts``, ``rate_bps``
+    (None for an unlimited link) and ``seconds``. Relative errors are minimised, so small and
+    large transfers count alike."""
+    points = list(points)
+    costs, names = {}, set()
+    for kind in ("all_reduce", "all_gather"):
+        rows = []
+        for p in points:
+            if p["collective"] != kind:
+                continue
+            rounds, moved = rounds_and_bytes(kind, int(p["bytes"]), int(p["hosts"]))
+            if rounds == 0:
+                continue
+            t = float(p["seconds"])
+            per_rate = 0.0 if p["rate_bps"] is None else moved * 8.0 / float(p["rate_bps"])
+            # t = rounds alpha + moved 8 / rate (1 / efficiency) + moved gamma, divided by t
+            rows.append([rounds / t, per_rate / t, moved / t])
+            names.add(f"{p['hosts']} hosts at {p.get('rate', p['rate_bps'])}")
+        if len(rows) < 3 or not any(r[1] for r in rows):
+            raise ValueError(f"fitting the links needs at least three timed {kind}s, some on rate-limited links")
+        alpha, inverse, gamma = _nonnegative_lstsq(np.array(rows), np.ones(len(rows)))
+        if inverse <= 0:
+            raise ValueError(f"the timed {kind}s do not slow down on slower links; cannot fit an efficiency")
+        costs[kind] = Cost(alpha=alpha, efficiency=1.0 / inverse, gamma=gamma)
+    return Links(costs["all_reduce"], costs["all_gather"], fitted_on=", ".join(sorted(names)))
+
+
+def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Least squares with every coefficient >= 0: the best over the subsets of coefficients
+    left free (three coefficients: eight subsets)."""
+    best, best_x = math.inf, [0.0] * a.shape[1]
+    for mask in range(1, 1 << a.shape[1]):
+        cols = [j for j in range(a.shape[1]) if mask >> j & 1]
+        x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if (x < 0).any():
             continue
-        t = float(p["seconds"])
-        # t = rounds alpha + moved 8 / rate x (1 / efficiency): linear in (alpha, 1 / efficiency)
-        rows.append([rounds / t, moved * 8.0 / float(p["rate_bps"]) / t])
-        times.append(1.0)
-        names.add(f"{p['hosts']} hosts at {p.get('rate', p['rate_bps'])}")
-    if len(rows) < 2:
-        raise ValueError("fitting the links needs at least two timed collectives on rate-limited links")
-    (alpha, inverse), *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
-    alpha = max(float(alpha), 0.0)
-    if inverse <= 0:
-        raise ValueError("the timed collectives do not grow with their size; cannot fit a bandwidth")
-    return Links(alpha=alpha, efficiency=1.0 / float(inverse), fitted_on=", ".join(sorted(names)))
+        err = float(np.sum((a[:, cols] @ x - b) ** 2))
+        if err < best:
+            best, best_x = err, [0.0] * a.shape[1]
+            for j, v in zip(cols, x):
+                best_x[j] = float(v)
+    return best_x
 
 
 def _nbytes(t: torch.Tensor) -> int:

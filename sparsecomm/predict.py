@@ -153,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--steps must be at least 1, got {args.steps}")
         if not Path(args.links).is_file():
             raise ValueError(f"no fitted links at {args.links}: run bench/network.py run and fit, or pass --links")
-        links = costmodel.Links.load(args.links)
+        links = costmodel.Links.load(args.links)  # ValueError names a file that is not one
         if args.alpha is not None:
-            links = costmodel.Links(args.alpha, links.efficiency, links.fitted_on + f"; alpha set to {args.alpha}")
+            links = links.with_alpha(args.alpha)
         device = None
         if args.device is not None:
             device = json.loads(Path(args.device).read_text())
@@ -171,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("links: alpha %.3g ms per round, %.0f%% of the rate (fitted on %s)", links.alpha * 1e3,
-             100 * links.efficiency, links.fitted_on or "?")
+    for kind, c in (("all-reduce", links.all_reduce), ("all-gather", links.all_gather)):
+        log.info("%s: alpha %.3g ms per round, %.0f%% of the rate, %.3g ns per byte on the hosts", kind,
+                 c.alpha * 1e3, 100 * c.efficiency, c.gamma * 1e9)
+    log.info("(fitted on %s)", links.fitted_on or "?")
     rows = predict(args.preset, workers, rates, methods, links, args.density, device, args.data_dir, args.steps,
                    args.set)
     print(table(rows))

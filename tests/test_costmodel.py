@@ -19,10 +19,14 @@ def _grads(P, seed=0):
     return [torch.randn(d, generator=g) for _ in range(P)]
 
 
+def _links(alpha=1e-4, efficiency=0.5, gamma=0.0):
+    return costmodel.Links(costmodel.Cost(alpha, efficiency, gamma), costmodel.Cost(alpha, efficiency, gamma))
+
+
 def test_alpha_beta_forms():
-    links = costmodel.Links(alpha=1e-4, efficiency=0.5)
+    links = _links(1e-4, 0.5, 2e-10)
     n, P, rate = 4_000_000, 8, 1e9
-    beta = 8 / (0.5 * rate)
+    beta = 8 / (0.5 * rate) + 2e-10
     assert costmodel.collective_seconds("all_reduce", n, P, links, rate) == pytest.approx(
         2 * (P - 1) * 1e-4 + 2 * (P - 1) / P * n * beta)
     assert costmodel.collective_seconds("all_gather", n, P, links, rate) == pytest.approx((P - 1) * (1e-4 + n * beta))
@@ -33,16 +37,25 @@ def test_alpha_beta_forms():
         costmodel.collective_seconds("scatter", n, P, links, rate)
 
 
-def test_fit_recovers_the_links_it_was_made_from():
-    truth = costmodel.Links(alpha=3e-4, efficiency=0.8)
+def test_fit_recovers_the_links_it_was_made_from(tmp_path):
+    truth = costmodel.Links(costmodel.Cost(3e-4, 0.8, 1e-10), costmodel.Cost(1e-4, 0.6, 3e-10))
     points = [{"collective": kind, "bytes": n, "hosts": P, "rate": "x", "rate_bps": rate,
-               "seconds": costmodel.collective_seconds(kind, n, P, truth, rate)}
+               "seconds": costmodel.collective_seconds(kind, n, P, truth, rate or math.inf)}
               for kind in ("all_reduce", "all_gather") for n in (16e3, 256e3, 4e6) for P in (2, 4)
-              for rate in (1e8, 1e9)]
+              for rate in (1e8, 1e9, None)]
     links = costmodel.fit(points)
-    assert links.alpha == pytest.approx(3e-4, rel=1e-6) and links.efficiency == pytest.approx(0.8, rel=1e-6)
-    with pytest.raises(ValueError, match="at least two"):
-        costmodel.fit(points[:1])
+    for kind in ("all_reduce", "all_gather"):
+        got, want = links.cost(kind), truth.cost(kind)
+        assert got.alpha == pytest.approx(want.alpha, rel=1e-6) and got.gamma == pytest.approx(want.gamma, rel=1e-6)
+        assert got.efficiency == pytest.approx(want.efficiency, rel=1e-6)
+    links.save(tmp_path / "links.json")
+    assert costmodel.Links.load(tmp_path / "links.json") == links
+    assert links.with_alpha(0.01).all_gather.alpha == 0.01
+    with pytest.raises(ValueError, match="at least three timed all_reduces"):
+        costmodel.fit(points[:2])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a links file"):
+        costmodel.Links.load(tmp_path / "bad.json")
 
 
 @pytest.mark.parametrize("P", [1, 3, 4])
@@ -68,7 +81,7 @@ def test_profile_records_the_collectives_rank_0_starts(P):
 
 
 def test_step_seconds_adds_the_parts():
-    links = costmodel.Links(alpha=1e-4, efficiency=1.0)
+    links = _links(1e-4, 1.0)
     prof = costmodel.profile("exact", _grads(2), SHAPES, 1.0)
     t = costmodel.step_seconds(0.01, prof, links, 1e9)
     assert t["step"] == pytest.approx(0.01 + prof.t_select + t["comm"])
@@ -83,7 +96,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     tiny_data.write_libsvm(root, "tiny.svm", n=256, features=16)
     links = root / "links.json"
-    costmodel.Links(alpha=1e-4, efficiency=0.9, fitted_on="a test").save(links)
+    _links(1e-4, 0.9).save(links)
     return root, links
 
 
