@@ -217,6 +217,34 @@ def tta(args: argparse.Namespace) -> int:
         netlab.down(force=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "curves": curves}, indent=1))
+    return plot_tta(argparse.Namespace(results=args.out, figure=args.figure))
+
+
+def plot_tta(args: argparse.Namespace) -> int:
+    """Test accuracy against wall time from ``tta``'s results: a figure and a table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(args.results).read_text())
+    settings = data["settings"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, curve in data["curves"].items():
+        ax.plot([t / 60 for t, _ in curve], [a for _, a in curve], marker="o", markersize=3, label=method)
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"MNIST CNN, {settings['hosts']} hosts at {settings['rate']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    Path(args.figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.figure, dpi=120, bbox_inches="tight")
+    print(f"wrote {args.figure}")
+    for method, curve in data["curves"].items():
+        t, a = curve[-1]
+        first = next((t for t, acc in curve if acc >= 0.98), None)
+        print(f"{method:<10} final accuracy {a:.4f} after {t / 60:.1f} min; 98% reached after "
+              f"{'never' if first is None else f'{first / 60:.1f} min'}")
     return 0
 
 
@@ -315,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-dir", required=True)
     t.add_argument("--timeout", type=float, default=7200)
     t.add_argument("--out", default="bench/results/network_tta.json")
+    t.add_argument("--figure", default="docs/figures/network-tta.png")
+    pt = verbs.add_parser("plot-tta")
+    pt.add_argument("--results", default="bench/results/network_tta.json")
+    pt.add_argument("--figure", default="docs/figures/network-tta.png")
     f = verbs.add_parser("fit")
     f.add_argument("--results", default="bench/results/network.json", help="result files of run, comma-separated")
     f.add_argument("--out", default="bench/links.json")
@@ -324,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--data-dir", required=True)
     v.add_argument("--out", default="bench/results/costmodel_validation.json")
     args = p.parse_args(argv)
-    return {"run": run, "worker": worker, "tta": tta, "fit": fit, "validate": validate}[args.verb](args)
+    return {"run": run, "worker": worker, "tta": tta, "fit": fit, "validate": validate,
+            "plot-tta": plot_tta}[args.verb](args)
 
 
 if __name__ == "__main__":

@@ -345,7 +345,7 @@ class Trainer:
                 if better:
                     self.best = {"value": value, "epoch": epoch, "step": self.step, "time": self.elapsed}
         if self.job.is_main and results:
-            log.info("epoch %s: %s", f"{epoch:g}", "; ".join(
+            log.info("epoch %s: %s", f"{epoch:.4g}", "; ".join(
                 ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()) for r in results))
 
     def _summary(self) -> dict[str, Any]:
