@@ -136,9 +136,13 @@ def fit(points: Iterable[dict[str, Any]]) -> Links:
             names.add(f"{p['hosts']} hosts at {p.get('rate', p['rate_bps'])}")
         if len(rows) < 3 or not any(r[1] for r in rows):
             raise ValueError(f"fitting the links needs at least three timed {kind}s, some on rate-limited links")
-        alpha, inverse, gamma = _nonnegative_lstsq(np.array(rows), np.ones(len(rows)))
+        a, b = np.array(rows), np.ones(len(rows))
+        alpha, inverse, gamma = _nonnegative_lstsq(a, b)
         if inverse <= 0:
             raise ValueError(f"the timed {kind}s do not slow down on slower links; cannot fit an efficiency")
+        if inverse < 1.0:  # no link carries more than its rate: efficiency 1, the rest refitted
+            alpha, gamma = _nonnegative_lstsq(a[:, [0, 2]], b - a[:, 1])
+            inverse = 1.0
         costs[kind] = Cost(alpha=alpha, efficiency=1.0 / inverse, gamma=gamma)
     return Links(costs["all_reduce"], costs["all_gather"], fitted_on=", ".join(sorted(names)))
 

@@ -150,3 +150,13 @@ def test_another_devices_times_replace_the_measured_ones(setup, capsys, tmp_path
     assert predictor.main([*common, "--reducers", "exact,sage"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: {device} has no selection time for sage on logreg; "
                                                       f"it has: topk")
+
+
+def test_a_fitted_efficiency_never_exceeds_the_rate():
+    """Timings faster than the link rate allows (noise) fit efficiency 1, not more."""
+    fast = costmodel.Links(costmodel.Cost(1e-4, 1.3, 0.0), costmodel.Cost(1e-4, 1.3, 0.0))
+    points = [{"collective": kind, "bytes": n, "hosts": 2, "rate_bps": rate,
+               "seconds": costmodel.collective_seconds(kind, n, 2, fast, rate)}
+              for kind in ("all_reduce", "all_gather") for n in (16e3, 4e6) for rate in (1e8, 1e9)]
+    links = costmodel.fit(points)
+    assert links.all_reduce.efficiency == links.all_gather.efficiency == 1.0
