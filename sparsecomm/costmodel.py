@@ -66,11 +66,15 @@ class Links:
     def cost(self, kind: str) -> Cost:
         return self.all_reduce if kind == "all_reduce" else self.all_gather
 
-    def with_alpha(self, alpha: float) -> "Links":
-        """The same links with another latency per round (a target network's)."""
-        return Links(Cost(alpha, self.all_reduce.efficiency, self.all_reduce.gamma),
-                     Cost(alpha, self.all_gather.efficiency, self.all_gather.gamma),
-                     f"{self.fitted_on}; alpha set to {alpha:g} s")
+    def replaced(self, alpha: float | None = None, gamma: float | None = None) -> "Links":
+        """The same links with another latency per round and/or host cost per byte (a target
+        network's, where this machine's would mislead); None keeps the fitted one."""
+        def one(c: Cost) -> Cost:
+            return Cost(c.alpha if alpha is None else alpha, c.efficiency, c.gamma if gamma is None else gamma)
+
+        changes = [f"{name} set to {value:g} s" for name, value in (("alpha", alpha), ("gamma", gamma))
+                   if value is not None]
+        return Links(one(self.all_reduce), one(self.all_gather), "; ".join([self.fitted_on, *changes]))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")

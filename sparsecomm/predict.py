@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--density", type=float, default=None, help="default: the preset's")
     p.add_argument("--links", default=str(DEFAULT_LINKS), help="fitted link parameters (bench/network.py fit)")
     p.add_argument("--alpha", type=float, default=None, help="seconds per round instead of the fitted one")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="seconds per byte the hosts spend whatever the rate, instead of the fitted one (0: none)")
     p.add_argument("--device", default=None, help="JSON of another device's compute and selection times")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--steps", type=int, default=3, help="reduce steps profiled per method (the first not counted)")
@@ -154,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.links).is_file():
             raise ValueError(f"no fitted links at {args.links}: run bench/network.py run and fit, or pass --links")
         links = costmodel.Links.load(args.links)  # ValueError names a file that is not one
-        if args.alpha is not None:
-            links = links.with_alpha(args.alpha)
+        for name in ("alpha", "gamma"):
+            value = getattr(args, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{name} must be a number of seconds >= 0, got {value}")
+        if args.alpha is not None or args.gamma is not None:
+            links = links.replaced(alpha=args.alpha, gamma=args.gamma)
         device = None
         if args.device is not None:
             device = json.loads(Path(args.device).read_text())

@@ -50,7 +50,10 @@ def test_fit_recovers_the_links_it_was_made_from(tmp_path):
         assert got.efficiency == pytest.approx(want.efficiency, rel=1e-6)
     links.save(tmp_path / "links.json")
     assert costmodel.Links.load(tmp_path / "links.json") == links
-    assert links.with_alpha(0.01).all_gather.alpha == 0.01
+    other = links.replaced(alpha=0.01, gamma=0.0)
+    assert other.all_gather.alpha == other.all_reduce.alpha == 0.01 and other.all_reduce.gamma == 0.0
+    assert other.all_reduce.efficiency == links.all_reduce.efficiency
+    assert links.replaced(gamma=1e-9).all_gather.alpha == links.all_gather.alpha
     with pytest.raises(ValueError, match="at least three timed all_reduces"):
         costmodel.fit(points[:2])
     (tmp_path / "bad.json").write_text("{}")
@@ -125,6 +128,7 @@ def test_predict_prints_every_cell(setup, capsys, tmp_path):
     (["--preset", "logreg", "--bandwidth", "10 gigs"], "rate '10 gigs' is not a rate; use a number with kbit"),
     (["--preset", "logreg", "--bandwidth", "unlimited"], "--bandwidth needs finite rates"),
     (["--preset", "logreg", "--workers", "8,0"], "--workers takes positive integers"),
+    (["--preset", "logreg", "--alpha", "-1"], "--alpha must be a number of seconds >= 0, got -1.0"),
     (["--preset", "logreg", "--links", "/nonexistent/links.json"], "no fitted links at /nonexistent/links.json"),
 ])
 def test_bad_input_is_one_line(setup, capsys, args, message):
