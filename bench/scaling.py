@@ -32,8 +32,8 @@ methods: final accuracy and achieved density.
     .venv/bin/python bench/scaling.py                       # every model at every W that fits
     .venv/bin/python bench/scaling.py --models mnist_cnn --workers 8,32 --methods exdyna,topk
 
-A later call with the same density, batch and steps adds its models and worker counts to the
-earlier results.
+A later call with the same density, batch and steps adds its models, worker counts and methods
+to the earlier results (the (model, W, method) cells it runs replace earlier ones).
     .venv/bin/python bench/scaling.py --convergence         # the convergence table
 
 Writes ``--out``/scaling.json (convergence.json), Markdown tables (scaling.md, convergence.md)
@@ -396,6 +396,8 @@ def convergence(args: argparse.Namespace) -> int:
                 log.info("%s W=%d %s: accuracy %.4f, density %.4g, %.0f s", model, W, method, rows[-1]["accuracy"],
                          rows[-1]["density"], rows[-1]["seconds"])
                 out_file.write_text(json.dumps(rows, indent=1))
+                del trainer, summary  # before the next run builds its W workers
+                gc.collect()
     lines = ["| model | W | batch / worker | method | test accuracy | test loss | density | local density | "
              "sent / worker / step | wall |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -431,10 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         model = pretrain(model_name, args)
         by: dict[str, Any] = {"rows": [], "own_thresholds": {}}
         earlier_by = results["models"].get(model_name)
-        if earlier_by:  # worker counts measured by an earlier call are kept; the ones run now replace theirs
+        if earlier_by:  # rows of an earlier call are kept, except the (W, method) pairs run now
             now = {int(w) for w in args.workers.split(",")}
-            by["rows"] = [r for r in earlier_by["rows"] if r["W"] not in now]
-            by["own_thresholds"] = {w: v for w, v in earlier_by.get("own_thresholds", {}).items() if int(w) not in now}
+            methods_now = set(args.methods.split(","))
+            by["rows"] = [r for r in earlier_by["rows"] if r["W"] not in now or r["method"] not in methods_now]
+            by["own_thresholds"] = dict(earlier_by.get("own_thresholds", {}))
             by.update({k: earlier_by[k] for k in ("d", "k") if k in earlier_by})
         results["models"][model_name] = by
         for W in [int(w) for w in args.workers.split(",")]:
