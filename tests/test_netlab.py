@@ -16,6 +16,38 @@ from test_launchers import ROOT, _wait_for_metrics, assert_same_end, data_dir, j
 BOUND_S = 60
 
 
+@pytest.mark.parametrize("args,message", [
+    (["up", "2", "fast"], "rate 'fast' is not a rate; use a number with kbit, mbit, gbit or tbit"),
+    (["up", "2", "0mbit"], "rate '0mbit' is not a rate"),
+    (["up", "0", "1gbit"], f"hosts must be 1 to {netlab.MAX_HOSTS}"),
+    (["up", str(netlab.MAX_HOSTS + 1), "1gbit"], f"hosts must be 1 to {netlab.MAX_HOSTS}"),
+])
+def test_bad_input_is_one_line(capsys, args, message):
+    """Checked before anything is built (no privileges needed)."""
+    assert netlab.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err, err
+
+
+def test_a_host_that_already_exists_is_refused(capsys):
+    """A namespace of the lab's name made by someone else: named, left alone, exit 2."""
+    try:
+        netlab.down(force=True)
+        netlab.up(1, "1gbit")
+        netlab.down()
+    except netlab.NetlabError as exc:
+        pytest.skip(str(exc))
+    name = netlab.host_name(0)
+    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+    try:
+        assert netlab.main(["up", "2", "1gbit"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {name} already exist(s) but no netlab state file") and "\n" not in err, err
+        assert name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", name], timeout=30)
+
+
 @pytest.fixture(scope="module")
 def lab():
     try:
