@@ -280,18 +280,21 @@ def validate(args: argparse.Namespace) -> int:
     and selection plus the predicted communication, against the measured step."""
     from sparsecomm import costmodel
     from sparsecomm.config import load_config
-    from sparsecomm.predict import worker_gradients
+    from sparsecomm.predict import load_task, worker_gradients
     from sparsecomm.train.presets import find_preset
 
     links = costmodel.Links.load(args.links)
     cells = [c for c in _results(args.results, "cells") if c["rate"] != "unlimited"]
-    rows, cache = [], {}
+    rows, tasks, cache = [], {}, {}
     for c in cells:
         key = (c["model"], c["hosts"])
         if key not in cache:
-            preset, extra = MODELS[c["model"]]
-            cfg = load_config(find_preset(preset), [f"data.dir={args.data_dir}", *extra], preset_name=preset)
-            cache[key] = worker_gradients(cfg, c["hosts"])[:2]
+            if c["model"] not in tasks:  # each model's data loaded once
+                preset, extra = MODELS[c["model"]]
+                cfg = load_config(find_preset(preset), [f"data.dir={args.data_dir}", *extra], preset_name=preset)
+                tasks[c["model"]] = (cfg, load_task(cfg))
+            cfg, task = tasks[c["model"]]
+            cache[key] = worker_gradients(task, cfg.seed, c["hosts"])[:2]
         grads, shapes = cache[key]
         options = {"rank": 2} if c["method"] == "powersgd" else {}
         prof = costmodel.profile(c["method"], grads, shapes, c["density"], **options)

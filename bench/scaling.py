@@ -59,6 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsecomm import reducers  # noqa: E402
+from sparsecomm.compare import si  # noqa: E402
 from sparsecomm.config import load_config  # noqa: E402
 from sparsecomm.job import Job  # noqa: E402
 from sparsecomm.reducers.virtual import VirtualWorld  # noqa: E402
@@ -246,13 +247,6 @@ def summarise(name: str, W: int, run: dict[str, Any], info: dict[str, Any], args
 
 
 # ---------------------------------------------------------------------------------- report
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}B"
-    return f"{n:.3g} B"
-
-
 def tables(results: dict[str, Any]) -> str:
     lines = []
     for model, by in results["models"].items():
@@ -270,8 +264,8 @@ def tables(results: dict[str, Any]) -> str:
             spread = row.get("threshold_spread")
             lines.append(
                 f"| {row['method']} | {row['W']} | {row['density']:.4g} | {row['union_over_Wk']:.3g} | "
-                f"{row['local_density_min']:.2g}-{row['local_density_max']:.2g} | {_si(row['bytes_sent'])} | "
-                f"{_si(row['bytes_wire'])} | {row['t_select_ms']:.3g} | {row['busy_ms']:.3g} | "
+                f"{row['local_density_min']:.2g}-{row['local_density_max']:.2g} | {si(row['bytes_sent'], 'B')} | "
+                f"{si(row['bytes_wire'], 'B')} | {row['t_select_ms']:.3g} | {row['busy_ms']:.3g} | "
                 f"{row['imbalance']:.2f} | {100 * row['padding_waste']:.0f}% | "
                 f"{'' if spread is None else f'{spread:.3g}'} |")
         lines.append("\n| W | dense all-reduce: sent / wire per worker per step | workers' own top-k thresholds: "
@@ -281,7 +275,7 @@ def tables(results: dict[str, Any]) -> str:
             W = int(W)
             ratio = np.mean([max(t) / min(t) for t in own])
             cv = np.mean([np.std(t) / np.mean(t) for t in own])
-            lines.append(f"| {W} | {_si(4 * d)} / {_si(2 * (W - 1) / W * 4 * d)} | {ratio:.3g} | {cv:.3f} |")
+            lines.append(f"| {W} | {si(4 * d, 'B')} / {si(2 * (W - 1) / W * 4 * d, 'B')} | {ratio:.3g} | {cv:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -403,7 +397,7 @@ def convergence(args: argparse.Namespace) -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['W']} | {r['batch_per_worker']} | {r['method']} | {r['accuracy']:.4f} | "
                      f"{r['loss']:.4f} | {r['density']:.4g} | {r['local_density']:.4g} | "
-                     f"{_si(r['bytes_sent_per_step'])} | {r['seconds'] / 60:.1f} min |")
+                     f"{si(r['bytes_sent_per_step'], 'B')} | {r['seconds'] / 60:.1f} min |")
     text = "\n".join(lines) + "\n"
     (Path(args.out) / "convergence.md").write_text(text)
     print(text)
@@ -450,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
                 fits[name] = (need, have)
             if not any(need < 0.8 * have for need, have in fits.values()):
                 for name, (need, have) in fits.items():
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {_si(need)}, {_si(have)} free"})
+                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')}, {si(have, 'B')} free"})
                 log.info("%s W=%d: skipped, no method fits in memory", model_name, W)
                 continue
             folder = out / "gradients" / f"{model_name}-W{W}"
@@ -461,8 +455,8 @@ def main(argv: list[str] | None = None) -> int:
                 need, have = fits[name]
                 have = available_memory(torch.device("cpu")) or have
                 if need >= 0.8 * have:
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {_si(need)}, {_si(have)} free"})
-                    log.info("  %-12s W=%-5d skipped: needs %s, %s free", name, W, _si(need), _si(have))
+                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')}, {si(have, 'B')} free"})
+                    log.info("  %-12s W=%-5d skipped: needs %s, %s free", name, W, si(need, 'B'), si(have, 'B'))
                     continue
                 run = run_method(name, W, info, folder, args)
                 by["rows"].append(summarise(name, W, run, info, args))

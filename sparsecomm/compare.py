@@ -66,7 +66,8 @@ def table(runs: list[Run]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- formatting
-def _si(value: float, unit: str) -> str:
+def si(value: float, unit: str) -> str:
+    """``value`` with an SI prefix and ``unit``, three significant digits (4.8 MB, 589 kB)."""
     for scale, prefix in _SI:
         if abs(value) >= scale:
             return f"{value / scale:.3g} {prefix}{unit}"
@@ -110,8 +111,8 @@ _SHOWN = {
     "density": _Shown("density", lambda v: f"{v:.3g}"),
     "final": _Shown("final", lambda v: f"{v:.4g}"),
     "best": _Shown("best", lambda v: f"{v:.4g}"),
-    "sent/step": _Shown("bytes_sent_per_step", lambda v: _si(v, "B")),
-    "wire/step": _Shown("bytes_wire_per_step", lambda v: _si(v, "B")),
+    "sent/step": _Shown("bytes_sent_per_step", lambda v: si(v, "B")),
+    "wire/step": _Shown("bytes_wire_per_step", lambda v: si(v, "B")),
     **{f"{part[2:]} ms": _Shown(part, lambda v: f"{1e3 * v:.3g}") for part in TIME_PARTS},
     "wall": _Shown("wall_time", _duration),
     "steps": _Shown("steps", lambda v: f"{int(v):,}"),

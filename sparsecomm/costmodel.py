@@ -168,10 +168,6 @@ def _nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> list[float]:
     return best_x
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 class _RecordingCommunicator(VirtualCommunicator):
     """A virtual worker's communicator that also lists the collectives it starts."""
 
@@ -180,21 +176,21 @@ class _RecordingCommunicator(VirtualCommunicator):
         self.log: list[Collective] = []
 
     def _all_reduce(self, tensor: torch.Tensor) -> Any:
-        self.log.append(Collective("all_reduce", _nbytes(tensor)))
+        self.log.append(Collective("all_reduce", tensor.nbytes))
         return super()._all_reduce(tensor)
 
     def all_gather_async(self, tensor: torch.Tensor) -> Any:
         if self.size > 1 and tensor.numel() > 0:
-            self.log.append(Collective("all_gather", _nbytes(tensor)))
+            self.log.append(Collective("all_gather", tensor.nbytes))
         return super().all_gather_async(tensor)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        self.log.append(Collective("broadcast", _nbytes(tensor)))
+        self.log.append(Collective("broadcast", tensor.nbytes))
         super()._broadcast(tensor, src)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         if send is not None:  # a receive is the other half of someone's send
-            self.log.append(Collective("exchange", _nbytes(send)))
+            self.log.append(Collective("exchange", send.nbytes))
         super()._exchange(send, recv, peer)
 
 

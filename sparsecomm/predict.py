@@ -26,6 +26,7 @@ import torch
 
 from . import costmodel, reducers
 from .commandline import OneLineParser
+from .compare import si
 from .config import load_config
 from .job import Job
 from .netlab import parse_rate
@@ -39,11 +40,17 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_LINKS = ROOT / "bench" / "links.json"
 
 
-def worker_gradients(cfg: Any, workers: int, repeats: int = 3) -> tuple[list[torch.Tensor], list[torch.Size], float]:
-    """P workers' flat gradients of the preset's model on their first batches, the parameter
-    shapes, and the mean seconds of one worker's forward and backward (after a warm-up)."""
-    task = build_task(cfg, Job(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
-    torch.manual_seed(cfg.seed)
+def load_task(cfg: Any) -> Any:
+    """The preset's task with its data loaded, once; every worker count uses views of it."""
+    return build_task(cfg, Job(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
+
+
+def worker_gradients(task: Any, seed: int, workers: int,
+                     repeats: int = 3) -> tuple[list[torch.Tensor], list[torch.Size], float]:
+    """P workers' flat gradients of the task's model (initialised from ``seed``) on their first
+    batches, the parameter shapes, and the mean seconds of one worker's forward and backward
+    (after a warm-up)."""
+    torch.manual_seed(seed)
     model = task.build_model()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -62,15 +69,16 @@ def worker_gradients(cfg: Any, workers: int, repeats: int = 3) -> tuple[list[tor
     return grads, [p.shape for p in params], sum(times) / len(times)
 
 
-def predict(preset: str, workers: Sequence[int], rates: Sequence[str], methods: Sequence[str],
+def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], methods: Sequence[str],
             links: costmodel.Links, density: float | None = None, device: dict[str, Any] | None = None,
-            data_dir: str = "data", steps: int = 3, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """One row per (P, rate, method): the predicted step and its parts, in seconds."""
-    cfg = load_config(find_preset(preset), [f"data.dir={data_dir}", *overrides], preset_name=preset)
+            steps: int = 3) -> list[dict[str, Any]]:
+    """One row per (P, rate, method) for preset ``cfg`` and its loaded ``task``: the predicted
+    step and its parts, in seconds."""
+    preset = cfg.preset
     c = cfg.reducer.density if density is None else density
     rows = []
     for P in workers:
-        grads, shapes, compute = worker_gradients(cfg, P)
+        grads, shapes, compute = worker_gradients(task, cfg.seed, P)
         given = None if device is None else device["presets"][preset]
         if given is not None:
             compute = given["compute_ms"] / 1e3
@@ -98,15 +106,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         lines.append(f"{r['workers']:>5} {r['rate']:>8} {r['method']:<12} {r['density']:>8.4g} "
                      f"{r['compute'] * 1e3:>10.2f} {r['select'] * 1e3:>9.2f} {r['comm'] * 1e3:>9.2f} "
-                     f"{r['step'] * 1e3:>9.2f} {speedup:>7} {_si(r['bytes_sent']):>11}")
+                     f"{r['step'] * 1e3:>9.2f} {speedup:>7} {si(r['bytes_sent'], 'B'):>11}")
     return "\n".join(lines)
-
-
-def _si(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -173,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise ValueError(f"{args.device} has no selection time for {', '.join(missing)} on "
                                  f"{args.preset}; it has: {', '.join(has) or 'none'}")
-        _check_memory(args, workers, methods)
+        cfg = load_config(find_preset(args.preset), [f"data.dir={args.data_dir}", *args.set],
+                          preset_name=args.preset)
+        task = load_task(cfg)
+        _check_memory(cfg, task, workers, methods, args.density)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -181,22 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: alpha %.3g ms per round, %.0f%% of the rate, %.3g ns per byte on the hosts", kind,
                  c.alpha * 1e3, 100 * c.efficiency, c.gamma * 1e9)
     log.info("(fitted on %s)", links.fitted_on or "?")
-    rows = predict(args.preset, workers, rates, methods, links, args.density, device, args.data_dir, args.steps,
-                   args.set)
+    rows = predict(cfg, task, workers, rates, methods, links, args.density, device, args.steps)
     print(table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
-def _check_memory(args: Any, workers: list[int], methods: list[str]) -> None:
+def _check_memory(cfg: Any, task: Any, workers: list[int], methods: list[str], density: float | None) -> None:
     """P workers' gradients and reducers must fit; one line otherwise."""
-    cfg = load_config(find_preset(args.preset), [f"data.dir={args.data_dir}", *args.set], preset_name=args.preset)
-    model = build_task(cfg, Job(rank=0, world=1, local_rank=0, device=torch.device("cpu"))).build_model()
+    model = task.build_model()
     grads = [torch.zeros_like(q) for q in model.parameters() if q.requires_grad]
+    c = cfg.reducer.density if density is None else density
     have = available_memory(torch.device("cpu"))
     for m in methods:
-        need = memory_estimate(grads, lambda g: reducers.build(m, density=args.density or 0.01, group=g), max(workers))
+        need = memory_estimate(grads, lambda g: reducers.build(m, density=c, group=g), max(workers))
         if have is not None and need > 0.8 * have:
             raise ValueError(f"{max(workers)} virtual workers of {m} on {cfg.model} need about {need / 1e9:.1f} GB; "
                              f"{have / 1e9:.1f} GB of memory is available: predict fewer workers")
