@@ -84,3 +84,33 @@ def train_tiny_cifar(overrides: list[str]) -> dict[str, Any]:
 
     cifar.check_integrity = lambda *args, **kwargs: True
     return train_scenarios.train(overrides)
+
+
+def resident_growth(method: str, workers: int, sizes: Sequence[int], bound: bool, steps: int = 4) -> dict[str, int]:
+    """In a fresh process: the growth of the resident set's peak over ``steps`` reduces of
+    ``workers`` virtual workers (random gradients of tensors of ``sizes``), against the
+    trainer's memory estimate; with ``bound``, after :func:`bound_host_allocator`."""
+    from sparsecomm.train.workers import bound_host_allocator, memory_estimate
+
+    def peak() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+    torch.set_num_threads(1)
+    if bound:
+        assert bound_host_allocator()
+    grads = [torch.zeros(n) for n in sizes]
+    build = lambda comm: reducers.build(method, density=0.01, group=comm)  # noqa: E731
+    estimate = memory_estimate(grads, build, workers)
+    before = peak()
+    world = VirtualWorld(workers)
+    rs = [build(world.communicator(r)) for r in range(workers)]
+    layout = reducers.Layout.of(grads)
+    generator = torch.Generator().manual_seed(0)
+    flats = [torch.empty(layout.numel) for _ in range(workers)]
+    split = [layout.split(f) for f in flats]
+    for _ in range(steps):
+        for f in flats:
+            f.normal_(0, 0.01, generator=generator)
+        world.run(lambda r: rs[r].reduce(split[r], out=split[r]))
+    return {"estimate": estimate, "growth": peak() - before}
