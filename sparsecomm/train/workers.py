@@ -313,9 +313,9 @@ def bound_host_allocator() -> bool:
         ok = False
     if ok:
         _bounded = True
-        log.info("memory is tight for the virtual workers: blocks of %s or more are now mapped alone and returned "
-                 "to the system when freed (glibc's M_MMAP_THRESHOLD); large temporaries cost page faults",
-                 _gb(_MMAP_THRESHOLD))
+        log.info("memory is tight for the virtual workers: blocks of %d KiB or more are now mapped alone and "
+                 "returned to the system when freed (glibc's M_MMAP_THRESHOLD); large temporaries cost page faults",
+                 _MMAP_THRESHOLD >> 10)
     else:
         log.warning("memory is tight for the virtual workers and this C library's allocator cannot be bounded; "
                     "its heap may grow past the estimate")
