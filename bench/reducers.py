@@ -31,6 +31,13 @@ The script spawns ``--workers`` gloo processes on 127.0.0.1 itself. Run from the
     .venv/bin/python bench/reducers.py --steps 3 --warmup 1 --models resnet18 --methods exact,thresh
 
 It prints a table and writes all figures as JSON to ``--out`` (default bench/results/reducers.json).
+
+``--compare-with PATH`` (PATH: a research repository's folder holding its ``gradient_reducers.py``,
+e.g. the ExDyna authors' ``cnn-lstm/``) times their reducers instead, each beside our method of
+the same algorithm, alternating step by step on the same gradients in the same processes, and
+prints theirs / ours per method with the phase split (see bench/research_code.py):
+
+    .venv/bin/python bench/reducers.py --compare-with /tmp/research/exdyna --models resnet18
 """
 from __future__ import annotations
 
@@ -52,7 +59,9 @@ import torch.multiprocessing as mp
 
 from sparsecomm import reducers
 
-MODELS = ("resnet18", "lstm")
+import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
+
+MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
 LSTM_VOCAB, LSTM_HIDDEN, LSTM_LAYERS = 28_869, 650, 3
 
 
@@ -70,6 +79,8 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
         for _ in range(LSTM_LAYERS):  # nn.LSTM(650, 650, num_layers=3): weight_ih, weight_hh, bias_ih, bias_hh
             shapes += [(4 * LSTM_HIDDEN, LSTM_HIDDEN), (4 * LSTM_HIDDEN, LSTM_HIDDEN), (4 * LSTM_HIDDEN,), (4 * LSTM_HIDDEN,)]
         return shapes + [(LSTM_VOCAB,)]  # decoder bias
+    if name == "tiny":
+        return [(20, 50), (100,), (10, 20)]
     raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -145,16 +156,18 @@ def time_ef(grads: list[torch.Tensor], reps: int) -> float:
     return time_median(compensate, reps, m.device)
 
 
-def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
+def bench_method(name: str, grad_sets, args, layout: str = "flat", selection: str | None = None) -> dict:
+    wire_options = wire.options_for(name, getattr(args, "wire", None) or {})
     r = reducers.build(name, density=args.density, error_feedback=args.error_feedback, seed=args.seed,
-                       sync_timing=args.device == "cuda")
+                       sync_timing=args.device == "cuda", **wire_options,
+                       **({} if selection is None else {"selection": selection}))
     if layout == "flat":  # views of one buffer, refilled (untimed) as backward would, reduced in place
         flat = torch.empty(sum(g.numel() for g in grad_sets[0]), device=grad_sets[0][0].device)
         views = reducers.Layout.of(grad_sets[0]).split(flat)
     else:
         out = None if args.fresh_output else [torch.empty_like(g) for g in grad_sets[0]]
     rows = {"t_select": [], "t_comm": [], "t_reduce": [], "bytes_sent": [], "bytes_wire": [],
-            "density": [], "local_density": [], "threshold": []}
+            "density": [], "local_density": [], "threshold": [], "wire_floor_bytes": []}
     for step in range(args.warmup + args.steps):
         grads = grad_sets[step % len(grad_sets)]
         if layout == "flat":
@@ -170,10 +183,11 @@ def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
             continue
         st = r.stats
         rows["t_reduce"].append(elapsed)
-        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density"):
+        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density", "wire_floor_bytes"):
             rows[key].append(st.get(key))
         rows["threshold"].append(st.get("threshold"))
     res = {key: median(vals) for key, vals in rows.items()}
+    res["wire"] = wire.label(wire_options)
     res["per_step"] = rows
     return res
 
@@ -187,6 +201,10 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
     results = {}
+    research = None
+    if args.compare_with:
+        import research_code
+        research = research_code.load(args.compare_with)
     try:
         for model in args.models:
             shapes = model_shapes(model)
@@ -195,16 +213,24 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
             grad_sets = [[g.to(device) for g in gs] for gs in make_grads(shapes, rank, args.grad_sets, scale, args.seed)]
             entry = {"tensors": len(shapes), "numel": d, "grad_scale": scale, "methods": {}}
             dist.barrier()
+            if research is not None:
+                if rank == 0:
+                    print(f"[{model}] research code beside ours:", flush=True)
+                entry["compare"] = research_code.compare_model(research, grad_sets, args, device,
+                                                               log=lambda s: print(s, flush=True))
+                results[model] = entry
+                del grad_sets
+                continue
             entry["floor_s"] = time_floor(grad_sets[0], args.floor_reps)
             entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
             # `exact` is the reference: always measured, first.
             for name in ["exact"] + [m for m in args.methods if m != "exact"]:
-                for layout in args.layouts:
-                    row = name if layout == "flat" else f"{name}/{layout}"
+                for layout, selection in [(lay, s) for lay in args.layouts for s in selections_of(name, args)]:
+                    row = (name if layout == "flat" else f"{name}/{layout}") + (f":{selection}" if selection else "")
                     if rank == 0:
                         print(f"[{model}] {row} ...", flush=True)
                     try:
-                        entry["methods"][row] = bench_method(name, grad_sets, args, layout)
+                        entry["methods"][row] = bench_method(name, grad_sets, args, layout, selection)
                     except Exception:  # reducers raise on every rank alike; record and go on
                         entry["methods"][row] = {"error": traceback.format_exc()}
                         if rank == 0:
@@ -243,7 +269,7 @@ def table(results: dict, methods: list[str]) -> str:
                      f"{e['floor_s'] * 1e3:.3f} ms; ef x = g + m {e['ef_s'] * 1e3:.3f} ms; "
                      f"exact reduce {fmt(e['exact_s'], '.2f', 1e3)} ms; "
                      f"grads randn * {e['grad_scale']:.3g}")
-        for name in [row for m in methods for row in e["methods"] if row.split("/")[0] == m]:
+        for name in [row for m in methods for row in e["methods"] if row.split("/")[0].split(":")[0] == m]:
             m = e["methods"].get(name)
             if m is None:
                 continue
@@ -258,9 +284,38 @@ def table(results: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def selections_of(name: str, args) -> list[str | None]:
+    """The ``selection`` values to measure ``name`` with (``[None]``: it has no such option)."""
+    return args.selections if "selection" in reducers.method_options(name) else [None]
+
+
+def selection_summary(results: dict) -> str:
+    """Per model and threshold method measured with both selections: select time (error
+    feedback, finiteness check, selection, residual commit) in read passes, torch against
+    fused, and the reduce against the dense all-reduce (``exact``)."""
+    lines = []
+    for model, e in results.items():
+        if "floor_s" not in e:
+            continue
+        for row, m in e["methods"].items():
+            name, _, selection = row.partition(":")
+            fused = e["methods"].get(f"{name}:fused", {})
+            if selection != "torch" or "error" in m or "error" in fused or not fused:
+                continue
+            lines.append(f"{model:<9} {name:<12} select+EF read passes: torch {m['select_over_floor']:5.2f}, "
+                         f"fused {fused['select_over_floor']:5.2f} ({m['t_select'] / fused['t_select']:.2f}x); "
+                         f"reduce / exact: torch {m['reduce_over_exact']:.3f}, fused {fused['reduce_over_exact']:.3f}")
+    if not lines:
+        return ""
+    return "selection paths (one read pass = the floor above; goals: fused select+EF <= 1.5, exdyna reduce " \
+           "<= 0.4 x exact)\n" + "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default=",".join(reducers.available()), help="comma-separated method names")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (default: all; with --compare-with: all of theirs that "
+                        "have a counterpart here, named by our method or their class)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: resnet18,lstm")
     p.add_argument("--workers", type=int, default=None, help="processes on this machine (default 2 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
@@ -281,13 +336,46 @@ def main() -> None:
     p.add_argument("--fresh-output", action="store_true",
                    help="with --layouts tensors: let reduce() allocate its result instead of writing into "
                         "preallocated tensors")
+    p.add_argument("--compare-with", default=None, metavar="PATH",
+                   help="a research repository's folder holding its gradient_reducers.py: time its reducers "
+                        "beside ours (interleaved, same gradients) and print theirs/ours per method")
+    p.add_argument("--wire", type=wire.parse_wire, default={}, metavar="values=V,indices=I",
+                   help="wire format of the sparse methods that take one (values: full, fp16, bf16; indices: "
+                        "int32, bitmap, delta, auto); a second table gives bytes sent against the information floor")
+    p.add_argument("--selections", default="auto",
+                   help="comma-separated selection paths (auto, torch, fused) to measure each threshold method with "
+                        "(those with a selection option: exdyna, micro, thresh, sage); rows name:path, and a summary "
+                        "of select+EF read passes per path")
     p.add_argument("--out", default="bench/results/reducers.json")
     args = p.parse_args()
     if args.workers is None:
         args.workers = torch.cuda.device_count() if args.device == "cuda" else 2
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
-    args.methods = [m for m in args.methods.split(",") if m]
+    research_commit = None
+    args.compare_methods = None
+    if args.compare_with:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import research_code
+        try:
+            module = research_code.load(args.compare_with)
+        except research_code.ResearchCodeError as e:
+            p.exit(2, f"{p.prog}: error: {e}\n")
+        args.compare_methods = [m for m in args.methods.split(",") if m] if args.methods else None
+        chosen, skipped = research_code.pairs(module, args.compare_methods)
+        if not chosen:
+            p.exit(2, f"{p.prog}: error: --compare-with {args.compare_with}: no reducer class there that has a "
+                      f"counterpart here{' among --methods' if args.methods else ''} "
+                      f"(known: {', '.join(research_code.MAPPING)})\n")
+        del module
+        research_commit = research_code.commit_of(args.compare_with)
+        args.methods = None
+    args.methods = [m for m in (args.methods or ",".join(reducers.available())).split(",") if m]
+    args.selections = [s for s in args.selections.split(",") if s]
+    if not args.selections or any(s not in ("auto", "torch", "fused") for s in args.selections):
+        p.error(f"--selections must name auto, torch and/or fused, got {','.join(args.selections)!r}")
+    if args.selections == ["auto"]:
+        args.selections = [None]  # the methods' default, rows named as before
     args.models = [m for m in args.models.split(",") if m]
     args.layouts = [m for m in args.layouts.split(",") if m]
     if not args.layouts or any(m not in ("flat", "tensors") for m in args.layouts):
@@ -301,11 +389,16 @@ def main() -> None:
     started = datetime.datetime.now().astimezone()
     with tempfile.TemporaryDirectory() as tmp:
         result_path = os.path.join(tmp, "rank0.json")
-        mp.spawn(worker, args=(args.workers, free_port(), args, result_path), nprocs=args.workers, join=True)
+        try:
+            mp.spawn(worker, args=(args.workers, free_port(), args, result_path), nprocs=args.workers, join=True)
+        except mp.ProcessExitedException as e:
+            p.exit(1, f"{p.prog}: error: a worker stopped ({e}); see its message above\n")
         with open(result_path) as f:
             results = json.load(f)
 
     for e in results.values():
+        if "floor_s" not in e:
+            continue
         for m in list(e["methods"].values()) + [e.get("exact_reference", {})]:
             if "error" in m or not m:
                 continue
@@ -313,9 +406,18 @@ def main() -> None:
             m["select_over_floor"] = sel / e["floor_s"] if sel is not None and e["floor_s"] else None
             m["reduce_over_exact"] = red / e["exact_s"] if red is not None and e["exact_s"] else None
 
-    report = table(results, args.methods)
+    if args.compare_with:
+        import research_code
+        report = research_code.table(results, os.path.abspath(args.compare_with), research_commit)
+    else:
+        report = table(results, args.methods)
+    if any(m.get("wire_floor_bytes") is not None for e in results.values() for m in e.get("methods", {}).values()):
+        report += "\n\n" + wire.table(results, "bytes per step against the information floor (bench/wire.py):")
     print()
     print(report)
+    summary = selection_summary(results)
+    if summary:
+        print("\n" + summary)
     meta = {
         "command": " ".join([sys.executable] + sys.argv),
         "date": started.isoformat(timespec="seconds"),
@@ -328,6 +430,8 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "units": "seconds and bytes; medians over timed steps on rank 0 (per_step holds every step)",
     }
+    if args.compare_with:
+        meta["research_code"] = {"path": os.path.abspath(args.compare_with), "commit": research_commit}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
