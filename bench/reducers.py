@@ -59,8 +59,6 @@ import torch.multiprocessing as mp
 
 from sparsecomm import reducers
 
-import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
-
 MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
 LSTM_VOCAB, LSTM_HIDDEN, LSTM_LAYERS = 28_869, 650, 3
 
@@ -156,18 +154,16 @@ def time_ef(grads: list[torch.Tensor], reps: int) -> float:
     return time_median(compensate, reps, m.device)
 
 
-def bench_method(name: str, grad_sets, args, layout: str = "flat", selection: str | None = None) -> dict:
-    wire_options = wire.options_for(name, getattr(args, "wire", None) or {})
+def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
     r = reducers.build(name, density=args.density, error_feedback=args.error_feedback, seed=args.seed,
-                       sync_timing=args.device == "cuda", **wire_options,
-                       **({} if selection is None else {"selection": selection}))
+                       sync_timing=args.device == "cuda")
     if layout == "flat":  # views of one buffer, refilled (untimed) as backward would, reduced in place
         flat = torch.empty(sum(g.numel() for g in grad_sets[0]), device=grad_sets[0][0].device)
         views = reducers.Layout.of(grad_sets[0]).split(flat)
     else:
         out = None if args.fresh_output else [torch.empty_like(g) for g in grad_sets[0]]
     rows = {"t_select": [], "t_comm": [], "t_reduce": [], "bytes_sent": [], "bytes_wire": [],
-            "density": [], "local_density": [], "threshold": [], "wire_floor_bytes": []}
+            "density": [], "local_density": [], "threshold": []}
     for step in range(args.warmup + args.steps):
         grads = grad_sets[step % len(grad_sets)]
         if layout == "flat":
@@ -183,11 +179,10 @@ def bench_method(name: str, grad_sets, args, layout: str = "flat", selection: st
             continue
         st = r.stats
         rows["t_reduce"].append(elapsed)
-        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density", "wire_floor_bytes"):
+        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density"):
             rows[key].append(st.get(key))
         rows["threshold"].append(st.get("threshold"))
     res = {key: median(vals) for key, vals in rows.items()}
-    res["wire"] = wire.label(wire_options)
     res["per_step"] = rows
     return res
 
@@ -225,12 +220,12 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
             entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
             # `exact` is the reference: always measured, first.
             for name in ["exact"] + [m for m in args.methods if m != "exact"]:
-                for layout, selection in [(lay, s) for lay in args.layouts for s in selections_of(name, args)]:
-                    row = (name if layout == "flat" else f"{name}/{layout}") + (f":{selection}" if selection else "")
+                for layout in args.layouts:
+                    row = name if layout == "flat" else f"{name}/{layout}"
                     if rank == 0:
                         print(f"[{model}] {row} ...", flush=True)
                     try:
-                        entry["methods"][row] = bench_method(name, grad_sets, args, layout, selection)
+                        entry["methods"][row] = bench_method(name, grad_sets, args, layout)
                     except Exception:  # reducers raise on every rank alike; record and go on
                         entry["methods"][row] = {"error": traceback.format_exc()}
                         if rank == 0:
@@ -269,7 +264,7 @@ def table(results: dict, methods: list[str]) -> str:
                      f"{e['floor_s'] * 1e3:.3f} ms; ef x = g + m {e['ef_s'] * 1e3:.3f} ms; "
                      f"exact reduce {fmt(e['exact_s'], '.2f', 1e3)} ms; "
                      f"grads randn * {e['grad_scale']:.3g}")
-        for name in [row for m in methods for row in e["methods"] if row.split("/")[0].split(":")[0] == m]:
+        for name in [row for m in methods for row in e["methods"] if row.split("/")[0] == m]:
             m = e["methods"].get(name)
             if m is None:
                 continue
@@ -282,33 +277,6 @@ def table(results: dict, methods: list[str]) -> str:
                 f"{fmt(m['density'], '9.5f')} {fmt(m['local_density'], '9.5f')} {fmt(m['threshold'], '9.2e')} "
                 f"{fmt(m.get('select_over_floor'), '10.1f')} {fmt(m.get('reduce_over_exact'), '10.3f')}")
     return "\n".join(lines)
-
-
-def selections_of(name: str, args) -> list[str | None]:
-    """The ``selection`` values to measure ``name`` with (``[None]``: it has no such option)."""
-    return args.selections if "selection" in reducers.method_options(name) else [None]
-
-
-def selection_summary(results: dict) -> str:
-    """Per model and threshold method measured with both selections: select time (error
-    feedback, finiteness check, selection, residual commit) in read passes, torch against
-    fused, and the reduce against the dense all-reduce (``exact``)."""
-    lines = []
-    for model, e in results.items():
-        if "floor_s" not in e:
-            continue
-        for row, m in e["methods"].items():
-            name, _, selection = row.partition(":")
-            fused = e["methods"].get(f"{name}:fused", {})
-            if selection != "torch" or "error" in m or "error" in fused or not fused:
-                continue
-            lines.append(f"{model:<9} {name:<12} select+EF read passes: torch {m['select_over_floor']:5.2f}, "
-                         f"fused {fused['select_over_floor']:5.2f} ({m['t_select'] / fused['t_select']:.2f}x); "
-                         f"reduce / exact: torch {m['reduce_over_exact']:.3f}, fused {fused['reduce_over_exact']:.3f}")
-    if not lines:
-        return ""
-    return "selection paths (one read pass = the floor above; goals: fused select+EF <= 1.5, exdyna reduce " \
-           "<= 0.4 x exact)\n" + "\n".join(lines)
 
 
 def main() -> None:
@@ -339,13 +307,6 @@ def main() -> None:
     p.add_argument("--compare-with", default=None, metavar="PATH",
                    help="a research repository's folder holding its gradient_reducers.py: time its reducers "
                         "beside ours (interleaved, same gradients) and print theirs/ours per method")
-    p.add_argument("--wire", type=wire.parse_wire, default={}, metavar="values=V,indices=I",
-                   help="wire format of the sparse methods that take one (values: full, fp16, bf16; indices: "
-                        "int32, bitmap, delta, auto); a second table gives bytes sent against the information floor")
-    p.add_argument("--selections", default="auto",
-                   help="comma-separated selection paths (auto, torch, fused) to measure each threshold method with "
-                        "(those with a selection option: exdyna, micro, thresh, sage); rows name:path, and a summary "
-                        "of select+EF read passes per path")
     p.add_argument("--out", default="bench/results/reducers.json")
     args = p.parse_args()
     if args.workers is None:
@@ -371,11 +332,6 @@ def main() -> None:
         research_commit = research_code.commit_of(args.compare_with)
         args.methods = None
     args.methods = [m for m in (args.methods or ",".join(reducers.available())).split(",") if m]
-    args.selections = [s for s in args.selections.split(",") if s]
-    if not args.selections or any(s not in ("auto", "torch", "fused") for s in args.selections):
-        p.error(f"--selections must name auto, torch and/or fused, got {','.join(args.selections)!r}")
-    if args.selections == ["auto"]:
-        args.selections = [None]  # the methods' default, rows named as before
     args.models = [m for m in args.models.split(",") if m]
     args.layouts = [m for m in args.layouts.split(",") if m]
     if not args.layouts or any(m not in ("flat", "tensors") for m in args.layouts):
@@ -411,13 +367,8 @@ def main() -> None:
         report = research_code.table(results, os.path.abspath(args.compare_with), research_commit)
     else:
         report = table(results, args.methods)
-    if any(m.get("wire_floor_bytes") is not None for e in results.values() for m in e.get("methods", {}).values()):
-        report += "\n\n" + wire.table(results, "bytes per step against the information floor (bench/wire.py):")
     print()
     print(report)
-    summary = selection_summary(results)
-    if summary:
-        print("\n" + summary)
     meta = {
         "command": " ".join([sys.executable] + sys.argv),
         "date": started.isoformat(timespec="seconds"),
