@@ -59,6 +59,8 @@ import torch.multiprocessing as mp
 
 from sparsecomm import reducers
 
+import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
+
 MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
 LSTM_VOCAB, LSTM_HIDDEN, LSTM_LAYERS = 28_869, 650, 3
 
@@ -155,15 +157,16 @@ def time_ef(grads: list[torch.Tensor], reps: int) -> float:
 
 
 def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
+    wire_options = wire.options_for(name, getattr(args, "wire", None) or {})
     r = reducers.build(name, density=args.density, error_feedback=args.error_feedback, seed=args.seed,
-                       sync_timing=args.device == "cuda")
+                       sync_timing=args.device == "cuda", **wire_options)
     if layout == "flat":  # views of one buffer, refilled (untimed) as backward would, reduced in place
         flat = torch.empty(sum(g.numel() for g in grad_sets[0]), device=grad_sets[0][0].device)
         views = reducers.Layout.of(grad_sets[0]).split(flat)
     else:
         out = None if args.fresh_output else [torch.empty_like(g) for g in grad_sets[0]]
     rows = {"t_select": [], "t_comm": [], "t_reduce": [], "bytes_sent": [], "bytes_wire": [],
-            "density": [], "local_density": [], "threshold": []}
+            "density": [], "local_density": [], "threshold": [], "wire_floor_bytes": []}
     for step in range(args.warmup + args.steps):
         grads = grad_sets[step % len(grad_sets)]
         if layout == "flat":
@@ -179,10 +182,11 @@ def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
             continue
         st = r.stats
         rows["t_reduce"].append(elapsed)
-        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density"):
+        for key in ("t_select", "t_comm", "bytes_sent", "bytes_wire", "density", "local_density", "wire_floor_bytes"):
             rows[key].append(st.get(key))
         rows["threshold"].append(st.get("threshold"))
     res = {key: median(vals) for key, vals in rows.items()}
+    res["wire"] = wire.label(wire_options)
     res["per_step"] = rows
     return res
 
@@ -307,6 +311,9 @@ def main() -> None:
     p.add_argument("--compare-with", default=None, metavar="PATH",
                    help="a research repository's folder holding its gradient_reducers.py: time its reducers "
                         "beside ours (interleaved, same gradients) and print theirs/ours per method")
+    p.add_argument("--wire", type=wire.parse_wire, default={}, metavar="values=V,indices=I",
+                   help="wire format of the sparse methods that take one (values: full, fp16, bf16; indices: "
+                        "int32, bitmap, delta, auto); a second table gives bytes sent against the information floor")
     p.add_argument("--out", default="bench/results/reducers.json")
     args = p.parse_args()
     if args.workers is None:
@@ -367,6 +374,8 @@ def main() -> None:
         report = research_code.table(results, os.path.abspath(args.compare_with), research_commit)
     else:
         report = table(results, args.methods)
+    if any(m.get("wire_floor_bytes") is not None for e in results.values() for m in e.get("methods", {}).values()):
+        report += "\n\n" + wire.table(results, "bytes per step against the information floor (bench/wire.py):")
     print()
     print(report)
     meta = {

@@ -18,7 +18,8 @@ def test_unknown_name_lists_the_allowed_ones():
 
 def test_unknown_option_names_it_and_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown option 'blocks' for reducer 'exdyna'; allowed: block_align, "
-                                         r"controller, num_blocks, warm_start, nonfinite, sync_timing"):
+                                         r"controller, indices, num_blocks, values, warm_start, nonfinite, "
+                                         r"sync_timing"):
         reducers.build("exdyna", blocks=12)
 
 
@@ -49,8 +50,9 @@ def test_bad_option_values_are_refused(name, options, message):
 
 def test_method_options_report_defaults():
     assert reducers.method_options("exdyna") == {"num_blocks": 1024, "block_align": 32, "warm_start": True,
-                                                 "controller": "fast"}
-    assert reducers.method_options("thresh") == {"threshold": None, "scope": "flat", "exchange": "gather"}
+                                                 "controller": "fast", "values": "full", "indices": "int32"}
+    assert reducers.method_options("thresh") == {"threshold": None, "scope": "flat", "exchange": "gather",
+                                                 "values": "full", "indices": "int32"}
     assert reducers.method_options("exact") == {}
 
 

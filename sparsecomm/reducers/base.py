@@ -128,10 +128,11 @@ class Step:
         """``count / d`` (0 for an empty layout)."""
         return count / self.d if self.d else 0.0
 
-    def commit_sparse(self, sent: torch.Tensor) -> None:
-        """Error feedback: the residual is ``x`` with ``sent`` zeroed."""
+    def commit_sparse(self, sent: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Error feedback: the residual is ``x`` with ``sent`` zeroed (``kept`` there when given:
+        what rounding the values left behind, see :mod:`~sparsecomm.reducers.wire`)."""
         with self.phase("select"):
-            self._memory.commit_sparse(self.x, sent)
+            self._memory.commit_sparse(self.x, sent, kept)
         self.committed = True
 
     def commit_all(self) -> None:

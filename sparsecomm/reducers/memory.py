@@ -100,11 +100,12 @@ class ErrorFeedback:
             x.copy_(g)
         return x
 
-    def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor) -> None:
-        """The step went through: the new residual is ``x`` with the ``sent`` positions zeroed."""
+    def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """The step went through: the new residual is ``x`` with the ``sent`` positions zeroed
+        (set to ``kept`` when given: what rounding left of the values sent there)."""
         if self.enabled:
             if sent.numel():
-                x[sent] = 0
+                x[sent] = 0 if kept is None else kept.to(x.dtype)
             self._swap(x)
 
     def commit_all(self, x: torch.Tensor) -> None:

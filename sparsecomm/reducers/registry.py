@@ -38,11 +38,22 @@ def lookup(name: str) -> type[Reducer]:
 
 
 def method_options(name: str) -> dict[str, Any]:
-    """The method-specific options of ``name`` with their defaults (common ones excluded)."""
-    cls = lookup(name)
-    params = inspect.signature(cls.__init__).parameters
-    return {p.name: p.default for p in params.values()
-            if p.kind is p.KEYWORD_ONLY and p.name not in _BUILD_ARGS + COMMON_OPTIONS}
+    """The method-specific options of ``name`` with their defaults (common ones excluded): the
+    keyword-only parameters of its ``__init__`` and, as long as each passes ``**common`` on,
+    those of its base classes' (a shared base's options, e.g. the sparse wire formats)."""
+    options: dict[str, Any] = {}
+    for klass in lookup(name).__mro__:
+        if klass is Reducer or not issubclass(klass, Reducer):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        for p in params:
+            if p.kind is p.KEYWORD_ONLY and p.name not in _BUILD_ARGS + COMMON_OPTIONS:
+                options.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return options
 
 
 def build(name: str, density: float = 0.001, error_feedback: bool = True, group: Any = None,

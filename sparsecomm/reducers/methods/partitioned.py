@@ -13,6 +13,7 @@ from ..layout import Layout
 from ..placement import BlockPartitions, EqualPartitions, Partitions
 from ..registry import register
 from ..selection import ThresholdSearch, curve_counts, initial_threshold, target_count, top_curve
+from ..wire import WireFormat, floor_bits, union_pairs
 
 
 class PartitionedThreshold(Reducer):
@@ -29,11 +30,16 @@ class PartitionedThreshold(Reducer):
     and that step's counts take one more small all-gather). ``controller``: ``"fast"`` (default)
     keeps the published steps inside the band 0.909 < r <= 1.1 and moves faster outside it;
     ``"paper"`` is the published rule. ``controller="paper", warm_start=False`` is the
-    published method exactly."""
+    published method exactly.
 
-    def __init__(self, *, warm_start: bool = True, controller: str = "fast", **common: Any) -> None:
+    ``values`` and ``indices`` choose the wire format (:mod:`..wire`); a bitmap or delta code
+    of positions covers the largest partition, each worker's relative to its own."""
+
+    def __init__(self, *, warm_start: bool = True, controller: str = "fast", values: str = "full",
+                 indices: str = "int32", **common: Any) -> None:
         self.warm_start = boolean("warm_start", warm_start)
         self.controller = choice("controller", controller, CONTROLLERS)
+        self.wire = WireFormat(values, indices)
         super().__init__(**common)
         self._partitions: Partitions | None = None
         self._control: MultiplicativeScaling | None = None
@@ -41,7 +47,7 @@ class PartitionedThreshold(Reducer):
         self._k = 1
 
     def options(self) -> dict[str, Any]:
-        return {"warm_start": self.warm_start, "controller": self.controller}
+        return {"warm_start": self.warm_start, "controller": self.controller, **self.wire.options()}
 
     def _partitioning(self, d: int) -> Partitions:
         raise NotImplementedError
@@ -81,9 +87,17 @@ class PartitionedThreshold(Reducer):
         else:  # the warm start's handshake came before the selection
             with step.phase("comm"):
                 per_rank = gather_counts(self.comm, idx.numel(), x.device)
+        kept = None
         with step.phase("comm"):
-            avg, union = union_allreduce(self.comm, x, idx, per_rank, step.output(), disjoint=True)
-        step.commit_sparse(union)
+            if self.wire.default:
+                avg, union = union_allreduce(self.comm, x, idx, per_rank, step.output(), disjoint=True)
+            else:
+                spans = [bounds[parts.owned(step.index, r)] for r in range(self.comm.size)]
+                avg, union, kept = union_pairs(self.comm, x, idx, per_rank, step.output(), self.wire, spans,
+                                               disjoint=True)
+        step.commit_sparse(union, kept)
+        step.stats["wire_floor_bytes"] = floor_bits(end - start, idx.numel(), union.numel(),
+                                                    self.wire.value_bits(x.dtype)) / 8
         total = sum(per_rank)
         step.counted(selected=idx.numel(), received=total)
         step.stats.update(threshold=threshold, partition_size=step.fraction(end - start),

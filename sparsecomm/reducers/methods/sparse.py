@@ -8,6 +8,7 @@ import torch
 from ...validate import choice
 from ..base import Reducer, Step
 from ..exchange import sparse_gather_sum, union_allreduce
+from ..wire import WireFormat, floor_bits, gather_pairs, union_pairs
 
 EXCHANGES = ("gather", "union")
 
@@ -16,22 +17,38 @@ class SparseReducer(Reducer):
     """A sparsifier whose selection travels by sparse gather-sum (``exchange="gather"``: each
     worker's own pairs are summed, each worker zeroes its residual at its own positions) or by
     union all-reduce (``exchange="union"``: every worker sends its values at the union of all
-    selected positions and zeroes its residual there)."""
+    selected positions and zeroes its residual there).
 
-    def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
+    ``values`` and ``indices`` choose the wire format of the pairs (:mod:`..wire`):
+    values in full precision, fp16 or bf16; positions as int32, a bitmap, delta-coded
+    (Elias-Fano) or the smallest of them for the step."""
+
+    def __init__(self, *, exchange: str = "gather", values: str = "full", indices: str = "int32",
+                 **common: Any) -> None:
         self.exchange = choice("exchange", exchange, EXCHANGES)
+        self.wire = WireFormat(values, indices)
         super().__init__(**common)
 
     def options(self) -> dict[str, Any]:
-        return {"exchange": self.exchange}
+        return {"exchange": self.exchange, **self.wire.options()}
 
     def _send(self, step: Step, idx: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Exchange the positions ``idx`` selected by this worker; return the flat average."""
+        kept = None
         with step.phase("comm"):
-            if self.exchange == "gather":
-                avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output())
+            if self.wire.default:
+                if self.exchange == "gather":
+                    avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output())
+                else:
+                    avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
+                sent = idx if self.exchange == "gather" else union
+            elif self.exchange == "gather":
+                avg, union, sent, kept = gather_pairs(self.comm, step.x, idx, counts, step.output(), self.wire)
             else:
-                avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
-        step.commit_sparse(idx if self.exchange == "gather" else union)
+                avg, union, kept = union_pairs(self.comm, step.x, idx, counts, step.output(), self.wire)
+                sent = union
+        step.commit_sparse(sent, kept)
         step.counted(selected=idx.numel(), received=union.numel())
+        step.stats["wire_floor_bytes"] = floor_bits(
+            step.d, idx.numel(), sent.numel(), self.wire.value_bits(step.x.dtype)) / 8
         return avg
