@@ -9,7 +9,9 @@
 #      the device, with synchronised timing; communication is a no-op at one worker);
 #   3. memory.txt/.json: bench/memory.py --device cuda (kept and peak memory per method);
 #   4. train.txt/.json: bench/gpu_train.py, ResNet-18 steps dense against compressed, time split;
-#   5. with RESEARCH_CODE=PATH, bench/reducers.py --compare-with PATH beside ours (when that
+#   5. fused.txt/.json: bench/fused_check.py, the Triton selection kernel against the torch
+#      reference (bit-identical on edge cases) and both timed in read passes of the gradient;
+#   6. with RESEARCH_CODE=PATH, bench/reducers.py --compare-with PATH beside ours (when that
 #      option exists in this checkout).
 # Each part has its own time limit and a failed part does not stop the others; the exit code
 # is the number of parts that failed. Record what it prints in docs/benchmarks.md with the date.
@@ -47,6 +49,7 @@ EOF
 part reducers 150 "$PY" bench/reducers.py --device cuda --workers 1 --steps 10 --warmup 3 \
     --out "$OUT/reducers.json"
 part memory 60 "$PY" bench/memory.py --device cuda --out "$OUT/memory.json"
+part fused 90 "$PY" bench/fused_check.py --out "$OUT/fused.json"
 part train 120 "$PY" bench/gpu_train.py --device cuda --methods exact,exdyna,topk,sage,thresh,powersgd \
     --out "$OUT/train.json"
 if [[ -n "${RESEARCH_CODE:-}" ]]; then

@@ -156,10 +156,11 @@ def time_ef(grads: list[torch.Tensor], reps: int) -> float:
     return time_median(compensate, reps, m.device)
 
 
-def bench_method(name: str, grad_sets, args, layout: str = "flat") -> dict:
+def bench_method(name: str, grad_sets, args, layout: str = "flat", selection: str | None = None) -> dict:
     wire_options = wire.options_for(name, getattr(args, "wire", None) or {})
     r = reducers.build(name, density=args.density, error_feedback=args.error_feedback, seed=args.seed,
-                       sync_timing=args.device == "cuda", **wire_options)
+                       sync_timing=args.device == "cuda", **wire_options,
+                       **({} if selection is None else {"selection": selection}))
     if layout == "flat":  # views of one buffer, refilled (untimed) as backward would, reduced in place
         flat = torch.empty(sum(g.numel() for g in grad_sets[0]), device=grad_sets[0][0].device)
         views = reducers.Layout.of(grad_sets[0]).split(flat)
@@ -224,12 +225,12 @@ def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
             entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
             # `exact` is the reference: always measured, first.
             for name in ["exact"] + [m for m in args.methods if m != "exact"]:
-                for layout in args.layouts:
-                    row = name if layout == "flat" else f"{name}/{layout}"
+                for layout, selection in [(lay, s) for lay in args.layouts for s in selections_of(name, args)]:
+                    row = (name if layout == "flat" else f"{name}/{layout}") + (f":{selection}" if selection else "")
                     if rank == 0:
                         print(f"[{model}] {row} ...", flush=True)
                     try:
-                        entry["methods"][row] = bench_method(name, grad_sets, args, layout)
+                        entry["methods"][row] = bench_method(name, grad_sets, args, layout, selection)
                     except Exception:  # reducers raise on every rank alike; record and go on
                         entry["methods"][row] = {"error": traceback.format_exc()}
                         if rank == 0:
@@ -268,7 +269,7 @@ def table(results: dict, methods: list[str]) -> str:
                      f"{e['floor_s'] * 1e3:.3f} ms; ef x = g + m {e['ef_s'] * 1e3:.3f} ms; "
                      f"exact reduce {fmt(e['exact_s'], '.2f', 1e3)} ms; "
                      f"grads randn * {e['grad_scale']:.3g}")
-        for name in [row for m in methods for row in e["methods"] if row.split("/")[0] == m]:
+        for name in [row for m in methods for row in e["methods"] if row.split("/")[0].split(":")[0] == m]:
             m = e["methods"].get(name)
             if m is None:
                 continue
@@ -281,6 +282,33 @@ def table(results: dict, methods: list[str]) -> str:
                 f"{fmt(m['density'], '9.5f')} {fmt(m['local_density'], '9.5f')} {fmt(m['threshold'], '9.2e')} "
                 f"{fmt(m.get('select_over_floor'), '10.1f')} {fmt(m.get('reduce_over_exact'), '10.3f')}")
     return "\n".join(lines)
+
+
+def selections_of(name: str, args) -> list[str | None]:
+    """The ``selection`` values to measure ``name`` with (``[None]``: it has no such option)."""
+    return args.selections if "selection" in reducers.method_options(name) else [None]
+
+
+def selection_summary(results: dict) -> str:
+    """Per model and threshold method measured with both selections: select time (error
+    feedback, finiteness check, selection, residual commit) in read passes, torch against
+    fused, and the reduce against the dense all-reduce (``exact``)."""
+    lines = []
+    for model, e in results.items():
+        if "floor_s" not in e:
+            continue
+        for row, m in e["methods"].items():
+            name, _, selection = row.partition(":")
+            fused = e["methods"].get(f"{name}:fused", {})
+            if selection != "torch" or "error" in m or "error" in fused or not fused:
+                continue
+            lines.append(f"{model:<9} {name:<12} select+EF read passes: torch {m['select_over_floor']:5.2f}, "
+                         f"fused {fused['select_over_floor']:5.2f} ({m['t_select'] / fused['t_select']:.2f}x); "
+                         f"reduce / exact: torch {m['reduce_over_exact']:.3f}, fused {fused['reduce_over_exact']:.3f}")
+    if not lines:
+        return ""
+    return "selection paths (one read pass = the floor above; goals: fused select+EF <= 1.5, exdyna reduce " \
+           "<= 0.4 x exact)\n" + "\n".join(lines)
 
 
 def main() -> None:
@@ -314,6 +342,10 @@ def main() -> None:
     p.add_argument("--wire", type=wire.parse_wire, default={}, metavar="values=V,indices=I",
                    help="wire format of the sparse methods that take one (values: full, fp16, bf16; indices: "
                         "int32, bitmap, delta, auto); a second table gives bytes sent against the information floor")
+    p.add_argument("--selections", default="auto",
+                   help="comma-separated selection paths (auto, torch, fused) to measure each threshold method with "
+                        "(those with a selection option: exdyna, micro, thresh, sage); rows name:path, and a summary "
+                        "of select+EF read passes per path")
     p.add_argument("--out", default="bench/results/reducers.json")
     args = p.parse_args()
     if args.workers is None:
@@ -339,6 +371,11 @@ def main() -> None:
         research_commit = research_code.commit_of(args.compare_with)
         args.methods = None
     args.methods = [m for m in (args.methods or ",".join(reducers.available())).split(",") if m]
+    args.selections = [s for s in args.selections.split(",") if s]
+    if not args.selections or any(s not in ("auto", "torch", "fused") for s in args.selections):
+        p.error(f"--selections must name auto, torch and/or fused, got {','.join(args.selections)!r}")
+    if args.selections == ["auto"]:
+        args.selections = [None]  # the methods' default, rows named as before
     args.models = [m for m in args.models.split(",") if m]
     args.layouts = [m for m in args.layouts.split(",") if m]
     if not args.layouts or any(m not in ("flat", "tensors") for m in args.layouts):
@@ -378,6 +415,9 @@ def main() -> None:
         report += "\n\n" + wire.table(results, "bytes per step against the information floor (bench/wire.py):")
     print()
     print(report)
+    summary = selection_summary(results)
+    if summary:
+        print("\n" + summary)
     meta = {
         "command": " ".join([sys.executable] + sys.argv),
         "date": started.isoformat(timespec="seconds"),

@@ -18,7 +18,7 @@ def test_unknown_name_lists_the_allowed_ones():
 
 def test_unknown_option_names_it_and_the_allowed_ones():
     with pytest.raises(ValueError, match=r"unknown option 'blocks' for reducer 'exdyna'; allowed: block_align, "
-                                         r"controller, indices, num_blocks, values, warm_start, nonfinite, "
+                                         r"controller, indices, num_blocks, selection, values, warm_start, nonfinite, "
                                          r"sync_timing"):
         reducers.build("exdyna", blocks=12)
 
@@ -50,9 +50,10 @@ def test_bad_option_values_are_refused(name, options, message):
 
 def test_method_options_report_defaults():
     assert reducers.method_options("exdyna") == {"num_blocks": 1024, "block_align": 32, "warm_start": True,
-                                                 "controller": "fast", "values": "full", "indices": "int32"}
-    assert reducers.method_options("thresh") == {"threshold": None, "scope": "flat", "exchange": "gather",
-                                                 "values": "full", "indices": "int32"}
+                                                 "controller": "fast", "selection": "auto", "values": "full",
+                                                 "indices": "int32"}
+    assert reducers.method_options("thresh") == {"threshold": None, "scope": "flat", "selection": "auto",
+                                                 "exchange": "gather", "values": "full", "indices": "int32"}
     assert reducers.method_options("exact") == {}
 
 

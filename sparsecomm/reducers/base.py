@@ -50,6 +50,8 @@ class Step:
         self._finite: torch.Tensor | bool = True
         self._problem: str | None = None
         self._out: torch.Tensor | None = None  # the caller's flat output buffer, when it has one
+        # (grads, flat, overwrite) while x waits to be built by the method's fused selection
+        self._deferred: tuple[Sequence[torch.Tensor], torch.Tensor | None, bool] | None = None
         self._reuse_output = False
 
     @property
@@ -60,7 +62,10 @@ class Step:
     def x(self) -> torch.Tensor:
         """The flat compensated vector ``g + m`` (``g`` with error feedback off). An internal
         buffer (or the caller's own gradients when they may be overwritten): valid until the
-        commit."""
+        commit. A step whose method selects with :meth:`select_fused` builds it there; read
+        before that, it is built here in plain torch."""
+        if self._x is None and self._deferred is not None:
+            self._build_deferred()
         if self._x is None:
             raise RuntimeError("the step's vector is not built yet: call compensate() first")
         return self._x
@@ -91,6 +96,39 @@ class Step:
         self._built.update(todo)
         return self._x
 
+    def _build_deferred(self) -> None:
+        grads, flat, overwrite = self._deferred
+        self._deferred = None
+        with self.phase("select"):
+            x = self.compensate(grads, flat=flat, overwrite=overwrite)
+            self._finite = _all_finite(x)
+
+    def select_fused(self, threshold: float | None, start: int = 0, end: int | None = None,
+                     search: Any = None) -> Any:
+        """Positions in ``[start, end)`` with ``|x| >= threshold`` (sorted; none for None) and x
+        there, as a :class:`~sparsecomm.reducers.fused.Selected`, found in one fused pass
+        (:mod:`~sparsecomm.reducers.fused`). While ``x`` is not built yet and the gradients are
+        one flat vector, that pass also builds it (``x = g + m``) and checks its finiteness;
+        otherwise it reads ``x``. ``search``: a :class:`~sparsecomm.reducers.fused.FusedSearch`
+        (its capacity guess); a fresh one by default."""
+        from .fused import FusedSearch
+        search = search or FusedSearch()
+        index_dtype = self.layout.index_dtype
+        deferred = self._deferred
+        if deferred is not None and deferred[1] is not None:
+            _, flat, overwrite = deferred
+            m, buffer = self._memory.operands(flat, overwrite)
+            if buffer is None or buffer.dtype == flat.dtype:
+                self._deferred = None
+                with self.phase("select"):
+                    x, found = search(flat, m, buffer, threshold, start, end, index_dtype)
+                self._x, self._finite = x, found.finite
+                self._built.update(range(len(self.layout.shapes)))
+                return found
+        x = self.x
+        with self.phase("select"):
+            return search(x, None, None, threshold, start, end, index_dtype)[1]
+
     def output(self) -> torch.Tensor:
         """A zeroed flat vector to build the average in: the caller's own output buffer when it
         is one flat vector not shared with ``x``, the reducer's reusable buffer when the result
@@ -112,6 +150,8 @@ class Step:
         cannot go on."""
         if self.header is not None:
             raise RuntimeError("handshake() called twice in one step")
+        if self._deferred is not None:
+            self._build_deferred()
         with self.phase("comm"):
             self.header = handshake(self.comm, self.layout, finite=self._finite, count=count,
                                     extras=list(extras), problem=self._problem,
@@ -274,9 +314,11 @@ class Reducer(abc.ABC):
             step._out, step._reuse_output = flat_out, True
         with self._timer("select"):
             flat_in = layout.flat_view(grads)
-            x = step.compensate(grads, flat=flat_in,
-                                overwrite=flat_in is not None and flat_out is not None and _overlap(flat_in, flat_out))
-            step._finite = _all_finite(x)
+            overwrite = flat_in is not None and flat_out is not None and _overlap(flat_in, flat_out)
+            if self._fuses_compensation():  # the method builds x in its selection pass
+                step._deferred = (grads, flat_in, overwrite)
+            else:
+                step._finite = _all_finite(step.compensate(grads, flat=flat_in, overwrite=overwrite))
         try:
             avg = self._run(step)
         except SkipStep as skip:
@@ -297,7 +339,7 @@ class Reducer(abc.ABC):
             elif avg.data_ptr() != flat_out.data_ptr():
                 flat_out.copy_(avg)
             return out
-        if avg.data_ptr() == x.data_ptr():  # the method averaged in place in the internal buffer
+        if avg.data_ptr() == step.x.data_ptr():  # the method averaged in place in the internal buffer
             avg = avg.clone()
         return layout.split(avg)
 
@@ -371,8 +413,10 @@ class Reducer(abc.ABC):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm reducer state (expected format {STATE_FORMAT!r})")
         mine = {"method": self.name, "density": self.density, "error_feedback": self.error_feedback,
-                "seed": self.seed, "options": self.options(), "rank": self.rank, "world_size": self.world_size}
-        wrong = [f"{k}: saved {state.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if state.get(k) != v]
+                "seed": self.seed, "options": _results_options(self.options()), "rank": self.rank,
+                "world_size": self.world_size}
+        saved = {**state, "options": _results_options(state.get("options"))}
+        wrong = [f"{k}: saved {saved.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if wrong:
             raise ValueError("reducer state does not match this reducer (" + "; ".join(wrong) + ")")
         self.steps = int(state["steps"])
@@ -390,6 +434,10 @@ class Reducer(abc.ABC):
 
     def _configure(self, layout: Layout) -> None:
         """Build layout-dependent state (partitions, per-layer k, ...) at the first step."""
+
+    def _fuses_compensation(self) -> bool:
+        """True when this step's method builds ``x`` itself, in :meth:`Step.select_fused`."""
+        return False
 
     def _method_state(self) -> dict[str, Any]:
         return {}
@@ -464,6 +512,16 @@ class Reducer(abc.ABC):
             if memory.enabled else 0.0
         self._raw_stats = raw
         self._stats = None
+
+
+# Options that choose how, never what: a state saved with one value loads into a reducer with another.
+SPEED_OPTIONS = ("selection",)
+
+
+def _results_options(options: Any) -> Any:
+    if not isinstance(options, dict):
+        return options
+    return {k: v for k, v in options.items() if k not in SPEED_OPTIONS}
 
 
 def _plain(value: Any) -> Any:

@@ -100,6 +100,14 @@ class ErrorFeedback:
             x.copy_(g)
         return x
 
+    def operands(self, g: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What :meth:`compensate_flat` would read and write, for a caller that builds ``x`` itself
+        (a fused selection pass): ``(m, buffer)``, ``x = g + m`` to be written into ``buffer``; m
+        None: ``x`` is a copy of ``g`` in ``buffer``; both None: ``x`` is ``g`` itself."""
+        if not self.enabled and overwrite and g.dtype == self._shape[1]:
+            return None, None
+        return (self._m if self.enabled else None), self._spare()
+
     def commit_sparse(self, x: torch.Tensor, sent: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         """The step went through: the new residual is ``x`` with the ``sent`` positions zeroed
         (set to ``kept`` when given: what rounding left of the values sent there)."""

@@ -12,6 +12,7 @@ from ..exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..placement import BlockPartitions, EqualPartitions, Partitions
 from ..registry import register
+from ..fused import SELECTIONS, FusedSearch, resolve
 from ..selection import ThresholdSearch, curve_counts, initial_threshold, target_count, top_curve
 from ..wire import WireFormat, floor_bits, union_pairs
 
@@ -35,10 +36,13 @@ class PartitionedThreshold(Reducer):
     ``values`` and ``indices`` choose the wire format (:mod:`..wire`); a bitmap or delta code
     of positions covers the largest partition, each worker's relative to its own."""
 
-    def __init__(self, *, warm_start: bool = True, controller: str = "fast", values: str = "full",
-                 indices: str = "int32", **common: Any) -> None:
+    def __init__(self, *, selection: str = "auto", warm_start: bool = True, controller: str = "fast",
+                 values: str = "full", indices: str = "int32", **common: Any) -> None:
         self.warm_start = boolean("warm_start", warm_start)
         self.controller = choice("controller", controller, CONTROLLERS)
+        self.selection = choice("selection", selection, SELECTIONS)
+        self._fused = False
+        self._fused_search = FusedSearch()
         self.wire = WireFormat(values, indices)
         super().__init__(**common)
         self._partitions: Partitions | None = None
@@ -47,7 +51,8 @@ class PartitionedThreshold(Reducer):
         self._k = 1
 
     def options(self) -> dict[str, Any]:
-        return {"warm_start": self.warm_start, "controller": self.controller, **self.wire.options()}
+        return {"selection": self.selection, "warm_start": self.warm_start, "controller": self.controller,
+                **self.wire.options()}
 
     def _partitioning(self, d: int) -> Partitions:
         raise NotImplementedError
@@ -56,6 +61,13 @@ class PartitionedThreshold(Reducer):
         self._k = k = target_count(self.density, layout.numel)
         self._partitions = self._partitioning(layout.numel)
         self._control = MultiplicativeScaling(k, initial_threshold(k), fast=self.controller == "fast")
+        self._fused = resolve(self.selection, layout.device, layout.dtype, layout.index_dtype)
+
+    def _fuses_compensation(self) -> bool:
+        return self._fused
+
+    def describe(self) -> dict[str, Any]:
+        return {"selection": "fused" if self._fused else "torch"}
 
     @property
     def partitions(self) -> Partitions:
@@ -64,22 +76,26 @@ class PartitionedThreshold(Reducer):
         return self._partitions
 
     def _run(self, step: Step) -> torch.Tensor:
-        x, control, parts = step.x, self._control, self.partitions
+        control, parts = self._control, self.partitions
         assert control is not None
         bounds = parts.bounds()
         start, end = bounds[parts.owned(step.index, self.rank)]
         if self.warm_start and step.index == 0:
             counts = curve_counts(self._k)
             with step.phase("select"):
-                curve = top_curve(x, counts, start, end, step.scratch())
+                curve = top_curve(step.x, counts, start, end, step.scratch())
             header = step.handshake(extras=curve.unbind())
             sizes = [b - a for a, b in (bounds[parts.owned(0, r)] for r in range(self.comm.size))]
             calibrated = pooled_threshold(header.extras.tolist(), counts, sizes, self._k)
             if calibrated is not None:
                 control.start(calibrated)
         threshold = control.threshold
+        if self._fused:  # builds x = g + m in the same pass, unless the warm start needed it already
+            idx = step.select_fused(threshold, start, end, self._fused_search).indices
         with step.phase("select"):
-            idx = self._search(x, threshold, step.layout.index_dtype, start, end, step.scratch())
+            x = step.x
+            if not self._fused:
+                idx = self._search(x, threshold, step.layout.index_dtype, start, end, step.scratch())
             if idx.numel() == 0 and end > start:
                 idx = torch.tensor([start + step.index % (end - start)], dtype=idx.dtype, device=x.device)
         if step.header is None:
@@ -138,10 +154,10 @@ class ExDyna(PartitionedThreshold):
     summary = "threshold selection in dynamically balanced rotating block partitions"
 
     def __init__(self, *, num_blocks: int = 1024, block_align: int = 32, warm_start: bool = True,
-                 controller: str = "fast", **common: Any) -> None:
+                 controller: str = "fast", selection: str = "auto", **common: Any) -> None:
         self.num_blocks = positive_int("num_blocks", num_blocks)
         self.block_align = positive_int("block_align", block_align)
-        super().__init__(warm_start=warm_start, controller=controller, **common)
+        super().__init__(warm_start=warm_start, controller=controller, selection=selection, **common)
 
     def options(self) -> dict[str, Any]:
         return {"num_blocks": self.num_blocks, "block_align": self.block_align, **super().options()}

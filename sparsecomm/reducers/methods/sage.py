@@ -9,6 +9,7 @@ from ...validate import boolean, choice, number
 from ..base import Step
 from ..control import CONTROLLERS, SageScaling, pooled_threshold
 from ..exchange import gather_counts
+from ..fused import SELECTIONS, FusedSearch, resolve
 from ..layout import Layout
 from ..registry import register
 from ..selection import (ThresholdSearch, curve_counts, initial_threshold, slovin_sample_size, target_count,
@@ -37,16 +38,27 @@ class Sage(SparseReducer):
     outside it (:class:`~sparsecomm.reducers.control.SageScaling` says why that band is
     narrower than the published 0.1-10); ``"paper"`` is the published rule.
     ``controller="paper", warm_start=False`` is the published method exactly.
+
+    With the fused selection (``selection``, :mod:`~sparsecomm.reducers.fused`) the pass
+    that builds ``x = g + m`` also keeps the candidates ``|x| >= 0.8 lambda`` (lambda of the
+    previous step); the examined count and the selection then read only those whenever both of
+    the step's thresholds stay at or above 0.8 lambda (the usual case), and read ``x`` again
+    otherwise. Results are the same either way.
     """
+
+    CANDIDATES = 0.8  # the fused pass keeps |x| >= CANDIDATES * lambda (a guide for speed only)
 
     name = "sage"
     summary = "hard threshold rescaled every step to track the target density (synced across workers)"
 
     def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, warm_start: bool = True,
-                 controller: str = "fast", **common: Any) -> None:
+                 controller: str = "fast", selection: str = "auto", **common: Any) -> None:
         self.sample_error = number("sample_error", sample_error, 0.0, 1.0, low_open=True, high_open=True)
         self.warm_start = boolean("warm_start", warm_start)
         self.controller = choice("controller", controller, CONTROLLERS)
+        self.selection = choice("selection", selection, SELECTIONS)
+        self._fused = False
+        self._fused_searches = (FusedSearch(), FusedSearch())  # the candidates, a second pass
         super().__init__(exchange=exchange, **common)
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
@@ -55,16 +67,37 @@ class Sage(SparseReducer):
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "sample_error": self.sample_error, "warm_start": self.warm_start,
-                "controller": self.controller}
+                "controller": self.controller, "selection": self.selection}
 
     def _configure(self, layout: Layout) -> None:
         self._k = k = target_count(self.density, layout.numel)
         self._control = SageScaling(self.density, initial_threshold(k), fast=self.controller == "fast")
         self._samples = slovin_sample_size(layout.numel, self.sample_error)
+        self._fused = resolve(self.selection, layout.device, layout.dtype, layout.index_dtype)
+
+    def _fuses_compensation(self) -> bool:
+        return self._fused
+
+    def describe(self) -> dict[str, Any]:
+        return {"selection": "fused" if self._fused else "torch"}
+
+    def _select(self, step: Step, threshold: float, low: float | None, candidates: Any) -> torch.Tensor:
+        """Sorted positions with |x| >= threshold: from the fused pass's candidates (those with
+        |x| >= low) when they hold all of them, else by a search of x."""
+        if candidates is not None and low is not None and threshold >= low:
+            return candidates.indices[candidates.values.abs() >= threshold]
+        if self._fused:
+            return step.select_fused(threshold, search=self._fused_searches[1]).indices
+        return self._search(step.x, threshold, step.layout.index_dtype, scratch=step.scratch())
 
     def _run(self, step: Step) -> torch.Tensor:
-        x, control, d = step.x, self._control, step.d
+        control, d = self._control, step.d
         assert control is not None
+        low = candidates = None
+        if self._fused:  # builds x = g + m, checks it, keeps the candidates
+            low = control.threshold * self.CANDIDATES if control.started else None
+            candidates = step.select_fused(low, search=self._fused_searches[0])
+        x = step.x
         with step.phase("select"):
             positions = torch.randint(0, max(d, 1), (self._samples,), generator=self._generator)
             sampled = x[positions.to(x.device)].abs().float().mean() if self._samples else 0.0
@@ -80,13 +113,12 @@ class Sage(SparseReducer):
         else:
             alpha = control.alpha(sampled_mean)
             with step.phase("select"):
-                examined = self._search(x, control.threshold * alpha, step.layout.index_dtype,
-                                        scratch=step.scratch()).numel()
+                examined = self._select(step, control.threshold * alpha, low, candidates).numel()
             with step.phase("comm"):
                 total = self.comm.all_reduce_(torch.tensor([examined], dtype=torch.float64, device=x.device))
             control.update(sampled_mean, alpha, float(total) / (self.comm.size * d) if d else 0.0)
         with step.phase("select"):
-            idx = self._search(x, control.threshold, step.layout.index_dtype, scratch=step.scratch())
+            idx = self._select(step, control.threshold, low, candidates)
         with step.phase("comm"):
             counts = gather_counts(self.comm, idx.numel(), x.device)
         avg = self._send(step, idx, counts)

@@ -7,6 +7,7 @@ import torch
 
 from ...validate import choice, number
 from ..base import Step
+from ..fused import SELECTIONS, FusedSearch, resolve
 from ..layout import Layout
 from ..registry import register
 from ..selection import ThresholdSearch, initial_threshold, target_count, threshold_select_segments
@@ -26,9 +27,15 @@ class HardThreshold(SparseReducer):
     name = "thresh"
     summary = "hard threshold |x| >= lambda, lambda fixed (default 1/(2 sqrt(k)))"
 
-    def __init__(self, *, threshold: float | None = None, scope: str = "flat", exchange: str = "gather",
+    def __init__(self, *, threshold: float | None = None, scope: str = "flat", selection: str = "auto",
+                 exchange: str = "gather",
                  **common: Any) -> None:
         self.scope = choice("scope", scope, SCOPES)
+        self.selection = choice("selection", selection, SELECTIONS)
+        if selection == "fused" and scope == "layer" and threshold is None:
+            raise ValueError("selection='fused' needs one threshold: use scope='flat' or selection='torch'")
+        self._fused = False
+        self._fused_search = FusedSearch()
         self.threshold = None if threshold is None else number("threshold", threshold, 0.0, low_open=True)
         super().__init__(exchange=exchange, **common)
         self._lambdas: list[float] = []
@@ -36,7 +43,7 @@ class HardThreshold(SparseReducer):
         self._search = ThresholdSearch(self.density)
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "threshold": self.threshold, "scope": self.scope}
+        return {**super().options(), "threshold": self.threshold, "scope": self.scope, "selection": self.selection}
 
     def _configure(self, layout: Layout) -> None:
         if self.threshold is None and self.scope == "layer":
@@ -44,14 +51,24 @@ class HardThreshold(SparseReducer):
         else:
             self._lambdas = []
             self._flat = self.threshold or initial_threshold(target_count(self.density, layout.numel))
+        self._fused = resolve(self.selection, layout.device, layout.dtype, layout.index_dtype,
+                              "per-layer thresholds are not fused" if self._lambdas else None)
+
+    def _fuses_compensation(self) -> bool:
+        return self._fused
+
+    def describe(self) -> dict[str, Any]:
+        return {"selection": "fused" if self._fused else "torch"}
 
     def _run(self, step: Step) -> torch.Tensor:
-        x, layout = step.x, step.layout
+        layout = step.layout
         with step.phase("select"):
-            if self._lambdas:
-                idx = threshold_select_segments(x, self._lambdas, layout.segments, layout.index_dtype)
+            if self._fused:  # x = g + m built in the same pass
+                idx = step.select_fused(self._flat, search=self._fused_search).indices
+            elif self._lambdas:
+                idx = threshold_select_segments(step.x, self._lambdas, layout.segments, layout.index_dtype)
             else:
-                idx = self._search(x, self._flat, layout.index_dtype, scratch=step.scratch())
+                idx = self._search(step.x, self._flat, layout.index_dtype, scratch=step.scratch())
         header = step.handshake(count=idx.numel())
         avg = self._send(step, idx, header.counts)
         if not self._lambdas:
