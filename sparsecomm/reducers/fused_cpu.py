@@ -15,7 +15,8 @@ one thread, d = 11,173,962, about 0.2% passing; unit: one read pass ``flat.sum()
   writing x and a mask that ``nonzero`` reads again; measured 89 read passes per call (under
   heavy load) and 82 s for the first call with an empty cache: rejected;
 * ``torch.utils.cpp_extension.load_inline``: the same loop, but its build compiles against the
-  torch headers (see the report for the time measured), once per fresh clone: rejected;
+  torch headers: 188 s for a one-function probe with an empty cache (under load), once per
+  fresh clone: rejected;
 * numba: a new dependency, not tried.
 
 The loop is single-threaded (the benchmarks run one torch thread per process); a loop over
