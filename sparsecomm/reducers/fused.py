@@ -16,6 +16,7 @@ CPU, Triton on CUDA; the resolved path is in the reducer's ``describe()``).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ __all__ = ["SELECTIONS", "Selected", "unavailable_reason", "resolve", "compensat
            "FusedSearch", "triton_importable"]
 
 SELECTIONS = ("auto", "torch", "fused")
+
+log = logging.getLogger(__name__)
+_told: set[str] = set()
 
 
 @dataclass
@@ -67,6 +71,9 @@ def resolve(selection: str, device: torch.device, dtype: torch.dtype, index_dtyp
     reason = unsupported or unavailable_reason(device, dtype, index_dtype)
     if reason is not None and selection == "fused":
         raise ValueError(f"selection='fused' cannot run here: {reason}; use selection='torch' or 'auto'")
+    if reason is not None and reason not in _told:  # auto: say once why the torch pieces run (timings differ)
+        _told.add(reason)
+        log.warning("selection='auto' uses the torch pieces, not the fused pass: %s", reason)
     return reason is None
 
 
