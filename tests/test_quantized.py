@@ -377,3 +377,32 @@ def test_dgc_skipped_step_leaves_its_state_alone():
     assert torch.equal(after["residual"], before["residual"])
     for key in ("momentum", "generator"):
         assert torch.equal(after["method_state"][key], before["method_state"][key]), key
+
+
+# -------------------------------------------------- long tensors: encoded and decoded in pieces
+LONG_SHAPES = [(7,), (300_001,), (5, 3), (262_150,)]  # pieces of 2**18 start at odd offsets
+LONG_CASES = [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 100}), ("terngrad", {}), ("efsignsgd", {}),
+              ("signsgd", {}), ("fp16", {}), ("bf16", {})]
+
+
+@pytest.mark.parametrize("name,options", LONG_CASES)
+def test_long_tensors_decoded_in_pieces_agree_with_the_reference(name, options):
+    from sparsecomm.reducers.exchange import DECODE_CHUNK
+    from sparsecomm.reducers.virtual import VirtualWorld
+
+    assert max(math.prod(s) for s in LONG_SHAPES) > DECODE_CHUNK
+    P = 2
+    world = VirtualWorld(P)
+    rs = [reducers.build(name, group=world.communicator(r), **options) for r in range(P)]
+    sim = Simulation(name, P, LONG_SHAPES, 1.0, **options)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        grads = [[torch.randn(s, generator=gen) for s in LONG_SHAPES] for _ in range(P)]
+        avgs = world.run(lambda r: rs[r].reduce(grads[r]))
+        ref_avg, ref_res = sim.step(grads)
+        for w in range(P):
+            flat = torch.cat([a.reshape(-1) for a in avgs[w]])
+            torch.testing.assert_close(flat, ref_avg, rtol=1e-5, atol=1e-7)
+            if rs[w].compensates:
+                torch.testing.assert_close(torch.cat([m.reshape(-1) for m in rs[w].memory]), ref_res[w],
+                                           rtol=1e-5, atol=1e-6)

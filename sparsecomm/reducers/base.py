@@ -185,6 +185,14 @@ class Step:
             self._memory.commit_dense(self.x, approximation)
         self.committed = True
 
+    def commit_subtracted(self) -> None:
+        """The method subtracted its dense approximation from ``x`` itself (with error
+        feedback on; e.g. :func:`exchange.gather_decoded_mean` with ``residual=step.x``):
+        ``x`` is the new residual as it stands, as :meth:`commit_dense` would have made it."""
+        with self.phase("select"):
+            self._memory.commit_in_place(self.x)
+        self.committed = True
+
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Do the memory ranges of two contiguous tensors intersect?"""

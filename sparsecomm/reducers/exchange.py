@@ -35,7 +35,8 @@ from .layout import Layout
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
     "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "union_allreduce", "allreduce_at", "union_of",
-    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean",
+    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean", "decoded_mean",
+    "chunks",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -247,22 +248,50 @@ def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, a
     return avg
 
 
-def gather_decoded_mean(comm: Communicator, row: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
-                        avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+DECODE_CHUNK = 1 << 18
+"""Coordinates decoded at a time by :func:`gather_decoded_mean` (1 MiB of float32): the
+decoded temporaries stay this small however long the vector."""
+
+
+def chunks(d: int, size: int = DECODE_CHUNK) -> list[tuple[int, int]]:
+    """``[0, d)`` cut into consecutive ``(start, end)`` ranges of at most ``size`` (a multiple
+    of 8, so that every range but the last starts and ends on a byte of packed codes)."""
+    return [(a, min(a + size, d)) for a in range(0, d, size)]
+
+
+def gather_decoded_mean(comm: Communicator, row: torch.Tensor,
+                        decode: Callable[[torch.Tensor, int, int], torch.Tensor], avg: torch.Tensor,
+                        ranges: Sequence[tuple[int, int]] | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
     """Dense gather-sum of encoded rows: all-gather this worker's ``row`` (the same length on
-    every worker), add ``decode(row_w)`` (a flat vector like ``avg``) into the zeroed ``avg``
-    for w = 0, 1, ... in rank order, and divide by P. Every rank forms the same sums in the
-    same order, so ``avg`` is bit-identical everywhere; what travels is the encoded row.
-    Returns ``(avg, this worker's own row decoded)`` (what the others received from it: the
-    error-feedback residual is x minus that)."""
-    table = comm.all_gather(row)
-    mine = None
-    for w in range(comm.size):
-        decoded = decode(table[w])
-        avg.add_(decoded)
-        if w == comm.rank:
-            mine = decoded
-    if comm.size > 1:
-        avg.div_(comm.size)
-    assert mine is not None
-    return avg, mine
+    every worker), add every worker's decoded vector into the zeroed ``avg`` in rank order,
+    and divide by P. Every rank forms the same sums in the same order, so ``avg`` is
+    bit-identical everywhere; what travels is the encoded row.
+
+    ``decode(row_w, start, end)``: coordinates ``[start, end)`` of worker w's vector, decoded
+    to ``avg``'s dtype. The vector is decoded range by range (``ranges``, covering ``[0, d)``
+    in order; default :func:`chunks`), all workers' rows for one range before the next, so no
+    temporary is larger than a range: beyond ``avg`` the only full-size memory is the gathered
+    table of encoded rows. ``residual``: this worker's compensated vector x, from which its own
+    decoded vector q (what the others received from it) is subtracted in place, leaving the
+    error-feedback residual x - q. Returns ``avg``. (A caller that can let go of its row once
+    it is sent calls ``comm.all_gather`` and :func:`decoded_mean` itself.)"""
+    return decoded_mean(comm, comm.all_gather(row), decode, avg, ranges, residual)
+
+
+def decoded_mean(comm: Communicator, table: torch.Tensor,
+                 decode: Callable[[torch.Tensor, int, int], torch.Tensor], avg: torch.Tensor,
+                 ranges: Sequence[tuple[int, int]] | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The second half of :func:`gather_decoded_mean`, from the gathered ``table`` of rows."""
+    P = comm.size
+    for a, b in chunks(avg.numel()) if ranges is None else ranges:
+        part = avg[a:b]
+        for w in range(P):
+            decoded = decode(table[w], a, b)
+            part.add_(decoded)
+            if residual is not None and w == comm.rank:
+                residual[a:b].sub_(decoded)
+        if P > 1:
+            part.div_(P)
+    return avg

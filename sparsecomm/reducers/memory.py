@@ -128,6 +128,11 @@ class ErrorFeedback:
             x.sub_(approximation)
             self._swap(x)
 
+    def commit_in_place(self, x: torch.Tensor) -> None:
+        """``x`` already is the new residual (the caller subtracted what was sent)."""
+        if self.enabled:
+            self._swap(x)
+
     def _swap(self, x: torch.Tensor) -> None:
         if x.data_ptr() != self._x.data_ptr():
             raise RuntimeError("commit expects the buffer returned by compensate()")

@@ -7,7 +7,7 @@ import torch
 
 from ...validate import choice
 from ..base import Reducer, Step
-from ..exchange import gather_decoded_mean
+from ..exchange import chunks, decoded_mean
 from ..registry import register
 
 EXCHANGES = ("gather", "allreduce")
@@ -55,12 +55,18 @@ class CastReducer(Reducer):
         return {"exchange": self.exchange}
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` rounded to ``wire``, saturated at its largest finite value; built range by
+        range into the row, so the only full-size allocation is the 16-bit row itself."""
         if x.dtype == self.wire:
             return x.clone()
         top = torch.finfo(self.wire).max
-        if top < torch.finfo(x.dtype).max:  # saturate instead of overflowing to Inf
-            x = x.clamp(-top, top)
-        return x.to(self.wire)
+        row = torch.empty(x.numel(), dtype=self.wire, device=x.device)
+        for a, b in chunks(x.numel()):
+            part = x[a:b]
+            if top < torch.finfo(x.dtype).max:  # saturate instead of overflowing to Inf
+                part = part.clamp(-top, top)
+            row[a:b].copy_(part)
+        return row
 
     def _run(self, step: Step) -> torch.Tensor:
         x, dtype, P = step.x, step.layout.dtype, self.comm.size
@@ -69,7 +75,11 @@ class CastReducer(Reducer):
             with step.phase("select"):
                 row = self._cast(x)
             with step.phase("comm"):
-                avg, mine = gather_decoded_mean(self.comm, row, lambda r: r.to(dtype), step.output())
+                table = self.comm.all_gather(row)
+                del row  # sent: not kept while the table is decoded
+                avg = decoded_mean(self.comm, table, lambda r, a, b: r[a:b].to(dtype), step.output(),
+                                   residual=step.x if step.error_feedback else None)
+            step.commit_subtracted()
         else:
             with step.phase("select"):
                 row = self._cast(x / P if P > 1 else x)
@@ -77,7 +87,7 @@ class CastReducer(Reducer):
             with step.phase("comm"):
                 self.comm.all_reduce_(row)
                 avg = step.output().copy_(row)
-        step.commit_dense(mine)
+            step.commit_dense(mine)
         step.counted(selected=step.d, received=step.d)
         step.stats.update(payload_ratio=self.wire.itemsize / dtype.itemsize)
         return avg

@@ -4,7 +4,8 @@ feedback, sign with majority vote).
 Common to the family: each worker encodes its compensated vector x into one byte row (scales
 first, then bit-packed codes, see :mod:`~sparsecomm.reducers.bitpack`), the rows are
 all-gathered, and every rank decodes them and adds them in rank order
-(:func:`~sparsecomm.reducers.exchange.gather_decoded_mean`), so the average is bit-identical
+(:func:`~sparsecomm.reducers.exchange.gather_decoded_mean`, range by range, so no decoded
+temporary is larger than a range), so the average is bit-identical
 everywhere and ``bytes_sent`` is the packed row itself.
 
 Error feedback: ``efsignsgd`` keeps ``x - q`` as its residual, q being this worker's own
@@ -35,8 +36,8 @@ import torch
 
 from ...validate import choice, number, positive_int
 from ..base import Reducer, Step
-from ..bitpack import code_width, pack_bits, unpack_bits
-from ..exchange import Header, gather_decoded_mean
+from ..bitpack import code_width, pack_bits, packed_bytes, unpack_bits
+from ..exchange import DECODE_CHUNK, Header, chunks, decoded_mean
 from ..layout import Layout
 from ..registry import register
 
@@ -69,10 +70,37 @@ def _bytes_of(values: torch.Tensor) -> torch.Tensor:
     return values.contiguous().view(torch.uint8)
 
 
-def _values_of(row: torch.Tensor, count: int, dtype: torch.dtype) -> torch.Tensor:
-    """The first ``count`` values of ``dtype`` at the start of a byte row (copied, so that a row
-    of a gathered table need not be aligned)."""
-    return row[:count * dtype.itemsize].clone().view(dtype)
+def _values_of(row: torch.Tensor, count: int, dtype: torch.dtype, first: int = 0) -> torch.Tensor:
+    """Values ``first`` to ``first + count`` of ``dtype`` at the start of a byte row (copied, so
+    that a row of a gathered table need not be aligned)."""
+    return row[first * dtype.itemsize:(first + count) * dtype.itemsize].clone().view(dtype)
+
+
+def _row(head: torch.Tensor | None, d: int, width: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised byte row: ``head``'s bytes (scales), then room for d packed codes."""
+    at = 0 if head is None else head.numel() * head.element_size()
+    row = torch.empty(at + packed_bytes(d, width), dtype=torch.uint8, device=device)
+    if head is not None:
+        row[:at] = _bytes_of(head)
+    return row
+
+
+def _pack_into(row: torch.Tensor, at: int, d: int, width: int,
+               codes: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """Fill ``row[at:]`` with the d codes packed (as ``pack_bits`` of all of them would), range by
+    range: ``codes(a, b)`` gives codes a to b. Ranges start on multiples of 8 codes, so each
+    packs into whole bytes of its own and only the last one is padded."""
+    for a, b in chunks(d):
+        part = pack_bits(codes(a, b), width)
+        start = at + a * width // 8
+        row[start:start + part.numel()] = part
+    return row
+
+
+def _codes_of(data: torch.Tensor, a: int, b: int, width: int) -> torch.Tensor:
+    """Codes a to b of those packed in ``data`` (uint8)."""
+    a0 = a - a % 8  # groups of eight codes start on a byte
+    return unpack_bits(data[a0 * width // 8:], b - a0, width)[a - a0:]
 
 
 class QuantizedReducer(Reducer):
@@ -91,6 +119,10 @@ class QuantizedReducer(Reducer):
 
     def _configure(self, layout: Layout) -> None:
         self._cdtype = torch.float64 if layout.dtype == torch.float64 else torch.float32
+        # every tensor cut into ranges of at most DECODE_CHUNK: (start, end, tensor)
+        self._pieces = [(a + s, min(a + s + DECODE_CHUNK, b), i) for i, (a, b) in enumerate(layout.segments)
+                        for s in range(0, b - a, DECODE_CHUNK)]
+        self._tensor_at = {a: i for a, _, i in self._pieces}
         if self.random_rounding:
             self._generator = torch.Generator(device=layout.device)
             self._generator.manual_seed(stream_seed(self.seed, self.rank))
@@ -103,9 +135,13 @@ class QuantizedReducer(Reducer):
                 v[a:b].mul_(values[i])
         return v
 
-    def _uniform(self, d: int, device: torch.device) -> torch.Tensor:
+    def _uniform(self, step: Step) -> torch.Tensor:
+        """d uniform numbers on [0, 1) from this worker's stream, drawn into the step's scratch
+        buffer when it has their dtype (no per-step allocation)."""
         assert self._generator is not None
-        return torch.rand(d, generator=self._generator, dtype=self._cdtype, device=device)
+        if step.layout.dtype == self._cdtype:
+            return torch.rand(step.d, generator=self._generator, out=step.scratch())
+        return torch.rand(step.d, generator=self._generator, dtype=self._cdtype, device=step.layout.device)
 
     def _prepare(self, step: Step) -> list[torch.Tensor]:
         return []
@@ -113,8 +149,13 @@ class QuantizedReducer(Reducer):
     def _encode(self, step: Step, header: Header) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode(self, row: torch.Tensor) -> torch.Tensor:
+    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Coordinates ``[a, b)`` (one of :meth:`_ranges`) of the vector encoded in ``row``."""
         raise NotImplementedError
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        """The ranges :meth:`_decode` is asked for, in order: pieces of single tensors."""
+        return [(a, b) for a, b, _ in self._pieces]
 
     def _run(self, step: Step) -> torch.Tensor:
         with step.phase("select"):
@@ -122,12 +163,16 @@ class QuantizedReducer(Reducer):
         header = step.handshake(count=step.d, extras=extras)
         with step.phase("select"):
             row = self._encode(step, header)
+        sent = row.numel()
         with step.phase("comm"):
-            avg, mine = gather_decoded_mean(self.comm, row, self._decode, step.output())
-        step.commit_dense(mine)
+            table = self.comm.all_gather(row)
+            del row  # sent: not kept while the table is decoded
+            avg = decoded_mean(self.comm, table, self._decode, step.output(), self._ranges(),
+                               residual=step.x if step.error_feedback else None)
+        step.commit_subtracted()
         step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=step.fraction(row.numel() / step.layout.dtype.itemsize),
-                          bits_per_coordinate=step.fraction(8.0 * row.numel()))
+        step.stats.update(payload_ratio=step.fraction(sent / step.layout.dtype.itemsize),
+                          bits_per_coordinate=step.fraction(8.0 * sent))
         return avg
 
     def _method_state(self) -> dict[str, Any]:
@@ -184,6 +229,20 @@ class QSGD(QuantizedReducer):
             self._plan.append((a, full, size, tail, buckets))
             buckets += full + (1 if tail else 0)
         self._buckets = buckets
+        # the plan in ranges of at most DECODE_CHUNK coordinates (or one bucket):
+        # (start, end, first bucket, whole buckets in it; 0 for a tensor's short last bucket)
+        self._bucket_pieces = []
+        for a, full, size, tail, j in self._plan:
+            rows = max(1, DECODE_CHUNK // size)
+            for r in range(0, full, rows):
+                n = min(rows, full - r)
+                self._bucket_pieces.append((a + r * size, a + (r + n) * size, j + r, n))
+            if tail:
+                self._bucket_pieces.append((a + full * size, a + full * size + tail, j + full, 0))
+        self._piece_at = {p[0]: p for p in self._bucket_pieces}
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, _, _ in self._bucket_pieces]
 
     def _by_bucket(self, v: torch.Tensor, per_bucket: torch.Tensor) -> torch.Tensor:
         """Multiply each bucket of the flat ``v`` by its entry of ``per_bucket``, in place."""
@@ -206,21 +265,33 @@ class QSGD(QuantizedReducer):
         return norms
 
     def _encode(self, step: Step, header: Header) -> torch.Tensor:
-        x, s = step.x, self.levels
+        x, s, cdtype = step.x, self.levels, self._cdtype
         norms = self._norms(x)
         inverse = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
-        r = self._by_bucket(x.abs().to(self._cdtype), inverse)  # |v_i| s / ||v||
-        level = torch.floor(r)
-        up = self._uniform(step.d, x.device) < r.sub_(level)  # with probability r - floor(r)
-        level = level.add_(up).clamp_(max=s)
-        codes = torch.copysign(level, x.to(self._cdtype)).add_(s).to(torch.uint8)
-        return torch.cat([_bytes_of(norms), pack_bits(codes, self.width)])
+        u = self._uniform(step)
+        codes = torch.empty(step.d, dtype=torch.uint8, device=x.device)
+        for a, b, j, rows in self._bucket_pieces:  # a few buckets at a time: small temporaries
+            r = x[a:b].abs().to(cdtype)  # |v_i| s / ||v||
+            if rows:
+                r.view(rows, -1).mul_(inverse[j:j + rows, None])
+            else:
+                r.mul_(inverse[j])
+            level = torch.floor(r)
+            up = u[a:b] < r.sub_(level)  # with probability r - floor(r)
+            level = level.add_(up).clamp_(max=s)
+            codes[a:b] = torch.copysign(level, x[a:b].to(cdtype)).add_(s)
+        row = _row(norms, step.d, self.width, x.device)
+        return _pack_into(row, self._buckets * cdtype.itemsize, step.d, self.width, lambda a, b: codes[a:b])
 
-    def _decode(self, row: torch.Tensor) -> torch.Tensor:
-        d, cdtype = self.layout.numel, self._cdtype
-        norms = _values_of(row, self._buckets, cdtype)
-        codes = unpack_bits(row[self._buckets * cdtype.itemsize:], d, self.width)
-        values = self._by_bucket(codes.to(cdtype).sub_(self.levels), norms / self.levels)
+    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        cdtype = self._cdtype
+        _, _, j, rows = self._piece_at[a]
+        scale = _values_of(row, max(rows, 1), cdtype, first=j) / self.levels
+        values = _codes_of(row[self._buckets * cdtype.itemsize:], a, b, self.width).to(cdtype).sub_(self.levels)
+        if rows:
+            values.view(rows, -1).mul_(scale[:, None])
+        else:
+            values.mul_(scale[0])
         return values.to(self.layout.dtype)
 
 
@@ -251,38 +322,49 @@ class TernGrad(QuantizedReducer):
         self.clip = None if clip is None else number(
             "clip", clip, 0.0, low_open=True, meaning="a multiple of the standard deviation, or None")
         super().__init__(**common)
-        self._g: torch.Tensor | None = None
+        self._bound: torch.Tensor | None = None
 
     def options(self) -> dict[str, Any]:
         return {"clip": self.clip}
 
+    def _clipped(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Tensor i's segment (or a piece of it) of x, in the compute dtype, clipped (a new
+        tensor; x is left alone)."""
+        g = x.to(self._cdtype)
+        if self._bound is None:
+            return g
+        return torch.clamp(g, -self._bound[i], self._bound[i])
+
     def _prepare(self, step: Step) -> list[torch.Tensor]:
-        layout, cdtype = step.layout, self._cdtype
-        g = step.x.to(cdtype, copy=True)
+        layout, cdtype, x = step.layout, self._cdtype, step.x
+        self._bound = None
         if self.clip is not None:
-            bound = per_tensor(g, layout, lambda t: torch.std(t, correction=0), cdtype).mul_(self.clip)
-            for i, (a, b) in enumerate(layout.segments):
-                if b > a:
-                    g[a:b].clamp_(-bound[i], bound[i])
-        self._g = g
-        return list(per_tensor(g, layout, lambda t: t.abs().amax(), cdtype).unbind())
+            self._bound = per_tensor(x, layout, lambda t: torch.std(t.to(cdtype), correction=0),
+                                     cdtype).mul_(self.clip)
+        # max |g| of the clipped tensor: max min(|x_i|, bound) = min(max |x_i|, bound), exactly
+        top = per_tensor(x, layout, lambda t: torch.linalg.vector_norm(t.to(cdtype), float("inf")), cdtype)
+        if self._bound is not None:
+            top = torch.minimum(top, self._bound)
+        return list(top.unbind())
 
     def _encode(self, step: Step, header: Header) -> torch.Tensor:
-        g, self._g = self._g, None
-        assert g is not None
-        L = len(step.layout.shapes)
-        self._scaler = header.extras[:, :L].amax(dim=0).to(self._cdtype).to(g.device) if L else \
-            torch.zeros(0, dtype=self._cdtype, device=g.device)
-        keep = self._scale_(self._uniform(step.d, g.device), self._scaler) < g.abs()  # u s < |g|
-        codes = torch.sign(g).mul_(keep).add_(1).to(torch.uint8)  # sign(g) b + 1
-        return pack_bits(codes, 2)
+        x, L = step.x, len(step.layout.shapes)
+        self._scaler = header.extras[:, :L].amax(dim=0).to(self._cdtype).to(x.device) if L else \
+            torch.zeros(0, dtype=self._cdtype, device=x.device)
+        u = self._uniform(step)
+        codes = torch.empty(step.d, dtype=torch.uint8, device=x.device)
+        for a, b, i in self._pieces:
+            g = self._clipped(x[a:b], i)
+            keep = u[a:b].mul_(self._scaler[i]) < g.abs()  # u s < |g|
+            codes[a:b] = torch.sign(g).mul_(keep).add_(1)  # sign(g) b + 1
+        return _pack_into(_row(None, step.d, 2, x.device), 0, step.d, 2, lambda a, b: codes[a:b])
 
-    def _decode(self, row: torch.Tensor) -> torch.Tensor:
-        codes = unpack_bits(row, self.layout.numel, 2)
-        return self._scale_(codes.to(self._cdtype).sub_(1), self._scaler).to(self.layout.dtype)
+    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        values = _codes_of(row, a, b, 2).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_at[a]])
+        return values.to(self.layout.dtype)
 
     def _end_step(self) -> None:
-        self._g = None
+        self._bound = None
 
 
 @register
@@ -306,13 +388,14 @@ class EFSignSGD(QuantizedReducer):
     def _encode(self, step: Step, header: Header) -> torch.Tensor:
         x = step.x
         scales = mean_magnitudes(x, step.layout, self._cdtype)
-        return torch.cat([_bytes_of(scales), pack_bits(x < 0, 1)])
+        row = _row(scales, step.d, 1, x.device)
+        return _pack_into(row, scales.numel() * scales.element_size(), step.d, 1, lambda a, b: x[a:b] < 0)
 
-    def _decode(self, row: torch.Tensor) -> torch.Tensor:
-        L = len(self.layout.shapes)
-        scales = _values_of(row, L, self._cdtype)
-        bits = unpack_bits(row[L * self._cdtype.itemsize:], self.layout.numel, 1)
-        return self._scale_(bits.to(self._cdtype).mul_(-2).add_(1), scales).to(self.layout.dtype)
+    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        L, cdtype, i = len(self.layout.shapes), self._cdtype, self._tensor_at[a]
+        scale = _values_of(row, 1, cdtype, first=i)[0]
+        bits = _codes_of(row[L * cdtype.itemsize:], a, b, 1)
+        return bits.to(cdtype).mul_(-2).add_(1).mul_(scale).to(self.layout.dtype)
 
 
 @register
@@ -352,28 +435,33 @@ class SignSGD(QuantizedReducer):
         layout, x, L, cdtype = step.layout, step.x, len(step.layout.shapes), self._cdtype
         step.handshake(count=step.d)
         with step.phase("select"):
-            parts = [pack_bits(x < 0, 1)]
-            if self.scale == "l1":
-                scales = mean_magnitudes(x, layout, cdtype)
-                parts.insert(0, _bytes_of(scales))
-            row = torch.cat(parts)
+            scales = mean_magnitudes(x, layout, cdtype) if self.scale == "l1" else None
+            at = 0 if scales is None else L * cdtype.itemsize
+            row = _pack_into(_row(scales, step.d, 1, x.device), at, step.d, 1, lambda a, b: x[a:b] < 0)
         with step.phase("comm"):
             P = self.comm.size
             table = self.comm.all_gather(row)
-            negative = torch.zeros(step.d, dtype=torch.int32, device=x.device)  # workers voting -1
+            sent = row.numel()
+            del row  # sent: not kept while the votes are counted
             scale = torch.zeros(L, dtype=cdtype, device=x.device)
-            at = L * cdtype.itemsize if self.scale == "l1" else 0
-            for w in range(P):  # rank order
-                negative.add_(unpack_bits(table[w, at:], step.d, 1))
-                if self.scale == "l1":
-                    scale.add_(_values_of(table[w], L, cdtype))
-            votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
-            result = torch.sign(votes).to(cdtype)
             if self.scale == "l1":
-                self._scale_(result, scale.div_(P))
-            avg = step.output().copy_(result)
+                for w in range(P):  # rank order
+                    scale.add_(_values_of(table[w], L, cdtype))
+                scale.div_(P)
+            avg = step.output()
+            ties = torch.zeros((), dtype=torch.int64, device=x.device)
+            for a, b, i in self._pieces:  # range by range: small temporaries
+                negative = torch.zeros(b - a, dtype=torch.int32, device=x.device)  # workers voting -1
+                for w in range(P):  # rank order
+                    negative.add_(_codes_of(table[w, at:], a, b, 1))
+                votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
+                result = torch.sign(votes).to(cdtype)
+                if self.scale == "l1":
+                    result.mul_(scale[i])
+                avg[a:b].copy_(result)
+                ties.add_((votes == 0).sum())
         step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=step.fraction(row.numel() / layout.dtype.itemsize),
-                          bits_per_coordinate=step.fraction(8.0 * row.numel()),
-                          tie_fraction=(votes == 0).sum() / step.d if step.d else 0.0)
+        step.stats.update(payload_ratio=step.fraction(sent / layout.dtype.itemsize),
+                          bits_per_coordinate=step.fraction(8.0 * sent),
+                          tie_fraction=ties / step.d if step.d else 0.0)
         return avg
