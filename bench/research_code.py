@@ -50,7 +50,6 @@ import sys
 import time
 import traceback
 import types
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -58,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from sparsecomm import reducers
+from sparsecomm.reducers.timing import PhaseTimer
 
 FILE = "gradient_reducers.py"
 
@@ -188,40 +188,20 @@ def construct(module: types.ModuleType, cls_name: str, *, seed: int, device: tor
     return r, adapted
 
 
-class TheirTimer:
+class TheirTimer(PhaseTimer):
     """The ``timer`` their reducers are given: ``timer(label, epoch=-1.0, verbosity=1)`` as a
     context manager. Times every label (their verbosity levels aside), exclusive of nested
     labels, synchronising CUDA at every boundary (as ours do with ``sync_timing``)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.totals: dict[str, float] = {}
-        self._stack: list[list] = []
+        super().__init__(sync=True)
+        super().reset(device)
 
-    def reset(self) -> None:
-        self.totals = {}
-        self._stack = []
+    def reset(self) -> None:  # type: ignore[override]
+        self.totals, self._stack = {}, []
 
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    @contextmanager
-    def __call__(self, label: str, epoch: float = -1.0, verbosity: int = 1):
-        now = self._now()
-        if self._stack:
-            outer = self._stack[-1]
-            self.totals[outer[0]] = self.totals.get(outer[0], 0.0) + now - outer[1]
-        self._stack.append([label, now])
-        try:
-            yield
-        finally:
-            now = self._now()
-            name, since = self._stack.pop()
-            self.totals[name] = self.totals.get(name, 0.0) + now - since
-            if self._stack:
-                self._stack[-1][1] = now
+    def __call__(self, label: str, epoch: float = -1.0, verbosity: int = 1):  # type: ignore[override]
+        return super().__call__(label)
 
     def split(self) -> tuple[float, float]:
         comm = sum(v for k, v in self.totals.items() if k.startswith(COMM_LABELS))
@@ -255,7 +235,7 @@ def _median(xs):
 def compare_method(module, cls_name: str, grad_sets, args, device: torch.device) -> dict:
     """Their ``cls_name`` and our counterpart, alternating step by step on the same gradients.
     Raises on every rank alike when theirs or ours cannot be built."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     ours_name, ours_opts, what = MAPPING[cls_name]
     ef = args.error_feedback and cls_name != "ExactReducer"
     timer = TheirTimer(device)
