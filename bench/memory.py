@@ -18,6 +18,7 @@ exchange receives (P rows of every worker's encoded vector) is then part of the 
 training. With one worker the single-worker communicator's all-gather is a copy of the row.
 
     .venv/bin/python bench/memory.py [--model resnet18|lstm] [--density 0.001] [--device cpu|cuda] [--workers P]
+                                     [--selection auto|torch|fused]
 """
 from __future__ import annotations
 
@@ -71,13 +72,15 @@ def _cuda_peak(fn, device: torch.device) -> tuple[int, int]:
     return torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
 
 
-def measure(name: str, shapes, scale: float, density: float, device: torch.device) -> dict:
+def measure(name: str, shapes, scale: float, density: float, device: torch.device, selection: str = "auto") -> dict:
     layout = reducers.Layout.of([torch.empty(s) for s in shapes])
     flat = torch.empty(layout.numel, device=device)
     views = layout.split(flat)
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(s, generator=gen) * scale).to(device) for s in shapes]
     options = {"groups": [len(shapes)]} if name in ("omgs", "agtf") else {}  # no timing-based fit in the way
+    if selection != "auto" and "selection" in reducers.method_options(name):
+        options["selection"] = selection
     r = reducers.build(name, density=density, **options)
     peak = _cuda_peak if device.type == "cuda" else _profiled_peak
 
@@ -108,7 +111,7 @@ def _run(args, rank: int = 0) -> list[dict]:
               f"{device}, {args.workers} worker(s)")
         print(f"{'method':<12} {'kept MiB':>9} {'kept/grad':>10} {'peak MiB':>9} {'peak/grad':>10}")
     for name in [m for m in args.methods.split(",") if m]:
-        row = measure(name, shapes, scale, args.density, device)
+        row = measure(name, shapes, scale, args.density, device, args.selection)
         if args.workers > 1:  # the largest figures of any rank
             everyone: list = [None] * args.workers
             dist.all_gather_object(everyone, row)
@@ -143,6 +146,8 @@ def main() -> int:
     p.add_argument("--density", type=float, default=0.001)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--workers", type=int, default=1, help="gloo processes on this machine (CPU only)")
+    p.add_argument("--selection", default="auto", choices=("auto", "torch", "fused"),
+                   help="the selection option of the methods that have one (exdyna, micro, thresh, sage)")
     p.add_argument("--out", default="bench/results/memory.json")
     args = p.parse_args()
     if args.workers < 1 or (args.workers > 1 and args.device != "cpu"):

@@ -174,8 +174,10 @@ class PairsInFlight:
     """Every worker's (index, value) pairs on their way (an all-gather started by
     :func:`start_pairs_gather`); :meth:`add_into` finishes the sparse gather-sum."""
 
-    def __init__(self, comm: Communicator, pending: Pending | None, n: int, dtypes: tuple[torch.dtype, torch.dtype]):
+    def __init__(self, comm: Communicator, pending: Pending | None, n: int, dtypes: tuple[torch.dtype, torch.dtype],
+                 row: torch.Tensor | None = None):
         self.comm, self._pending, self.n, self.dtypes = comm, pending, n, dtypes
+        self._row = row  # this worker's packed row, released once the gather is done (see release)
 
     def add_into(self, avg: torch.Tensor, counts: Sequence[int] | None = None) -> torch.Tensor:
         """Wait, add every worker's pairs into ``avg`` in rank order, divide by P where any
@@ -189,12 +191,14 @@ class PairsInFlight:
         for w, c in enumerate([self.n] * self.comm.size if counts is None else counts):
             if c:
                 iw, vw = unpack(table[w], self.n, c, self.dtypes)
-                avg.index_add_(0, iw, vw)
+                avg.index_add_(0, iw, vw)  # int32 positions as they are (no int64 copy)
                 received.append(iw)
+        self._row = release(self._row)
         union = union_of(received, avg.numel()) if received else torch.empty(0, dtype=self.dtypes[0],
                                                                               device=avg.device)
+        del table, received  # the gathered rows go before the division (unless the union is a view of them)
         if self.comm.size > 1 and union.numel():
-            avg[union] = avg[union] / self.comm.size
+            put_at(avg, union, avg.index_select(0, union).div_(self.comm.size))
         return union
 
     def wait(self) -> None:
@@ -202,13 +206,16 @@ class PairsInFlight:
         if self._pending is not None:
             self._pending.wait()
             self._pending = None
+        self._row = release(self._row)
 
 
 def start_pairs_gather(comm: Communicator, idx: torch.Tensor, values: torch.Tensor, n: int) -> PairsInFlight:
     """Start the all-gather of this worker's (index, value) pairs, padded to ``n`` (the
     largest count of any worker; the same ``n`` on every worker)."""
-    pending = comm.all_gather_async(pack([idx, values], n)) if n else None
-    return PairsInFlight(comm, pending, n, (idx.dtype, values.dtype))
+    if not n:
+        return PairsInFlight(comm, None, n, (idx.dtype, values.dtype))
+    row = pack([idx, values], n)
+    return PairsInFlight(comm, comm.all_gather_async(row), n, (idx.dtype, values.dtype), row)
 
 
 def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
@@ -231,7 +238,9 @@ def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, coun
     n = max(counts) if counts else 0
     received = list(extra)
     if n:
-        table = comm.all_gather(pack([idx], n))
+        row = pack([idx], n)
+        table = comm.all_gather(row)
+        row = release(row)
         received = [unpack(table[w], n, c, (idx.dtype,))[0] for w, c in enumerate(counts) if c] + received
     if not received:
         return avg, idx[:0]
@@ -242,10 +251,53 @@ def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, coun
 def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
     """Write the mean over workers of ``x`` at ``positions`` (the same on all workers) into the
     zeroed ``avg``."""
-    values = x[positions]
+    values = x.index_select(0, positions)  # int32 positions as they are (no int64 copy)
     comm.all_reduce_(values)
-    avg[positions] = values / comm.size if comm.size > 1 else values
+    put_at(avg, positions, values.div_(comm.size) if comm.size > 1 else values)
+    release(values)
     return avg
+
+
+INDEX_CHUNK = 1 << 18
+"""Positions converted to int64 at a time where an operator needs int64 indices
+(``index_fill_``, ``index_put_``): 2 MiB, however many positions."""
+
+
+def fill_at(x: torch.Tensor, positions: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """``x[positions] = value`` in place, converting int32 positions a piece at a time."""
+    for a, b, _ in chunks_of(positions):
+        x.index_fill_(0, _long(positions[a:b]), value)
+    return x
+
+
+def put_at(x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``x[positions] = values`` in place (distinct positions), converting int32 positions a
+    piece at a time."""
+    for a, b, _ in chunks_of(positions):
+        x[_long(positions[a:b])] = values[a:b]
+    return x
+
+
+def chunks_of(positions: torch.Tensor) -> list[tuple[int, int, None]]:
+    n = positions.numel()
+    if positions.dtype == torch.int64:
+        return [(0, n, None)] if n else []
+    return [(a, b, None) for a, b in chunks(n, INDEX_CHUNK)]
+
+
+def _long(positions: torch.Tensor) -> torch.Tensor:
+    return positions if positions.dtype == torch.int64 else positions.to(torch.int64)
+
+
+def release(tensor: torch.Tensor | None) -> None:
+    """Free the memory of ``tensor`` (made here, sent by a finished collective) now. Gloo's
+    worker thread keeps its last collective's input tensors until it runs the next one, i.e.
+    into the next step, on whichever rank that thread ran: the row of (index, value) pairs
+    (2x the gradient at 99% density) outlived the reduce on some ranks and not others.
+    Emptying the storage releases the bytes whoever holds the tensor."""
+    if tensor is not None:
+        tensor.untyped_storage().resize_(0)
+    return None
 
 
 DECODE_CHUNK = 1 << 18

@@ -111,15 +111,15 @@ def compensate_select(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor |
     finiteness of all of ``x``, and the sorted positions in ``[start, end)`` with
     ``|x| >= threshold`` (compared in x's dtype, as torch does; ``threshold`` None: none).
     ``capacity``: how many pairs to make room for (a guess; more costs a second pass over
-    ``x``; on CPU the default is the whole range). ``backend``: ``"triton"`` or ``"c"``
+    ``x``, into buffers of the exact count; default 1/256 of the range, at least 1024: room
+    for the whole range would allocate twice the gradient's bytes, which the allocator
+    counts whether or not the pages are written). ``backend``: ``"triton"`` or ``"c"``
     (default: by device; the tests run Triton on CPU tensors under ``TRITON_INTERPRET=1``).
     Returns ``(x, Selected)``, bit-identical to :func:`reference`."""
     n = g.numel()
     start, end = _range(n, start, end)
     size = end - start if threshold is not None else 0
     backend = backend or ("triton" if g.device.type == "cuda" else "c")
-    if backend == "c" and capacity is None:  # room for all: pages that are never written cost nothing
-        capacity = size
     cap = min(size, max(1024, size // 256) if capacity is None else max(1, capacity))
     xs = g if x is None else x
     idx = torch.empty(cap + 1, dtype=index_dtype, device=g.device)  # + 1: never a zero-size buffer
@@ -147,9 +147,12 @@ def compensate_select(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor |
 
 
 class FusedSearch:
-    """:func:`compensate_select` whose capacity on a GPU follows the previous call's count (a
-    guide for speed only: results never depend on it), as :class:`~.selection.ThresholdSearch`
-    does for the block search."""
+    """:func:`compensate_select` whose capacity follows the previous call's count, 1.5 times it
+    plus 1024 (a guide for speed and memory only: results never depend on it; a count above
+    it costs a second pass over ``x``), as :class:`~.selection.ThresholdSearch` does for the
+    block search. The pair buffers are then a small multiple of what is selected, not of the
+    gradient (until 2026-12-01 the CPU path made room for the whole range: 2x the gradient's
+    bytes at every step)."""
 
     def __init__(self) -> None:
         self.last: int | None = None
@@ -157,7 +160,7 @@ class FusedSearch:
     def __call__(self, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None, threshold: float | None,
                  start: int = 0, end: int | None = None, index_dtype: torch.dtype = torch.int32
                  ) -> tuple[torch.Tensor, Selected]:
-        capacity = None if self.last is None or g.device.type == "cpu" else 2 * self.last + 1024
+        capacity = None if self.last is None else self.last + self.last // 2 + 1024
         xs, sel = compensate_select(g, m, x, threshold, start, end, index_dtype, capacity)
         if threshold is not None:
             self.last = sel.indices.numel()

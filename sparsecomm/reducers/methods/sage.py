@@ -58,7 +58,8 @@ class Sage(SparseReducer):
         self.controller = choice("controller", controller, CONTROLLERS)
         self.selection = choice("selection", selection, SELECTIONS)
         self._fused = False
-        self._fused_searches = (FusedSearch(), FusedSearch())  # the candidates, a second pass
+        self._fused_searches = (FusedSearch(), FusedSearch(), FusedSearch())  # the candidates, a second
+        # pass over x, a pass over the candidates
         super().__init__(exchange=exchange, **common)
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
@@ -85,7 +86,11 @@ class Sage(SparseReducer):
         """Sorted positions with |x| >= threshold: from the fused pass's candidates (those with
         |x| >= low) when they hold all of them, else by a search of x."""
         if candidates is not None and low is not None and threshold >= low:
-            return candidates.indices[candidates.values.abs() >= threshold]
+            # the same C loop or kernel over the candidates' values: positions among them, no
+            # |values| copy, mask or int64 positions the size of the candidates
+            _, within = self._fused_searches[2](candidates.values, None, None, threshold,
+                                                index_dtype=step.layout.index_dtype)
+            return torch.index_select(candidates.indices, 0, within.indices)
         if self._fused:
             return step.select_fused(threshold, search=self._fused_searches[1]).indices
         return self._search(step.x, threshold, step.layout.index_dtype, scratch=step.scratch())

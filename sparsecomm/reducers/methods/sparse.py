@@ -32,13 +32,15 @@ class SparseReducer(Reducer):
     def options(self) -> dict[str, Any]:
         return {"exchange": self.exchange, **self.wire.options()}
 
-    def _send(self, step: Step, idx: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Exchange the positions ``idx`` selected by this worker; return the flat average."""
+    def _send(self, step: Step, idx: torch.Tensor, counts: list[int], values: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Exchange the positions ``idx`` selected by this worker; return the flat average.
+        ``values``: ``x[idx]`` when the selection already has it (the fused pass)."""
         kept = None
         with step.phase("comm"):
             if self.wire.default:
                 if self.exchange == "gather":
-                    avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output())
+                    avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output(), values)
                 else:
                     avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
                 sent = idx if self.exchange == "gather" else union

@@ -62,15 +62,17 @@ class HardThreshold(SparseReducer):
 
     def _run(self, step: Step) -> torch.Tensor:
         layout = step.layout
+        values = None
         with step.phase("select"):
-            if self._fused:  # x = g + m built in the same pass
-                idx = step.select_fused(self._flat, search=self._fused_search).indices
+            if self._fused:  # x = g + m built in the same pass, x[idx] with it
+                found = step.select_fused(self._flat, search=self._fused_search)
+                idx, values = found.indices, found.values
             elif self._lambdas:
                 idx = threshold_select_segments(step.x, self._lambdas, layout.segments, layout.index_dtype)
             else:
                 idx = self._search(step.x, self._flat, layout.index_dtype, scratch=step.scratch())
         header = step.handshake(count=idx.numel())
-        avg = self._send(step, idx, header.counts)
+        avg = self._send(step, idx, header.counts, values)
         if not self._lambdas:
             step.stats["threshold"] = self._flat
         return avg
