@@ -163,11 +163,15 @@ def unpack(row: torch.Tensor, n: int, count: int, dtypes: Sequence[torch.dtype])
 def union_of(indices: Sequence[torch.Tensor], d: int) -> torch.Tensor:
     """Sorted distinct positions of the concatenated ``indices`` (a vector of length ``d``)."""
     cat = torch.cat(list(indices)) if len(indices) != 1 else indices[0]
+    if len(indices) == 1 and bool((cat[1:] > cat[:-1]).all()):  # one worker's sorted selection: itself
+        return cat
     if cat.numel() * 16 < d:
         return torch.unique(cat)
     mask = torch.zeros(d, dtype=torch.bool, device=cat.device)
     mask[cat] = True
-    return torch.nonzero(mask).view(-1).to(cat.dtype)
+    positions = torch.nonzero(mask).view(-1)
+    del mask  # d bytes, not held while the positions are narrowed
+    return positions.to(cat.dtype)
 
 
 class PairsInFlight:
@@ -219,13 +223,14 @@ def start_pairs_gather(comm: Communicator, idx: torch.Tensor, values: torch.Tens
 
 
 def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
-                      avg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      avg: torch.Tensor, values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse gather-sum: all-gather every worker's (index, value) pairs, add them in rank
-    order into the zeroed ``avg``, divide by P. Returns ``(avg, union of all indices)``."""
+    order into the zeroed ``avg``, divide by P. Returns ``(avg, union of all indices)``.
+    ``values``: ``x[idx]`` when the caller has it already (not gathered again)."""
     n = max(counts) if counts else 0
     if n == 0:
         return avg, idx[:0]
-    return avg, start_pairs_gather(comm, idx, x[idx], n).add_into(avg, counts)
+    return avg, start_pairs_gather(comm, idx, x[idx] if values is None else values, n).add_into(avg, counts)
 
 
 def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
