@@ -210,7 +210,10 @@ find_python() {
 # preset chosen from MODEL/DATASET and the task whose data is needed.
 check_settings() {  # $1: the job's worker count, or auto; sets TASK, GPUS, WORKERS
     local out line
-    out=$(RANK=${RANK:-0} "$PY" -m sparsecomm.train "${ARGS[@]}" --check --workers "$1") || exit 2
+    # A failed check exits 2 on every rank, but only rank 0 says why; the others wait a little
+    # first, or an MPI launcher, seeing a silent rank fail, could stop rank 0 before it spoke.
+    out=$(RANK=${RANK:-0} "$PY" -m sparsecomm.train "${ARGS[@]}" --check --workers "$1") \
+        || { [[ ${RANK:-0} == 0 ]] || sleep 20; exit 2; }
     while IFS= read -r line; do
         case $line in
             preset=*) [[ -n "$PRESET" ]] || ARGS=(--preset "${line#preset=}" "${ARGS[@]}") ;;
