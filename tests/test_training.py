@@ -81,6 +81,9 @@ def test_every_task_trains_evaluates_and_records(task, data_dir, tmp_path, accep
     for key in ("final", "best", "mean_density", "total_bytes_sent", "wall_time", "time_to_best"):
         assert key in saved
     assert saved["total_bytes_sent"] > 0 and 0 < saved["mean_density"] <= 1
+    described = json.loads((run / "reducer.json").read_text())  # which method, built how, and what it chose
+    assert described["method"] == "exdyna" and described["selection"] in ("fused", "torch")
+    assert described["warm_start"] is True and described["step"] >= 1
 
 
 def final_state(run_dir):

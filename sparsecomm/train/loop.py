@@ -323,9 +323,11 @@ class Trainer:
         self._loss_count = 0
 
     def _describe_reducer(self) -> None:
-        """Write what the reducer decided or fitted (``reducer.json``) when it has something to say."""
-        info = self.workers.describe()
-        if info and self.job.is_main and info != self._described:
+        """Write which method this is, its options and what it decided or fitted (``reducer.json``),
+        whenever that changes."""
+        reducer = self.workers.reducer
+        info = {"method": reducer.name, **reducer.options(), **self.workers.describe()}
+        if self.job.is_main and info != self._described:
             (self.run_dir / "reducer.json").write_text(json.dumps({"step": self.step, **info}, indent=1) + "\n")
             self._described = info
 
