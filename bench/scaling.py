@@ -65,7 +65,8 @@ from sparsecomm.job import Job  # noqa: E402
 from sparsecomm.reducers.virtual import VirtualWorld  # noqa: E402
 from sparsecomm.tasks import build_task  # noqa: E402
 from sparsecomm.train.presets import find_preset  # noqa: E402
-from sparsecomm.train.workers import available_memory, fits_in_memory, memory_estimate  # noqa: E402
+from sparsecomm.train.workers import (available_memory, bound_allocator_if_tight, fits_in_memory,  # noqa: E402
+                                      memory_estimate)
 
 log = logging.getLogger("scaling")
 
@@ -454,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.methods.split(","):
                 need, have = fits[name]
                 have = available_memory(torch.device("cpu")) or have
-                if not fits_in_memory(need, have, torch.device("cpu"), 0.8):
+                if not fits_in_memory(need, have, 0.8):
                     by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')}, {si(have, 'B')} free"})
                     log.info("  %-12s W=%-5d skipped: needs %s, %s free", name, W, si(need, 'B'), si(have, 'B'))
                     continue
+                bound_allocator_if_tight(need, have, torch.device("cpu"), 0.8)
                 run = run_method(name, W, info, folder, args)
                 by["rows"].append(summarise(name, W, run, info, args))
                 gc.collect()

@@ -32,7 +32,7 @@ from .job import Job
 from .netlab import parse_rate
 from .tasks import build_task
 from .train.presets import available_presets, find_preset
-from .train.workers import available_memory, fits_in_memory, memory_estimate
+from .train.workers import available_memory, bound_allocator_if_tight, fits_in_memory, memory_estimate
 
 log = logging.getLogger("sparsecomm.predict")
 
@@ -200,9 +200,10 @@ def _check_memory(cfg: Any, task: Any, workers: list[int], methods: list[str], d
     have = available_memory(torch.device("cpu"))
     for m in methods:
         need = memory_estimate(grads, lambda g: reducers.build(m, density=c, group=g), max(workers))
-        if not fits_in_memory(need, have, torch.device("cpu"), 0.8):
+        if not fits_in_memory(need, have, 0.8):
             raise ValueError(f"{max(workers)} virtual workers of {m} on {cfg.model} need about {need / 1e9:.1f} GB; "
                              f"{have / 1e9:.1f} GB of memory is available: predict fewer workers")
+        bound_allocator_if_tight(need, have, torch.device("cpu"), 0.8)
 
 
 if __name__ == "__main__":

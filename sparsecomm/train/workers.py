@@ -27,7 +27,7 @@ from ..config import ConfigError
 from ..reducers.virtual import VirtualWorld
 
 __all__ = ["ProcessWorker", "VirtualWorkers", "memory_estimate", "kept_bytes", "available_memory",
-           "bound_host_allocator", "fits_in_memory", "rng_state", "set_rng_state"]
+           "bound_allocator_if_tight", "bound_host_allocator", "fits_in_memory", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,14 @@ class VirtualWorkers:
         dtype = params[0].dtype if params else torch.float32
         need = memory_estimate(grads, build_reducer, W)
         have = available_memory(job.device)
-        if not fits_in_memory(need, have, job.device, 0.9):
+        if not fits_in_memory(need, have, 0.9):
             raise ConfigError(f"--virtual-workers {W}: {cfg.model} ({d:,} {str(dtype).replace('torch.', '')} "
                               f"parameters) needs about {_gb(need)} for {W} workers' gradients, residuals and "
                               f"reducer buffers; {_gb(have)} of {'GPU ' if job.device.type == 'cuda' else ''}"
                               f"memory is available")
         log.info("%d virtual workers: about %s of memory for their gradients, residuals and buffers (%s available)",
                  W, _gb(need), "?" if have is None else _gb(have))
+        bound_allocator_if_tight(need, have, job.device, 0.9)
         self.tasks = [task.worker(r, W) for r in range(W)]
         self.world = VirtualWorld(W)
         self.reducers = [build_reducer(self.world.communicator(r)) for r in range(W)]
@@ -279,14 +280,16 @@ _ALLOCATOR_SLACK = 4       # how far glibc's default heap can grow past the live
 _bounded = False
 
 
-def fits_in_memory(need: int, have: int | None, device: torch.device, share: float) -> bool:
-    """Whether ``need`` bytes fit in ``share`` of ``have``; on the host, first bounds the
-    allocator (:func:`bound_host_allocator`) when its default could need several times ``need``."""
-    if have is None or need > share * have:
-        return have is None
-    if device.type == "cpu" and need * _ALLOCATOR_SLACK > share * have:
+def fits_in_memory(need: int, have: int | None, share: float) -> bool:
+    """Whether ``need`` bytes fit in ``share`` of ``have`` (unknown ``have``: assumed to fit)."""
+    return have is None or need <= share * have
+
+
+def bound_allocator_if_tight(need: int, have: int | None, device: torch.device, share: float) -> None:
+    """Bound the host allocator (:func:`bound_host_allocator`) when ``need`` bytes on the host
+    could, with the default allocator's fragmentation, outgrow ``share`` of ``have``."""
+    if device.type == "cpu" and have is not None and need * _ALLOCATOR_SLACK > share * have:
         bound_host_allocator()
-    return True
 
 
 def bound_host_allocator() -> bool:
