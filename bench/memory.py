@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from reducers import auto_scale, free_port, model_shapes  # noqa: E402  (bench/reducers.py)
+import gloo_workers  # noqa: E402  (bench/gloo_workers.py)
+from reducers import auto_scale, model_shapes  # noqa: E402  (bench/reducers.py)
 from sparsecomm import reducers  # noqa: E402
 
 
@@ -124,14 +124,8 @@ def _run(args, rank: int = 0) -> list[dict]:
     return rows
 
 
-def _worker(rank: int, args, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.workers)
-    try:
-        rows = _run(args, rank)
-        if rank == 0:
-            _write(args, rows)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, results: dict, args) -> None:
+    results["rows"] = _run(args, rank)
 
 
 def _write(args, rows: list[dict]) -> None:
@@ -155,7 +149,7 @@ def main() -> int:
     if args.workers == 1:
         _write(args, _run(args))
     else:
-        mp.spawn(_worker, args=(args, free_port()), nprocs=args.workers, join=True)
+        _write(args, gloo_workers.run(_worker, args.workers, args)["rows"])
     return 0
 
 

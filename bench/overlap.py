@@ -20,22 +20,20 @@ overlapping removed from the iteration.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sparsecomm import reducers
 from sparsecomm.models import build_model
+
+import gloo_workers  # bench/gloo_workers.py: the process harness
 
 CONFIGS = {"topk": ("topk", {}), "global_topk": ("global_topk", {}), "omgs": ("omgs", {"overlap": True}),
            "omgs-plain": ("omgs", {"overlap": False})}
@@ -102,19 +100,11 @@ def run_config(label: str, args, rank: int, groups=None) -> dict:
     return result
 
 
-def worker(rank: int, world: int, port: int, args, path: str) -> None:
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
-    results = {}
+def worker(rank: int, results: dict, args) -> None:
     results["omgs"] = run_config("omgs", args, rank)
     groups = results["omgs"]["describe"]["groups"]  # the plain run uses the very same groups
     for label in ("omgs-plain", "topk", "global_topk"):
         results[label] = run_config(label, args, rank, groups=groups)
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -127,14 +117,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--out", default="bench/results/overlap.json")
     args = p.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "r.json")
-        mp.spawn(worker, args=(args.workers, port, args, path), nprocs=args.workers, join=True)
-        with open(path) as f:
-            results = json.load(f)
+    results = gloo_workers.run(worker, args.workers, args, threads=args.threads)
     print(f"{args.model}, {args.workers} gloo workers x {args.threads} thread(s), density {args.density}; "
           f"medians of {args.steps} steps (rank 0), ms")
     head = f"{'config':<12} {'iteration':>10} {'forward':>9} {'backward':>9} {'reduce':>8} {'select':>8} {'comm':>8} {'KB sent':>9}"

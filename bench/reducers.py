@@ -46,10 +46,8 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 
@@ -59,6 +57,7 @@ import torch.multiprocessing as mp
 
 from sparsecomm import reducers
 
+import gloo_workers  # bench/gloo_workers.py: the process harness
 import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
 
 MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
@@ -192,68 +191,50 @@ def bench_method(name: str, grad_sets, args, layout: str = "flat", selection: st
     return res
 
 
-def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
-    torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    if args.device == "cuda":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
-    results = {}
+def worker(rank: int, results: dict, args) -> None:
+    """One rank's part of the benchmark (run by gloo_workers.run); fills ``results`` per model."""
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     research = None
     if args.compare_with:
         import research_code
         research = research_code.load(args.compare_with)
-    try:
-        for model in args.models:
-            shapes = model_shapes(model)
-            d = sum(numel(s) for s in shapes)
-            scale = auto_scale(d, args.density) if args.grad_scale == "auto" else args.grad_scale
-            grad_sets = [[g.to(device) for g in gs] for gs in make_grads(shapes, rank, args.grad_sets, scale, args.seed)]
-            entry = {"tensors": len(shapes), "numel": d, "grad_scale": scale, "methods": {}}
-            dist.barrier()
-            if research is not None:
-                if rank == 0:
-                    print(f"[{model}] research code beside ours:", flush=True)
-                entry["compare"] = research_code.compare_model(research, grad_sets, args, device,
-                                                               log=lambda s: print(s, flush=True))
-                results[model] = entry
-                del grad_sets
-                continue
-            entry["floor_s"] = time_floor(grad_sets[0], args.floor_reps)
-            entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
-            # `exact` is the reference: always measured, first.
-            for name in ["exact"] + [m for m in args.methods if m != "exact"]:
-                for layout, selection in [(lay, s) for lay in args.layouts for s in selections_of(name, args)]:
-                    row = (name if layout == "flat" else f"{name}/{layout}") + (f":{selection}" if selection else "")
-                    if rank == 0:
-                        print(f"[{model}] {row} ...", flush=True)
-                    try:
-                        entry["methods"][row] = bench_method(name, grad_sets, args, layout, selection)
-                    except Exception:  # reducers raise on every rank alike; record and go on
-                        entry["methods"][row] = {"error": traceback.format_exc()}
-                        if rank == 0:
-                            print(entry["methods"][row]["error"], file=sys.stderr, flush=True)
-            reference = "exact" if "flat" in args.layouts else "exact/tensors"
-            entry["exact_s"] = entry["methods"][reference].get("t_reduce")
-            if "exact" not in args.methods:
-                entry["exact_reference"] = entry["methods"][reference]
-                for layout in args.layouts:
-                    entry["methods"].pop("exact" if layout == "flat" else f"exact/{layout}")
+    for model in args.models:
+        shapes = model_shapes(model)
+        d = sum(numel(s) for s in shapes)
+        scale = auto_scale(d, args.density) if args.grad_scale == "auto" else args.grad_scale
+        grad_sets = [[g.to(device) for g in gs] for gs in make_grads(shapes, rank, args.grad_sets, scale, args.seed)]
+        entry = {"tensors": len(shapes), "numel": d, "grad_scale": scale, "methods": {}}
+        dist.barrier()
+        if research is not None:
+            if rank == 0:
+                print(f"[{model}] research code beside ours:", flush=True)
+            entry["compare"] = research_code.compare_model(research, grad_sets, args, device,
+                                                           log=lambda s: print(s, flush=True))
             results[model] = entry
             del grad_sets
-    finally:
-        if rank == 0:
-            with open(result_path, "w") as f:
-                json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            continue
+        entry["floor_s"] = time_floor(grad_sets[0], args.floor_reps)
+        entry["ef_s"] = time_ef(grad_sets[0], args.floor_reps)
+        # `exact` is the reference: always measured, first.
+        for name in ["exact"] + [m for m in args.methods if m != "exact"]:
+            for layout, selection in [(lay, s) for lay in args.layouts for s in selections_of(name, args)]:
+                row = (name if layout == "flat" else f"{name}/{layout}") + (f":{selection}" if selection else "")
+                if rank == 0:
+                    print(f"[{model}] {row} ...", flush=True)
+                try:
+                    entry["methods"][row] = bench_method(name, grad_sets, args, layout, selection)
+                except Exception:  # reducers raise on every rank alike; record and go on
+                    entry["methods"][row] = {"error": traceback.format_exc()}
+                    if rank == 0:
+                        print(entry["methods"][row]["error"], file=sys.stderr, flush=True)
+        reference = "exact" if "flat" in args.layouts else "exact/tensors"
+        entry["exact_s"] = entry["methods"][reference].get("t_reduce")
+        if "exact" not in args.methods:
+            entry["exact_reference"] = entry["methods"][reference]
+            for layout in args.layouts:
+                entry["methods"].pop("exact" if layout == "flat" else f"exact/{layout}")
+        results[model] = entry
+        del grad_sets
 
 
 def fmt(x, spec: str, scale: float = 1.0) -> str:
@@ -387,14 +368,11 @@ def main() -> None:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
 
     started = datetime.datetime.now().astimezone()
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "rank0.json")
-        try:
-            mp.spawn(worker, args=(args.workers, free_port(), args, result_path), nprocs=args.workers, join=True)
-        except mp.ProcessExitedException as e:
-            p.exit(1, f"{p.prog}: error: a worker stopped ({e}); see its message above\n")
-        with open(result_path) as f:
-            results = json.load(f)
+    try:
+        results = gloo_workers.run(worker, args.workers, args, threads=args.threads,
+                                   backend="nccl" if args.device == "cuda" else "gloo")
+    except mp.ProcessExitedException as e:
+        p.exit(1, f"{p.prog}: error: a worker stopped ({e}); see its message above\n")
 
     for e in results.values():
         if "floor_s" not in e:

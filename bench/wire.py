@@ -23,15 +23,14 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sparsecomm import reducers
 from sparsecomm.reducers.wire import INDEX_FORMATS, VALUE_FORMATS, WireFormat
+
+import gloo_workers  # bench/gloo_workers.py: the process harness
 
 WIRE_KEYS = ("values", "indices")
 METHODS = ("topk", "global_topk", "exdyna", "sage", "micro")
@@ -118,39 +117,29 @@ def codec_times(d: int = 11_173_962, densities=(0.001, 0.01), reps: int = 7) -> 
     return "\n".join(lines)
 
 
-def worker(rank: int, world: int, port: int, args, result_path: str) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+def worker(rank: int, results: dict[str, Any], args) -> None:
+    """One rank's part (run by gloo_workers.run): every model, density, format and method."""
     import reducers as bench  # bench/reducers.py: models, gradients, bench_method
 
-    torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30))
-    results: dict[str, Any] = {}
-    try:
-        for model in args.models:
-            shapes = bench.model_shapes(model)
-            d = sum(bench.numel(s) for s in shapes)
-            for density in args.densities:
-                scale = bench.auto_scale(d, density)
-                grads = bench.make_grads(shapes, rank, args.grad_sets, scale, args.seed)
-                key = f"{model} c={density:g}"
-                entry = results[key] = {"numel": d, "density": density, "methods": {}}
-                for wire in formats(args.values, args.indices):
-                    args.density, args.wire = density, wire
-                    for name in args.methods:
-                        row = f"{name} {label(wire)}"
-                        if rank == 0:
-                            print(f"[{key}] {row} ...", flush=True)
-                        res = bench.bench_method(name, grads, args)
-                        res.pop("per_step", None)
-                        res["wire"], res["method"] = label(wire), name
-                        entry["methods"][row] = res
-                del grads
-    finally:
-        if rank == 0:
-            with open(result_path, "w") as f:
-                json.dump(results, f)
-        dist.destroy_process_group()
+    for model in args.models:
+        shapes = bench.model_shapes(model)
+        d = sum(bench.numel(s) for s in shapes)
+        for density in args.densities:
+            scale = bench.auto_scale(d, density)
+            grads = bench.make_grads(shapes, rank, args.grad_sets, scale, args.seed)
+            key = f"{model} c={density:g}"
+            entry = results[key] = {"numel": d, "density": density, "methods": {}}
+            for wire in formats(args.values, args.indices):
+                args.density, args.wire = density, wire
+                for name in args.methods:
+                    row = f"{name} {label(wire)}"
+                    if rank == 0:
+                        print(f"[{key}] {row} ...", flush=True)
+                    res = bench.bench_method(name, grads, args)
+                    res.pop("per_step", None)
+                    res["wire"], res["method"] = label(wire), name
+                    entry["methods"][row] = res
+            del grads
 
 
 def main() -> None:
@@ -190,16 +179,8 @@ def main() -> None:
         if "values" not in reducers.method_options(m):
             p.error(f"{m} has no wire format options")
     args.device, args.fresh_output = "cpu", False
-    from socket import socket
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     started = datetime.datetime.now().astimezone()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "rank0.json")
-        mp.spawn(worker, args=(args.workers, port, args, path), nprocs=args.workers, join=True)
-        with open(path) as f:
-            results = json.load(f)
+    results = gloo_workers.run(worker, args.workers, args, threads=args.threads)
     for key, e in results.items():
         print()
         print(table({key: e}, f"{key}: d = {e['numel']:,}, {args.workers} workers"))
