@@ -294,6 +294,8 @@ def figures(results: dict[str, Any], folder: Path) -> list[Path]:
               ("imbalance", "load imbalance (max x W / sum - 1)", False))
     for model, by in results["models"].items():
         rows = [r for r in by["rows"] if "skipped" not in r]
+        if not rows:  # every (W, method) skipped: nothing to draw
+            continue
         fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
         for ax, (key, title, log_y) in zip(axes.flat, panels):
             shown = PARTITIONED + ("sage", "thresh") if key == "imbalance" else METHODS  # cltk: one selector by design
@@ -426,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for model_name in args.models.split(","):
         model = pretrain(model_name, args)
-        by: dict[str, Any] = {"rows": [], "own_thresholds": {}}
+        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # d and k up front: the tables need them even when every W is skipped for memory
+        by: dict[str, Any] = {"rows": [], "own_thresholds": {}, "d": d, "k": max(1, math.floor(args.density * d))}
         earlier_by = results["models"].get(model_name)
         if earlier_by:  # rows of an earlier call are kept, except the (W, method) pairs run now
             now = {int(w) for w in args.workers.split(",")}
