@@ -270,7 +270,7 @@ INDEX_CHUNK = 1 << 18
 
 def fill_at(x: torch.Tensor, positions: torch.Tensor, value: float | bool) -> torch.Tensor:
     """``x[positions] = value`` in place, converting int32 positions a piece at a time."""
-    for a, b, _ in chunks_of(positions):
+    for a, b in chunks_of(positions):
         x.index_fill_(0, _long(positions[a:b]), value)
     return x
 
@@ -278,16 +278,17 @@ def fill_at(x: torch.Tensor, positions: torch.Tensor, value: float | bool) -> to
 def put_at(x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``x[positions] = values`` in place (distinct positions), converting int32 positions a
     piece at a time."""
-    for a, b, _ in chunks_of(positions):
+    for a, b in chunks_of(positions):
         x[_long(positions[a:b])] = values[a:b]
     return x
 
 
-def chunks_of(positions: torch.Tensor) -> list[tuple[int, int, None]]:
+def chunks_of(positions: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` pieces of ``positions`` to convert to int64 at a time (int64: all at once)."""
     n = positions.numel()
     if positions.dtype == torch.int64:
-        return [(0, n, None)] if n else []
-    return [(a, b, None) for a, b in chunks(n, INDEX_CHUNK)]
+        return [(0, n)] if n else []
+    return chunks(n, INDEX_CHUNK)
 
 
 def _long(positions: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .exchange import fill_at
+from .exchange import fill_at, put_at
 from .layout import Layout
 
 __all__ = ["ErrorFeedback"]
@@ -114,10 +114,10 @@ class ErrorFeedback:
         (set to ``kept`` when given: what rounding left of the values sent there)."""
         if self.enabled:
             if sent.numel():
-                if kept is None:
-                    fill_at(x, sent, 0)  # int32 positions converted a piece at a time, not all at once
+                if kept is None:  # int32 positions converted a piece at a time, not all at once
+                    fill_at(x, sent, 0)
                 else:
-                    x[sent] = kept.to(x.dtype)
+                    put_at(x, sent, kept.to(x.dtype))
             self._swap(x)
 
     def commit_all(self, x: torch.Tensor) -> None:
