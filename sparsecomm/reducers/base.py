@@ -283,7 +283,8 @@ class Reducer(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the method decided or measured that a reader of the run should see (fitted cost
-        models, groupings, schedules); written to the run's records. Empty by default."""
+        models, groupings, schedules); written to the run's records after the method's name and
+        ``options()``, which it does not repeat. Empty by default."""
         return {}
 
     def reduce(self, grads: Iterable[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

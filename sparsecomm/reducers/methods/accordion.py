@@ -172,7 +172,7 @@ class Accordion(SparseReducer):
 
     # ------------------------------------------------------------------------ reporting, state
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, **self.options(), "epoch": self._epoch, "lr": self._lr,
+        return {"epoch": self._epoch, "lr": self._lr,
                 "densities": [self.k_high if c else self.k_low for c in self._critical],
                 "critical": list(self._critical), "decisions": [dict(h) for h in self._history],
                 "switch_epochs": [h["epoch"] for h in self._history if h["switched"]]}

@@ -247,7 +247,7 @@ class DGC(Reducer):
 
     # ------------------------------------------------------------------------ reporting, state
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"method": self.name, **self.options(), "epoch": self._epoch, "lr": self._lr,
+        info: dict[str, Any] = {"epoch": self._epoch, "lr": self._lr,
                                 "density": self.target_density}
         if self.layout is not None:
             info.update(compressed=[i for i, _, _ in self._compressed],

@@ -175,7 +175,7 @@ class Legacy(SparseReducer):
         phase = self.phase()
         row = self._table[phase]
         bounds = [0] + self.group_splits + [None]
-        info: dict[str, Any] = {"method": self.name, **self.options(), "epoch": self._epoch,
+        info: dict[str, Any] = {"epoch": self._epoch,
                                 "total_epochs": self._epochs, "phases": len(self._table), "phase": phase}
         groups = [{"min_numel": bounds[i], "max_numel": None if bounds[i + 1] is None else bounds[i + 1] - 1,
                    "density": row[i]} for i in range(len(row))]

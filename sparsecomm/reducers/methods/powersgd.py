@@ -292,7 +292,7 @@ class PowerSGD(Reducer):
 
     # ------------------------------------------------------------------------ reporting, state
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"method": self.name, **self.options()}
+        info: dict[str, Any] = {}
         layout = self.layout
         if layout is not None:
             d = layout.numel
