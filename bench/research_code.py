@@ -195,10 +195,12 @@ class TheirTimer(PhaseTimer):
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(sync=True)
-        super().reset(device)
+        self.device = device
+        self.reset(device)
 
-    def reset(self) -> None:  # type: ignore[override]
-        self.totals, self._stack = {}, []
+    def clear(self) -> None:
+        """Forget the totals (between steps)."""
+        self.reset(self.device)
 
     def __call__(self, label: str, epoch: float = -1.0, verbosity: int = 1):  # type: ignore[override]
         return super().__call__(label)
@@ -269,7 +271,7 @@ def compare_method(module, cls_name: str, grad_sets, args, device: torch.device)
             torch._foreach_copy_(send, grads)  # untimed: their reduce reads send (not written)
         out = list(their_out)
         mem = list(memories)
-        timer.reset()
+        timer.clear()
         _sync(device)
         dist.barrier()
         with contextlib.redirect_stdout(printed):
