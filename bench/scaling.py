@@ -21,7 +21,9 @@ For each model (ResNet-20 on CIFAR-10, the MNIST CNN on MNIST) and worker count 
    spread of the threshold each worker would pick alone (its own k-th largest |g|).
 
 A (model, W, method) whose W reducers would not fit in the memory available (measured per
-reducer as the trainer's ``--virtual-workers`` check does) is skipped and listed as such.
+reducer as the trainer's ``--virtual-workers`` check does; the gradients are memory-mapped, not
+counted) is skipped and listed as such, as is a (model, W) whose ``--steps`` x W gradients
+(float32) would not fit on the disk of ``--out``.
 
 ``--convergence`` runs the other study instead (runs already in its results are kept, not redone;
 delete convergence.json to start again): whole training runs of the trainer with
@@ -443,16 +445,25 @@ def main(argv: list[str] | None = None) -> int:
             shapes = [p for p in model.parameters() if p.requires_grad]
             fits = {}
             for name in args.methods.split(","):
-                need = memory_estimate([torch.zeros_like(p) for p in shapes],
-                                       lambda c: reducers.build(name, density=args.density, group=c), W)
+                need = memory_estimate([torch.zeros_like(p) for p in shapes],  # gradients: memory-mapped files
+                                       lambda c: reducers.build(name, density=args.density, group=c), W,
+                                       gradients_held=False)
                 have = available_memory(torch.device("cpu")) or 0
                 fits[name] = (need, have)
             if not any(need < 0.8 * have for need, have in fits.values()):
                 for name, (need, have) in fits.items():
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')}, {si(have, 'B')} free"})
+                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"})
                 log.info("%s W=%d: skipped, no method fits in memory", model_name, W)
                 continue
             folder = out / "gradients" / f"{model_name}-W{W}"
+            disk, free = args.steps * W * d * 4, shutil.disk_usage(out).free
+            if disk > 0.9 * free:
+                for name in fits:
+                    by["rows"].append({"method": name, "W": W,
+                                       "skipped": f"its gradients need {si(disk, 'B')} of disk, {si(free, 'B')} free"})
+                log.info("%s W=%d: skipped, its gradients need %s on disk in %s, %s free", model_name, W,
+                         si(disk, 'B'), out, si(free, 'B'))
+                continue
             info = worker_gradients(model, model_name, W, args, folder)
             by.update(d=info["d"], k=info["k"])
             by["own_thresholds"][W] = info["own_thresholds"]
@@ -460,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 need, have = fits[name]
                 have = available_memory(torch.device("cpu")) or have
                 if not fits_in_memory(need, have, 0.8):
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')}, {si(have, 'B')} free"})
+                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"})
                     log.info("  %-12s W=%-5d skipped: needs %s, %s free", name, W, si(need, 'B'), si(have, 'B'))
                     continue
                 bound_allocator_if_tight(need, have, torch.device("cpu"), 0.8)

@@ -263,15 +263,17 @@ class _WorkerParameter:
 
 
 # ------------------------------------------------------------------------------- memory
-def memory_estimate(grads: list[torch.Tensor], build_reducer: Callable[[Any], reducers.Reducer], workers: int) -> int:
-    """Bytes that ``workers`` virtual workers keep: each a copy of the gradient and what its
-    reducer keeps between steps (residual, spare and scratch buffers, method state), measured
-    on one reducer that reduces zeros of the gradients' layout once, alone."""
+def memory_estimate(grads: list[torch.Tensor], build_reducer: Callable[[Any], reducers.Reducer], workers: int,
+                    gradients_held: bool = True) -> int:
+    """Bytes that ``workers`` virtual workers keep: each a copy of the gradient (unless
+    ``gradients_held`` is false: the caller reads them from elsewhere, e.g. a memory-mapped
+    file) and what its reducer keeps between steps (residual, spare and scratch buffers, method
+    state), measured on one reducer that reduces zeros of the gradients' layout once, alone."""
     probe = build_reducer(reducers.SoloCommunicator())
     layout = reducers.Layout.of(grads)
     zeros = layout.split(torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device))
     probe.reduce(zeros, out=zeros)  # as the loop reduces: views of one flat buffer, in place
-    gradient = sum(g.numel() * g.element_size() for g in grads)
+    gradient = sum(g.numel() * g.element_size() for g in grads) if gradients_held else 0
     return workers * (gradient + kept_bytes(probe))
 
 
