@@ -22,6 +22,8 @@ import torch
 from sparsecomm.reducers import fused
 from sparsecomm.reducers.selection import ThresholdSearch
 
+import results_files  # bench/results_files.py: earlier results are set aside
+
 SIZES = {"resnet18": 11_173_962, "lstm": 28_949_319}
 
 
@@ -122,6 +124,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, one thread"
     result = {"device": name, "torch": torch.__version__,
               "failures": failures, "speed": speed(device, args.reps)}
+    results_files.keep_earlier(args.out)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsecomm import reducers  # noqa: E402
 from sparsecomm.models import build_model  # noqa: E402
 
+import results_files  # noqa: E402  (bench/results_files.py)
+
 
 def run(method: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
@@ -97,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['reduce_ms']:8.2f} {row['optimizer_ms']:9.2f} {row['step_ms']:8.2f} {row['density']:8.4g}",
               flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results_files.keep_earlier(args.out)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

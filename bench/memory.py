@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gloo_workers  # noqa: E402  (bench/gloo_workers.py)
+import results_files  # noqa: E402  (bench/results_files.py)
 from reducers import auto_scale, model_shapes  # noqa: E402  (bench/reducers.py)
 from sparsecomm import reducers  # noqa: E402
 
@@ -130,7 +131,9 @@ def _worker(rank: int, results: dict, args) -> None:
 
 def _write(args, rows: list[dict]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results_files.keep_earlier(args.out)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
 
 
 def main() -> int:

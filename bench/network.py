@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from sparsecomm import netlab  # noqa: E402
 
+import results_files  # noqa: E402  (bench/results_files.py: earlier results are set aside)
+
 MODELS = {"mnist_cnn": ("mnist-cnn", []), "resnet20": ("resnet20-cifar10", []),
           "lstm": ("lstm-ptb-small", [])}
 PARTS = ("t_data", "t_forward", "t_backward", "t_select", "t_comm", "t_step")
@@ -155,6 +157,7 @@ def _run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeou
 def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"settings": vars(args), "cells": [], "collectives": []}
     scratch = Path(tempfile.mkdtemp(prefix="network-bench-"))
+    results_files.keep_earlier(args.out)  # written after every cell from here on
     try:
         for hosts in [int(h) for h in args.hosts.split(",")]:
             for rate in args.rates.split(","):
@@ -216,6 +219,7 @@ def tta(args: argparse.Namespace) -> int:
     finally:
         netlab.down(force=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results_files.keep_earlier(args.out)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "curves": curves}, indent=1))
     return plot_tta(argparse.Namespace(results=args.out, figure=args.figure))
 
@@ -303,6 +307,7 @@ def validate(args: argparse.Namespace) -> int:
         predicted = measured - c["t_comm"] + comm
         rows.append({**{k: c[k] for k in ("hosts", "rate", "model", "method", "density")},
                      "t_comm": c["t_comm"], "predicted_comm": comm, "step": measured, "predicted_step": predicted})
+    results_files.keep_earlier(args.out)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     misses = [r for r in rows if abs(r["predicted_step"] / r["step"] - 1) > 0.2]
     print(f"{'hosts':>5} {'rate':>8} {'model':<10} {'method':<9} {'c':>6} {'comm ms':>8} {'predicted':>9} "

@@ -34,6 +34,7 @@ from sparsecomm import reducers
 from sparsecomm.models import build_model
 
 import gloo_workers  # bench/gloo_workers.py: the process harness
+import results_files  # bench/results_files.py: earlier results are set aside
 
 CONFIGS = {"topk": ("topk", {}), "global_topk": ("global_topk", {}), "omgs": ("omgs", {"overlap": True}),
            "omgs-plain": ("omgs", {"overlap": False})}
@@ -135,6 +136,7 @@ def main() -> None:
           f"select {info['cost_model']['select']}, all-gather {info['cost_model']['comm']} (a s, b s/element)")
     print(f"hidden fraction of the exchange: (T(omgs-plain) - T(omgs)) / t_comm(omgs-plain) = {hidden:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    results_files.keep_earlier(args.out)
     with open(args.out, "w") as f:
         json.dump({"command": " ".join([sys.executable] + sys.argv), "settings": vars(args), "results": results,
                    "hidden_fraction": hidden, "torch": str(torch.__version__)}, f, indent=1)

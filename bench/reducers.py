@@ -58,6 +58,7 @@ import torch.multiprocessing as mp
 from sparsecomm import reducers
 
 import gloo_workers  # bench/gloo_workers.py: the process harness
+import results_files  # bench/results_files.py: earlier results are set aside
 import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
 
 MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
@@ -411,6 +412,7 @@ def main() -> None:
     if args.compare_with:
         meta["research_code"] = {"path": os.path.abspath(args.compare_with), "commit": research_commit}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    results_files.keep_earlier(args.out)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\nwrote {args.out}")

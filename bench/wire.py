@@ -31,6 +31,7 @@ from sparsecomm import reducers
 from sparsecomm.reducers.wire import INDEX_FORMATS, VALUE_FORMATS, WireFormat
 
 import gloo_workers  # bench/gloo_workers.py: the process harness
+import results_files  # bench/results_files.py: earlier results are set aside
 
 WIRE_KEYS = ("values", "indices")
 METHODS = ("topk", "global_topk", "exdyna", "sage", "micro")
@@ -189,6 +190,7 @@ def main() -> None:
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "units": "bytes per step and worker, medians over timed steps on rank 0"}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    results_files.keep_earlier(args.out)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     print(f"\nwrote {args.out}")

@@ -103,11 +103,15 @@ def run_bench(*args, timeout=120):
 def test_compare_two_gloo_workers(research, tmp_path):
     """The real entry, 2 gloo processes: their top-k beside our global_topk (union), same
     gradients; a class that cannot be built is reported and the run goes on; Accordion is named
-    as not compared; the 128 Mi draw is skipped (else construction alone takes seconds and 1 GiB)."""
+    as not compared; the 128 Mi draw is skipped (else construction alone takes seconds and 1 GiB).
+    An earlier run's results at --out are set aside, not overwritten."""
     out = tmp_path / "out.json"
+    out.write_text('{"earlier": true}')
     r = run_bench("--compare-with", str(research), "--workers", "2", "--models", "tiny", "--steps", "2",
                   "--warmup", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "out.1.json").read_text()) == {"earlier": True}
+    assert f"{out}: an earlier run's results, kept as {tmp_path / 'out.1.json'}" in r.stdout
     data = json.loads(out.read_text())
     assert data["meta"]["research_code"]["path"] == str(research)
     methods = data["results"]["tiny"]["compare"]["methods"]
