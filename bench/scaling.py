@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                                        gradients_held=False)
                 have = available_memory(torch.device("cpu")) or 0
                 fits[name] = (need, have)
-            if not any(need < 0.8 * have for need, have in fits.values()):
+            if not any(fits_in_memory(need, have, 0.8) for need, have in fits.values()):
                 for name, (need, have) in fits.items():
                     by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"})
                 log.info("%s W=%d: skipped, no method fits in memory", model_name, W)
