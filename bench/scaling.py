@@ -303,7 +303,8 @@ def figures(results: dict[str, Any], folder: Path) -> list[Path]:
             shown = PARTITIONED + ("sage", "thresh") if key == "imbalance" else METHODS  # cltk: one selector by design
             for method in [m for m in shown if any(r["method"] == m for r in rows)]:
                 pts = sorted((r["W"], r[key]) for r in rows if r["method"] == method)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method,
+                        color=f"C{METHODS.index(method)}")  # a method's colour in every panel
             if key == "density":
                 Ws = sorted({r["W"] for r in rows})
                 ax.plot(Ws, [min(1.0, W * by["k"] / by["d"]) for W in Ws], "k:", label="W k / d")
