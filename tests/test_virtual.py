@@ -284,3 +284,15 @@ def test_a_bounded_allocator_keeps_many_workers_within_the_estimate(method):
                          text=True, timeout=300, check=True).stdout
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["growth"] <= 1.15 * figures["estimate"], figures
+
+
+def test_the_host_allocator_is_bounded_only_when_its_fragmentation_would_not_fit(monkeypatch):
+    """bound_allocator_if_tight answers whether the allocator is bounded; it bounds it only when
+    4x the estimate would pass the share of the memory available, and only for host memory."""
+    calls = []
+    monkeypatch.setattr(workers_module, "_bounded", False)
+    monkeypatch.setattr(workers_module, "bound_host_allocator", lambda: calls.append(1) or True)
+    GB = 1 << 30
+    assert not workers_module.bound_allocator_if_tight(GB, 5 * GB, torch.device("cpu"), 0.9) and not calls
+    assert not workers_module.bound_allocator_if_tight(GB, 4 * GB, torch.device("cuda"), 0.9) and not calls
+    assert workers_module.bound_allocator_if_tight(GB, 4 * GB, torch.device("cpu"), 0.9) and calls == [1]

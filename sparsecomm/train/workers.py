@@ -121,12 +121,14 @@ class VirtualWorkers:
         have = available_memory(job.device)
         if not fits_in_memory(need, have, 0.9):
             raise ConfigError(f"--virtual-workers {W}: {cfg.model} ({d:,} {str(dtype).replace('torch.', '')} "
-                              f"parameters) needs about {_gb(need)} for {W} workers' gradients, residuals and "
-                              f"reducer buffers; {_gb(have)} of {'GPU ' if job.device.type == 'cuda' else ''}"
+                              f"parameters) needs about {_size(need)} for {W} workers' gradients, residuals and "
+                              f"reducer buffers; {_size(have)} of {'GPU ' if job.device.type == 'cuda' else ''}"
                               f"memory is available")
         log.info("%d virtual workers: about %s of memory for their gradients, residuals and buffers (%s available)",
-                 W, _gb(need), "?" if have is None else _gb(have))
-        bound_allocator_if_tight(need, have, job.device, 0.9)
+                 W, _size(need), "?" if have is None else _size(have))
+        if not bound_allocator_if_tight(need, have, job.device, 0.9) and job.device.type == "cpu":
+            log.info("the host allocator is left as it is: its heap may fragment and hold up to about %s "
+                     "(%dx the estimate), which fits", _size(need * _ALLOCATOR_SLACK), _ALLOCATOR_SLACK)
         self.tasks = [task.worker(r, W) for r in range(W)]
         self.world = VirtualWorld(W)
         self.reducers = [build_reducer(self.world.communicator(r)) for r in range(W)]
@@ -287,11 +289,13 @@ def fits_in_memory(need: int, have: int | None, share: float) -> bool:
     return have is None or need <= share * have
 
 
-def bound_allocator_if_tight(need: int, have: int | None, device: torch.device, share: float) -> None:
+def bound_allocator_if_tight(need: int, have: int | None, device: torch.device, share: float) -> bool:
     """Bound the host allocator (:func:`bound_host_allocator`) when ``need`` bytes on the host
-    could, with the default allocator's fragmentation, outgrow ``share`` of ``have``."""
+    could, with the default allocator's fragmentation, outgrow ``share`` of ``have``. Returns
+    whether it is bounded (now or by an earlier call)."""
     if device.type == "cpu" and have is not None and need * _ALLOCATOR_SLACK > share * have:
-        bound_host_allocator()
+        return bound_host_allocator()
+    return _bounded
 
 
 def bound_host_allocator() -> bool:
@@ -378,5 +382,5 @@ def available_memory(device: torch.device) -> int | None:
     return free
 
 
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
