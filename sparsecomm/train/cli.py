@@ -237,5 +237,5 @@ def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
     if job.is_main:
         best = summary.get("best")
         log.info("done: %s in %s; best %s %s", summary["run"], trainer.run_dir,
-                 summary["metric"], "n/a" if best is None else f"{best['value']:.4g} (epoch {best['epoch']:g})")
+                 summary["metric"], "n/a" if best is None else f"{best['value']:.4g} (epoch {round(best['epoch'], 3):g})")
     return 0
