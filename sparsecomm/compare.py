@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .runs import TIME_PARTS, Run, find_runs, load_run, task_headline
+from .runs import TIME_PARTS, Run, distinct_names, find_runs, load_run, task_headline
 
 __all__ = ["COLUMNS", "table", "tables_text", "tables_markdown", "main"]
 
@@ -33,13 +33,13 @@ COLUMNS = ("run", "task", "model", "method", "options", "workers", "target_densi
 _SI = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
 
-def _row(run: Run, head: Any) -> dict[str, Any]:
+def _row(run: Run, head: Any, name: str) -> dict[str, Any]:
     final, best = run.final_and_best(head) if head is not None else (None, None)
     options = [f"{k}={v}" for k, v in sorted((run.reducer.get("options") or {}).items())]
     if run.method != "exact" and not run.reducer.get("error_feedback", True):
         options.insert(0, "error_feedback=off")
     return {
-        "run": run.name, "task": run.task, "model": run.model, "method": run.method, "options": ", ".join(options),
+        "run": name, "task": run.task, "model": run.model, "method": run.method, "options": ", ".join(options),
         "workers": run.workers, "target_density": run.target_density, "density": run.density,
         "metric": None if head is None else head.metric, "split": None if head is None else head.split,
         "higher_is_better": None if head is None else head.higher_is_better,
@@ -53,10 +53,12 @@ def _row(run: Run, head: Any) -> dict[str, Any]:
 def table(runs: list[Run]) -> pd.DataFrame:
     """The raw table: one row per run with :data:`COLUMNS`, sorted by task, method, target
     density, workers and name. Each task's headline metric comes from its runs' summaries."""
+    names = dict(zip(map(id, runs), distinct_names(runs)))
     by_task: dict[str, list[Run]] = {}
     for run in runs:
         by_task.setdefault(run.task, []).append(run)
-    rows = [_row(run, head) for task, group in by_task.items() for head in [task_headline(group)] for run in group]
+    rows = [_row(run, head, names[id(run)]) for task, group in by_task.items() for head in [task_headline(group)]
+            for run in group]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     if df.empty:
         return df

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
-from .runs import TIME_PARTS, Headline, NotARunError, Run, find_runs, load_run, task_headline
+from .runs import TIME_PARTS, Headline, NotARunError, Run, distinct_names, find_runs, load_run, task_headline
 
 __all__ = ["FIGURES", "figures", "labels", "plot_runs", "main"]
 
@@ -59,7 +59,7 @@ def labels(runs: list[Run]) -> list[str]:
         extra = [f"{short[k]}={_value(settings[k])}" for k in differing if k in settings]
         out.append(", ".join([_method(run)] + extra))
     counts = Counter(out)
-    return [f"{text} [{run.name}]" if counts[text] > 1 else text for text, run in zip(out, runs)]
+    return [f"{text} [{name}]" if counts[text] > 1 else text for text, name in zip(out, distinct_names(runs))]
 
 
 def _method(run: Run) -> str:

@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import yaml
 
-__all__ = ["Run", "Headline", "load_run", "find_runs", "is_run", "task_headline", "NotARunError", "TIME_PARTS",
-           "STATUSES"]
+__all__ = ["Run", "Headline", "distinct_names", "load_run", "find_runs", "is_run", "task_headline", "NotARunError",
+           "TIME_PARTS", "STATUSES"]
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,21 @@ def task_headline(runs: Iterable[Run]) -> Headline | None:
 
 
 # ---------------------------------------------------------------------- reading
+def distinct_names(runs: list[Run]) -> list[str]:
+    """Each run's directory name, or, where runs share it (the same settings in two output
+    folders), the shortest end of its path that tells it apart (``sweep-a/mnist-...``)."""
+    parts = [run.path.resolve().parts for run in runs]
+    depth = [1] * len(runs)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        alike = {n for n in names if names.count(n) > 1}
+        grow = [i for i, n in enumerate(names) if n in alike and depth[i] < len(parts[i])]
+        if not grow:
+            return names
+        for i in grow:
+            depth[i] += 1
+
+
 def is_run(path: Path) -> bool:
     """A run directory: one the trainer has written ``config.yaml`` or ``metrics.jsonl`` into."""
     path = Path(path)

@@ -161,3 +161,12 @@ def test_not_a_run_is_skipped_and_no_run_exits_2(made, tmp_path, caplog, capsys)
     assert len(err) == 1 and err[0].startswith("error: no run directory among")
     # each run once, however often it is named
     assert find_runs([made["ptb-topk"], made["root"], made["ptb-topk"]]).count(made["ptb-topk"]) == 1
+
+
+def test_runs_of_the_same_name_in_two_folders_are_told_apart(made, tmp_path):
+    """The same settings run twice into two output folders: the table names each by the end of
+    its path that differs; unique names stay bare."""
+    for folder in ("sweep-a", "sweep-b"):
+        shutil.copytree(made["topk"], tmp_path / folder / "runs" / "topk")
+    runs = load([tmp_path / "sweep-a", tmp_path / "sweep-b", made["exact"]])
+    assert sorted(table(runs)["run"]) == ["exact", "sweep-a/runs/topk", "sweep-b/runs/topk"]
