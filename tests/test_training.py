@@ -86,6 +86,15 @@ def test_every_task_trains_evaluates_and_records(task, data_dir, tmp_path, accep
     assert described["warm_start"] is True and described["step"] >= 1
 
 
+def test_a_run_shorter_than_log_every_still_gets_its_training_line(data_dir, tmp_path):
+    """The steps after the last training line are averaged into one more at the run's end."""
+    trainer, summary = run_solo(overrides("mnist", data_dir, tmp_path, extra=["records.log_every=1000"]))
+    lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    [train] = [l for l in lines if "split" not in l]
+    assert train["step"] == summary["steps"] < 1000
+    assert train["density"] == pytest.approx(summary["mean_density"]) and train["t_forward"] > 0
+
+
 def final_state(run_dir):
     ck = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     folder = run_dir / "checkpoints" / ck["tag"]

@@ -205,6 +205,8 @@ class Trainer:
                                    f"although {self.steps_per_epoch} were announced")
             finished_epoch = self.step % self.steps_per_epoch == 0
             last = self.step >= self.total_steps
+            if last:  # the steps since the last training line get theirs (a run shorter than log_every too)
+                self._log_training(epoch)
             if (finished_epoch and (epoch + 1) % max(cfg.records.eval_every, 1) == 0) or last or self._evaluation_step():
                 self._evaluate(epoch + 1 if finished_epoch else self.step / self.steps_per_epoch)
                 self.elapsed = time.perf_counter() - started
