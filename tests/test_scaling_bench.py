@@ -75,3 +75,30 @@ def test_convergence_study_trains_and_keeps_earlier_rows(data_dir, tmp_path):
     again = scaling(*args)  # measured already: kept, not trained again
     assert again.stderr.count("measured by an earlier call, kept") == 4
     assert json.loads((tmp_path / "convergence.json").read_text()) == rows
+
+
+def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """The load-imbalance panel draws five of the nine methods; their colours are the legend's."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import scaling as bench_scaling
+
+    keys = ("density", "bytes_sent", "bytes_wire", "t_select_ms", "busy_ms", "imbalance")
+    rows = [{"method": m, "W": W, **{k: 1.0 + i + W for k in keys}}
+            for i, m in enumerate(bench_scaling.METHODS) for W in (8, 32)]
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bench_scaling.figures({"density": 0.001, "batch": 8, "models": {"m": {"rows": rows, "d": 1000, "k": 1}}}, tmp_path)
+    [fig] = figures
+    colours: dict[str, set] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_label() in bench_scaling.METHODS:
+                colours.setdefault(line.get_label(), set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert set(colours) == set(bench_scaling.METHODS)
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({c for cs in colours.values() for c in cs}) == len(bench_scaling.METHODS)
