@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from .runs import TIME_PARTS, Run, distinct_names, find_runs, load_run, task_headline
+from .units import si
 
 __all__ = ["COLUMNS", "table", "tables_text", "tables_markdown", "main"]
 
@@ -29,9 +30,6 @@ log = logging.getLogger(__name__)
 COLUMNS = ("run", "task", "model", "method", "options", "workers", "target_density", "density", "metric",
            "split", "higher_is_better", "final", "best", "bytes_sent_per_step", "bytes_wire_per_step", *TIME_PARTS,
            "wall_time", "steps", "total_steps", "status")
-
-_SI = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
-
 
 def _row(run: Run, head: Any, name: str) -> dict[str, Any]:
     final, best = run.final_and_best(head) if head is not None else (None, None)
@@ -68,14 +66,6 @@ def table(runs: list[Run]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- formatting
-def si(value: float, unit: str) -> str:
-    """``value`` with an SI prefix and ``unit``, three significant digits (4.8 MB, 589 kB)."""
-    for scale, prefix in _SI:
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
-
-
 def _duration(seconds: float) -> str:
     """12.3 s, 4 min 10 s, 2 h 05 min, 3 d 4 h (as the trainer's log writes durations)."""
     if seconds < 60:

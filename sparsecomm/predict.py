@@ -26,7 +26,7 @@ import torch
 
 from . import costmodel, reducers
 from .commandline import OneLineParser
-from .compare import si
+from .units import si
 from .config import load_config
 from .job import Job
 from .netlab import parse_rate

@@ -25,6 +25,7 @@ import torch
 from .. import reducers
 from ..config import ConfigError
 from ..reducers.virtual import VirtualWorld
+from ..units import si
 
 __all__ = ["ProcessWorker", "VirtualWorkers", "memory_estimate", "kept_bytes", "available_memory",
            "bound_allocator_if_tight", "bound_host_allocator", "fits_in_memory", "rng_state", "set_rng_state"]
@@ -121,14 +122,14 @@ class VirtualWorkers:
         have = available_memory(job.device)
         if not fits_in_memory(need, have, 0.9):
             raise ConfigError(f"--virtual-workers {W}: {cfg.model} ({d:,} {str(dtype).replace('torch.', '')} "
-                              f"parameters) needs about {_size(need)} for {W} workers' gradients, residuals and "
-                              f"reducer buffers; {_size(have)} of {'GPU ' if job.device.type == 'cuda' else ''}"
+                              f"parameters) needs about {si(need, 'B')} for {W} workers' gradients, residuals and "
+                              f"reducer buffers; {si(have, 'B')} of {'GPU ' if job.device.type == 'cuda' else ''}"
                               f"memory is available")
         log.info("%d virtual workers: about %s of memory for their gradients, residuals and buffers (%s available)",
-                 W, _size(need), "?" if have is None else _size(have))
+                 W, si(need, "B"), "?" if have is None else si(have, "B"))
         if not bound_allocator_if_tight(need, have, job.device, 0.9) and job.device.type == "cpu":
             log.info("the host allocator is left as it is: its heap may fragment and hold up to about %s "
-                     "(%dx the estimate), which fits", _size(need * _ALLOCATOR_SLACK), _ALLOCATOR_SLACK)
+                     "(%dx the estimate), which fits", si(need * _ALLOCATOR_SLACK, "B"), _ALLOCATOR_SLACK)
         self.tasks = [task.worker(r, W) for r in range(W)]
         self.world = VirtualWorld(W)
         self.reducers = [build_reducer(self.world.communicator(r)) for r in range(W)]
@@ -380,7 +381,3 @@ def available_memory(device: torch.device) -> int | None:
         except (ValueError, OSError):
             pass
     return free
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
