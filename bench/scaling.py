@@ -61,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsecomm import reducers  # noqa: E402
-from sparsecomm.compare import si  # noqa: E402
+from sparsecomm.units import si  # noqa: E402
 from sparsecomm.config import load_config  # noqa: E402
 from sparsecomm.job import Job  # noqa: E402
 from sparsecomm.reducers.virtual import VirtualWorld  # noqa: E402
@@ -411,6 +411,11 @@ def convergence(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ main
+def _no_memory(method: str, W: int, need: int, have: int) -> dict[str, Any]:
+    """The row of a (W, method) skipped because its reducers would not fit in memory."""
+    return {"method": method, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -431,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for model_name in args.models.split(","):
         model = pretrain(model_name, args)
-        d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        shapes = [p for p in model.parameters() if p.requires_grad]
+        d = sum(p.numel() for p in shapes)
         # d and k up front: the tables need them even when every W is skipped for memory
         by: dict[str, Any] = {"rows": [], "own_thresholds": {}, "d": d, "k": max(1, math.floor(args.density * d))}
         earlier_by = results["models"].get(model_name)
@@ -443,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
             by.update({k: earlier_by[k] for k in ("d", "k") if k in earlier_by})
         results["models"][model_name] = by
         for W in [int(w) for w in args.workers.split(",")]:
-            shapes = [p for p in model.parameters() if p.requires_grad]
             fits = {}
             for name in args.methods.split(","):
                 need = memory_estimate([torch.zeros_like(p) for p in shapes],  # gradients: memory-mapped files
@@ -452,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 have = available_memory(torch.device("cpu")) or 0
                 fits[name] = (need, have)
             if not any(fits_in_memory(need, have, 0.8) for need, have in fits.values()):
-                for name, (need, have) in fits.items():
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"})
+                by["rows"] += [_no_memory(name, W, need, have) for name, (need, have) in fits.items()]
                 log.info("%s W=%d: skipped, no method fits in memory", model_name, W)
                 continue
             folder = out / "gradients" / f"{model_name}-W{W}"
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                 need, have = fits[name]
                 have = available_memory(torch.device("cpu")) or have
                 if not fits_in_memory(need, have, 0.8):
-                    by["rows"].append({"method": name, "W": W, "skipped": f"needs {si(need, 'B')} of memory, {si(have, 'B')} free"})
+                    by["rows"].append(_no_memory(name, W, need, have))
                     log.info("  %-12s W=%-5d skipped: needs %s, %s free", name, W, si(need, 'B'), si(have, 'B'))
                     continue
                 bound_allocator_if_tight(need, have, torch.device("cpu"), 0.8)

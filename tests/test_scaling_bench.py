@@ -84,7 +84,7 @@ def test_a_method_has_one_colour_in_every_panel(tmp_path, monkeypatch):
     import matplotlib.colors
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import scaling as bench_scaling
 
     keys = ("density", "bytes_sent", "bytes_wire", "t_select_ms", "busy_ms", "imbalance")
