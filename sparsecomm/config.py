@@ -46,7 +46,8 @@ class OptimizerConfig:
 class ScheduleConfig:
     warmup_epochs: float = 0.0        # linear warm-up length
     warmup_from: float | None = None  # learning rate at the start of warm-up (None: the unscaled base lr)
-    milestones: list[float] = field(default_factory=list)  # epochs at which lr is multiplied by gamma
+    decay: str = "step"               # step: x gamma at each milestone | cosine: to 0 at the last epoch
+    milestones: list[float] = field(default_factory=list)  # epochs at which lr is multiplied by gamma (decay step)
     gamma: float = 0.1
 
 
@@ -119,6 +120,10 @@ class RunConfig:
                 problems.append(f"data.{key} must be >= 1, got {getattr(self.data, key)!r}")
         if self.optimizer.name not in ("sgd", "adam"):
             problems.append(f"optimizer.name must be one of ['sgd', 'adam'], got {self.optimizer.name!r}")
+        if self.schedule.decay not in ("step", "cosine"):
+            problems.append(f"schedule.decay must be one of ['step', 'cosine'], got {self.schedule.decay!r}")
+        if self.schedule.decay == "cosine" and self.schedule.milestones:
+            problems.append("schedule.milestones are for decay 'step'; a cosine schedule has none")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be one of ['auto', 'cpu', 'cuda'], got {self.device!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from sparsecomm.train.checkpoint import CheckpointError, Checkpoints, write_atomic
-from sparsecomm.config import ConfigError, ScheduleConfig, OptimizerConfig, apply_overrides, load_config
+from sparsecomm.config import ConfigError, OptimizerConfig, RunConfig, ScheduleConfig, apply_overrides, load_config
 from sparsecomm.job import Job
 from sparsecomm.train.optim import LearningRate, build_optimizer, peak_lr
 from sparsecomm.train.records import Recorder, check_run_dir, run_name, set_aside
@@ -234,3 +234,23 @@ def test_a_reducer_with_its_own_momentum_needs_plain_sgd(optimizer, ok):
     check_run(load_config(None, ["task=logreg", "model=logreg", "task_options.path=x.svm", "reducer.name=dgc", "reducer.options={momentum: 0}",
                                  *optimizer]))
     check_run(load_config(None, ["task=logreg", "model=logreg", "task_options.path=x.svm", "reducer.name=topk", *optimizer]))
+
+
+def test_a_warm_up_never_starts_above_its_peak():
+    """At 2 workers of 32 images the CIFAR presets' peak is 0.05 under their 0.1 start: the
+    warm-up starts from one worker's lr instead of descending (it drove ResNet-18's loss to 10)."""
+    schedule = ScheduleConfig(warmup_epochs=5, warmup_from=0.1, milestones=[150])
+    lr = LearningRate(0.05, base=0.1, cfg=schedule, workers=2)
+    assert lr.lowered_start and lr(0) == pytest.approx(0.025) and lr(5) == pytest.approx(0.05)
+    published = LearningRate(0.4, base=0.1, cfg=schedule, workers=16)  # the papers' 16 workers: as published
+    assert not published.lowered_start and published(0) == pytest.approx(0.1)
+
+
+def test_cosine_decay_after_the_warm_up():
+    lr = LearningRate(0.2, base=0.1, cfg=ScheduleConfig(warmup_epochs=2, warmup_from=0.02, decay="cosine"), epochs=12)
+    assert lr(0) == pytest.approx(0.02) and lr(2) == pytest.approx(0.2)
+    assert lr(7) == pytest.approx(0.1) and lr(12) == pytest.approx(0.0, abs=1e-12) and lr(13) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="more epochs"):
+        LearningRate(0.2, base=0.1, cfg=ScheduleConfig(warmup_epochs=2, decay="cosine"), epochs=2)
+    with pytest.raises(ConfigError, match="schedule.decay must be one of"):
+        RunConfig(task="mnist", model="mnist_cnn", schedule=ScheduleConfig(decay="linear")).validate()

@@ -84,7 +84,11 @@ class Trainer:
         self.flat_grad = reducers.bind_flat_gradients(self.params)
         self.grads = [p.grad for p in self.params]
         self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(P), P), cfg.optimizer.lr,
-                                     cfg.schedule)
+                                     cfg.schedule, epochs=cfg.epochs, workers=P)
+        if self.schedule.lowered_start and job.is_main:
+            log.warning("the warm-up would start at %g, above its peak %g at %d workers of %d: it starts at %g "
+                        "(the peak / %d) instead", cfg.schedule.warmup_from, self.schedule.peak, P,
+                        cfg.batch_per_worker(P), self.schedule.start, P)
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.schedule(0.0))
         rc = cfg.reducer
 
