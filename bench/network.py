@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparsecomm import netlab  # noqa: E402
+from sparsecomm.train.meter import TIME_PARTS as PARTS  # noqa: E402
 
 import results_files  # noqa: E402  (bench/results_files.py: earlier results are set aside)
 
 MODELS = {"mnist_cnn": ("mnist-cnn", []), "resnet20": ("resnet20-cifar10", []),
           "lstm": ("lstm-ptb-small", [])}
-PARTS = ("t_data", "t_forward", "t_backward", "t_select", "t_comm", "t_step")
 PORT = 29640
 
 

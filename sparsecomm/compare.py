@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from .runs import TIME_PARTS, Run, distinct_names, find_runs, load_run, task_headline
-from .units import si
+from .units import duration, si
 
 __all__ = ["COLUMNS", "table", "tables_text", "tables_markdown", "main"]
 
@@ -66,18 +66,6 @@ def table(runs: list[Run]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- formatting
-def _duration(seconds: float) -> str:
-    """12.3 s, 4 min 10 s, 2 h 05 min, 3 d 4 h (as the trainer's log writes durations)."""
-    if seconds < 60:
-        return f"{seconds:.3g} s"
-    s = round(seconds)
-    if s >= 86400:
-        return f"{s // 86400} d {s % 86400 // 3600} h"
-    if s >= 3600:
-        return f"{s // 3600} h {s % 3600 // 60:02d} min"
-    return f"{s // 60} min {s % 60:02d} s"
-
-
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -106,7 +94,7 @@ _SHOWN = {
     "sent/step": _Shown("bytes_sent_per_step", lambda v: si(v, "B")),
     "wire/step": _Shown("bytes_wire_per_step", lambda v: si(v, "B")),
     **{f"{part[2:]} ms": _Shown(part, lambda v: f"{1e3 * v:.3g}") for part in TIME_PARTS},
-    "wall": _Shown("wall_time", _duration),
+    "wall": _Shown("wall_time", duration),
     "steps": _Shown("steps", lambda v: f"{int(v):,}"),
     "status": _Shown("status", number=False),
 }

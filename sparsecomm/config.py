@@ -64,6 +64,7 @@ class RecordsConfig:
     log_every: int = 50               # training lines in metrics.jsonl every this many steps
     eval_every: int = 1               # epochs between evaluations
     eval_every_steps: int = 0         # also evaluate every this many steps (0: only by epochs; for accuracy against time)
+    eval_on_stop: bool = False        # also evaluate when a signal stops the run early (max_steps always does)
     checkpoint_every: int = 1         # epochs between checkpoints (0: only on signals and at the end)
     progress: bool = True             # a tqdm progress bar on rank 0
     tensorboard: bool = False         # also write TensorBoard event files (needs the tensorboard package)

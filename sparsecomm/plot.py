@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
 from .runs import TIME_PARTS, Headline, NotARunError, Run, distinct_names, find_runs, load_run, task_headline
+from .train.meter import PART_NAMES
 
 __all__ = ["FIGURES", "figures", "labels", "plot_runs", "main"]
 
@@ -32,8 +33,6 @@ _IGNORED = ("output_dir", "name", "description", "task", "data.dir", "data.cache
 # that is ambiguous). Listed settings come first in a label, in this order.
 _SHORT = {"environment.world_size": "P", "seed": "seed", "optimizer.lr": "lr", "data.batch_size": "batch",
           "data.global_batch_size": "global batch", "model": "model", "epochs": "epochs"}
-_PART_NAMES = {"t_data": "data", "t_forward": "forward", "t_backward": "backward", "t_select": "select",
-               "t_comm": "communicate", "t_step": "optimizer step"}
 
 
 
@@ -194,7 +193,7 @@ def _time_breakdown(task: str, runs: list[Run], names: list[str], head: Headline
     left = [0.0] * len(bars)
     for i, part in enumerate(TIME_PARTS):
         widths = [parts[i] for _, parts in bars]
-        ax.barh(ys, widths, left=left, label=_PART_NAMES[part])
+        ax.barh(ys, widths, left=left, label=PART_NAMES[part])
         left = [a + b for a, b in zip(left, widths)]
     ax.set_yticks(ys, [name for name, _ in bars], fontsize=7)
     ax.invert_yaxis()  # the first run on top

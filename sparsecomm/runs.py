@@ -13,13 +13,13 @@ from typing import Any, Iterable
 
 import yaml
 
+from .train.meter import TIME_PARTS
+
 __all__ = ["Run", "Headline", "distinct_names", "load_run", "find_runs", "is_run", "task_headline", "NotARunError",
            "TIME_PARTS", "STATUSES"]
 
 log = logging.getLogger(__name__)
 
-# The per-step time split of a training line, in the order a step runs.
-TIME_PARTS = ("t_data", "t_forward", "t_backward", "t_select", "t_comm", "t_step")
 
 # Run.status values: summary.json written with complete=true; written with complete=false;
 # no (current) summary.json: running, or stopped before the end without one; no metrics lines yet.
@@ -119,7 +119,10 @@ class Run:
 
     @property
     def total_steps(self) -> int | None:
-        """Steps the configured epochs take (None when no line tells the epoch length yet)."""
+        """Steps the configured epochs take: the summary's, else from the epoch length the lines
+        tell (None when none does yet)."""
+        if self.summary is not None and self.summary.get("total_steps") is not None:
+            return int(self.summary["total_steps"])
         per_epoch, epochs = self.steps_per_epoch, self.config.get("epochs")
         if per_epoch is None or epochs is None:
             return None

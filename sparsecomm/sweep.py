@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from .commandline import OneLineParser
-from .grid import Grid, GridError, build, check, parse_density, parse_list, parse_seed, shell_exports, state
+from .grid import Grid, GridError, Point, build, check, parse_density, parse_list, parse_seed, shell_exports, state
+from .units import duration
 
 __all__ = ["main"]
 
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", help="the preset every run starts from (python -m sparsecomm.train --list-presets)")
     p.add_argument("--reducers", help="comma-separated reducers (python -m sparsecomm.train --list-reducers)")
     p.add_argument("--densities", help="comma-separated densities in (0, 1] (exact ignores them)")
-    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a trainer setting for every run, e.g. --set optimizer.lr=0.05 (repeatable)")
     p.add_argument("--workers", default="auto",
@@ -100,10 +101,6 @@ def _show(path: str | Path) -> str:
     """A path as short as it can be said: relative to here when below here."""
     rel = os.path.relpath(path)
     return str(path) if rel.startswith("..") else rel
-
-
-def _took(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 60 else f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
 
 
 def _head(index: int, grid: Grid) -> str:
@@ -192,7 +189,7 @@ def run_locally(grid: Grid) -> int:
             log.info("%s: %s in %s", head, where.action, _show(point.run_dir))
             started = time.monotonic()
             code = runner.run({**env, **grid.env(point)})
-            took = _took(time.monotonic() - started)
+            took = duration(time.monotonic() - started)
             stop = runner.signum or (code - 128 if code - 128 in STOP_SIGNALS else None)
             if stop is not None:
                 return _stopped(stop, head, point.run_dir)
@@ -203,13 +200,26 @@ def run_locally(grid: Grid) -> int:
             elif state(point).finished:
                 log.info("%s: complete in %s", head, took)
             else:
-                log.info("%s: ended after %s without finishing (max_steps?)", head, took)
+                log.info("%s: stopped before the end of its schedule after %s (max_steps); running the same "
+                         "command again goes on from there", head, took)
     print_table(grid)
     if failed:
         log.info("%d of %d runs failed (%s); run the same command again to retry them", len(failed),
                  len(grid.points), "; ".join(failed))
         return 1
+    empty = [point.label for point in grid.points if not _has_records(point)]
+    if empty:
+        log.info("%d of %d runs wrote no records (%s): there is nothing to compare; their output above says why",
+                 len(empty), len(grid.points), "; ".join(empty))
+        return 1
     return 0
+
+
+def _has_records(point: Point) -> bool:
+    from .runs import is_run, load_run
+
+    run_dir = Path(point.run_dir)
+    return is_run(run_dir) and load_run(run_dir).status != "empty"
 
 
 def _stopped(signum: int, head: str, run_dir: str | None) -> int:

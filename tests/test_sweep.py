@@ -192,6 +192,31 @@ def test_bad_input_from_the_command_line(svm_dir, tmp_path):
     assert done.stderr == "error: --seeds: 'x' is not an integer; seeds are integers, e.g. 0,1,2\n"
 
 
+def test_a_sweep_of_short_runs_tabulates_their_figures(svm_dir, tmp_path):
+    """Runs stopped at max_steps, shorter than the log interval, still report: a training line
+    and an evaluation each, so the table has figures; --seeds defaults to 0."""
+    out = tmp_path / "runs"
+    args = ["--preset", "logreg", "--reducers", "exact", "--workers", "1", "--data-dir", str(svm_dir),
+            "--output-dir", str(out), *[a for s in SETTINGS if not s.startswith("records.log_every")
+                                        for a in ("--set", s)], "--set", "max_steps=3"]
+    done = subprocess.run([PY, "-m", "sparsecomm.sweep", *args], cwd=tmp_path, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "[1/1] exact seed 0: stopped before the end of its schedule" in done.stdout, done.stdout
+    [row] = [line for line in done.stdout.splitlines() if line.startswith("logreg-logreg-exact")]
+    assert f"3 / {STEPS}" in row and row.endswith("incomplete"), done.stdout
+    assert row.split().count("-") == 1, row  # figures, not dashes (the one: no reducer options)
+
+
+def test_a_sweep_whose_runs_wrote_nothing_fails_and_says_so(svm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep._OneRun, "run", lambda self, env: 0)  # a run that exits 0 and writes nothing
+    args = ["--preset", "logreg", "--reducers", "exact", "--workers", "1", "--data-dir", str(svm_dir),
+            "--output-dir", str(tmp_path / "runs"), *[a for s in SETTINGS for a in ("--set", s)]]
+    assert sweep.main(args) == 1
+    out = capsys.readouterr().out
+    assert "1 of 1 runs wrote no records (exact seed 0): there is nothing to compare" in out, out
+
+
 def test_entry_gives_each_array_task_its_point_as_run_sh_variables(tmp_path):
     """What pararun evals in each array task: run.sh's variables of the point, shell-quoted."""
     grid = Grid("logreg", [Point("exact", None, 0, str(tmp_path / "a"), 1.0), Point("exdyna", 0.05, 1, "b", 1.0)],

@@ -95,6 +95,53 @@ def test_a_run_shorter_than_log_every_still_gets_its_training_line(data_dir, tmp
     assert train["density"] == pytest.approx(summary["mean_density"]) and train["t_forward"] > 0
 
 
+def test_a_run_stopped_at_max_steps_reports_and_is_not_complete(data_dir, tmp_path):
+    """A stop at max_steps writes a training line (even between log_every lines), evaluates and
+    writes its summary, which says it is not complete; a later command with a schedule that
+    ends before the checkpoint is refused in one line; one that ends there trains nothing."""
+    ov = overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=2)
+    trainer, summary = run_solo(ov + ["max_steps=3"])
+    assert summary is None and trainer.step == 3
+    lines = [json.loads(l) for l in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(l["step"], "split" in l) for l in lines] == [(3, False), (3, True)]
+    saved = json.loads((trainer.run_dir / "summary.json").read_text())
+    assert saved["complete"] is False and saved["steps"] == 3 and saved["final"]["train"]["accuracy"] >= 0
+    assert saved["total_steps"] == 2 * trainer.steps_per_epoch and saved["time_split"]["t_forward"] > 0
+    short = 2 / trainer.steps_per_epoch  # 2 steps: ends before the checkpoint at step 3
+    with pytest.raises(ConfigError, match=r"is at step 3, past the end of this schedule \(step 2: epochs"):
+        run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=short))
+    ended, summary = run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=2))
+    assert summary["complete"] and summary["steps"] == 2 * trainer.steps_per_epoch
+    again, summary = run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=2))
+    assert summary["complete"] and again.meter.totals["steps"] == ended.meter.totals["steps"], "nothing trained"
+
+
+def test_a_signal_stop_evaluates_when_asked(clusters, data_dir, tmp_path):
+    ov = overrides("logreg", data_dir, tmp_path, extra=["records.eval_on_stop=true", "records.log_every=1000"])
+    [first] = clusters(1).run(ts.train, ov, signal_rank=0, signal_step=1, signum=signal.SIGTERM)
+    run_dir = next(tmp_path.iterdir())
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert first["step"] == 2 and [l["step"] for l in lines if "split" in l] == [2]
+    assert not [l for l in lines if "split" not in l], "a signal stop keeps its window in the checkpoint"
+
+
+def test_the_closing_lines_say_what_a_run_reached_and_cost():
+    from sparsecomm.train.report import report
+
+    summary = {"run": "r", "steps": 94, "total_steps": 100, "complete": False, "wall_time": 75.0,
+               "metric": "accuracy", "final": {"test": {"accuracy": 0.91234}}, "reducer": "exdyna",
+               "best": {"value": 0.92, "epoch": 0.512345}, "target_density": 0.001, "mean_density": 0.00123,
+               "bytes_sent_per_step": 2048.0, "total_bytes_sent": 192512.0, "warnings": ["off target"],
+               "time_split": {"t_data": 0.001, "t_forward": 0.01, "t_backward": 0.02, "t_select": 0.001,
+                              "t_comm": 0.002, "t_step": 0.001}}
+    text = report(summary, "/runs")
+    assert text.splitlines()[0] == "stopped before the end: r at step 94 of 100 after 1 min 15 s, in /runs"
+    assert "final 0.9123 (test); best 0.92 at epoch 0.512" in text and "0.00123 (target 0.001)" in text
+    assert "2.05 kB sent per worker per step, 193 kB in all" in text and "per step   35 ms: data 1 ms" in text
+    assert "warning: off target" in text
+    assert "not evaluated" in report({**summary, "final": {}, "best": None, "complete": True}, "/runs")
+
+
 def final_state(run_dir):
     ck = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     folder = run_dir / "checkpoints" / ck["tag"]
@@ -103,7 +150,9 @@ def final_state(run_dir):
     return shared, ranks
 
 
-def assert_same_end(a_dir, b_dir):
+def assert_same_end(a_dir, b_dir, stopped_at=None):
+    """The same parameters, residuals and records; ``b`` may have more lines at ``stopped_at``
+    (a stop at max_steps writes a training line and evaluates)."""
     (sa, ra), (sb, rb) = final_state(a_dir), final_state(b_dir)
     assert sa["step"] == sb["step"]
     for key in sa["model"]:
@@ -113,8 +162,15 @@ def assert_same_end(a_dir, b_dir):
         assert (a_res is None and b_res is None) or torch.equal(a_res, b_res), f"rank {r} residual differs"
     strip = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.startswith("t_") and k != "time"}  # noqa: E731
                            for l in lines]
-    assert strip((a_dir / "metrics.jsonl").read_text().splitlines()) == \
-        strip((b_dir / "metrics.jsonl").read_text().splitlines())
+    a_lines = strip((a_dir / "metrics.jsonl").read_text().splitlines())
+    b_lines = strip((b_dir / "metrics.jsonl").read_text().splitlines())
+    if stopped_at is not None:
+        kinds = {("split" in line, line.get("split")) for line in a_lines if line["step"] == stopped_at}
+        added = [l for l in b_lines if l["step"] == stopped_at and ("split" in l, l.get("split")) not in kinds]
+        assert added, "the stop at max_steps wrote its training line and evaluation"
+        assert {"split" in l for l in added} == {False, True}
+        b_lines = [l for l in b_lines if l not in added]
+    assert a_lines == b_lines
 
 
 SIGNAL_STOPS = {"SIGTERM to rank 1": (1, signal.SIGTERM), "Ctrl-C (SIGINT to every rank)": (-1, signal.SIGINT),
@@ -148,7 +204,7 @@ def test_stopped_and_resumed_run_ends_bit_identical(clusters, data_dir, tmp_path
     second = c.run(ts.train, resumed_ov)
     assert all(s["complete"] for s in second)
     run = lambda root: next(root.iterdir())  # noqa: E731
-    assert_same_end(run(tmp_path / "straight"), run(tmp_path / "resumed"))
+    assert_same_end(run(tmp_path / "straight"), run(tmp_path / "resumed"), 5 if stop == "max_steps" else None)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "movielens-100k" / "ml-100k.zip").is_file(), reason="../shared/data absent")
@@ -279,7 +335,7 @@ def test_evaluation_every_few_steps(data_dir, tmp_path):
     trainer, summary = run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.eval_every_steps=3"],
                                           epochs=2))
     per_epoch = trainer.steps_per_epoch
-    steps = [e["step"] for e in trainer.evaluations if e["split"] == trainer.task.metric_split]
+    steps = [e["step"] for e in trainer.evaluator.results if e["split"] == trainer.task.metric_split]
     expected = sorted(set(range(3, 2 * per_epoch + 1, 3)) | {per_epoch, 2 * per_epoch})
     assert steps == expected and len(steps) > 2
     with pytest.raises(ConfigError, match="records.eval_every_steps must be >= 0"):

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from .progress import byte_bar
+from ..progress import byte_progress
 
 __all__ = ["Unavailable", "locations", "obtain"]
 
@@ -103,7 +103,7 @@ def _download(url: str, dest: Path, timeout: float) -> None:
 def _copy(src: BinaryIO, dest: Path, total: int | None, name: str) -> int:
     """Copy a stream to ``dest`` with a progress bar (on a terminal); the number of bytes copied."""
     n = 0
-    with open(dest, "wb") as out, byte_bar(total, name) as bar:
+    with open(dest, "wb") as out, byte_progress(total, name, logger=log) as bar:
         while chunk := src.read(CHUNK):
             out.write(chunk)
             n += len(chunk)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torchvision
 
+from ..progress import progress as progress_bar
 from .prepared import check_file, prepare_command, read_marker
 
 __all__ = ["ImageSet", "IMAGE_DATASETS", "load_images", "load_cifar", "load_mnist", "read_idx"]
@@ -202,14 +203,14 @@ def _read_image_folder(name: str, split: str, folder: Path, cache_dir: Path, pro
 def _decode(folder: Path, classes: list[str], files: list[list[str]], progress: bool | None,
             what: str) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
-    from tqdm import tqdm
 
     paths = [folder / c / f for c, fs in zip(classes, files) for f in fs]
     labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(f) for f in files])
     start = time.perf_counter()
     images = None
-    for i, path in enumerate(tqdm(paths, desc=f"decoding {what}", unit="img",
-                                  disable=None if progress is None else not progress)):
+    bar = progress_bar(len(paths), f"decoding {what}", "img", show=progress is not False, logger=log)
+    for i, path in enumerate(paths):
+        bar.update(1)
         with Image.open(path) as im:
             a = np.asarray(im.convert("RGB"))
         if images is None:
@@ -217,6 +218,7 @@ def _decode(folder: Path, classes: list[str], files: list[list[str]], progress: 
         elif a.shape != images.shape[1:]:
             raise ValueError(f"{path}: image of shape {a.shape}, but {paths[0]} has {images.shape[1:]}")
         images[i] = a
+    bar.close()
     log.info("%s: decoded %d images from %s in %.1f s", what, len(paths), folder, time.perf_counter() - start)
     return images, labels
 

@@ -29,6 +29,7 @@ the same formats (tests, hand-made files) load as they are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import time
@@ -36,8 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from ..progress import byte_progress
 from .checks import digest
-from .progress import byte_bar
+
+log = logging.getLogger(__name__)
 
 __all__ = ["MARKER", "Marker", "read_marker", "write_marker", "hash_files", "verify_files", "check_file",
            "prepare_command"]
@@ -116,7 +119,7 @@ def hash_files(root: str | os.PathLike, rels: Iterable[str] | None = None,
     paths = _walk(root, rels)
     sizes = {rel: (root / rel).stat().st_size for rel in paths}
     out = {}
-    with byte_bar(sum(sizes.values()), desc) as bar:
+    with byte_progress(sum(sizes.values()), desc, logger=log) as bar:
         for rel in paths:
             out[rel] = (sizes[rel], digest(root / rel, HASH))
             bar.update(sizes[rel])
@@ -140,7 +143,7 @@ def verify_files(root: str | os.PathLike, files: dict[str, tuple[int, str]],
             problems.append((rel, f"size {got:,}, expected {size:,}"))
     if problems:
         return problems
-    with byte_bar(sum(s for s, _ in files.values()), desc) as bar:
+    with byte_progress(sum(s for s, _ in files.values()), desc, logger=log) as bar:
         for rel, (size, want) in sorted(files.items()):
             got = digest(root / rel, HASH)
             if got != want:

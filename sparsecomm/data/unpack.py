@@ -8,13 +8,16 @@ permissions from the umask. A progress bar shows on a terminal.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable
 
-from .progress import byte_bar
+from ..progress import byte_progress
+
+log = logging.getLogger(__name__)
 
 __all__ = ["UNPACKERS", "UnpackError", "unpack"]
 
@@ -56,7 +59,7 @@ class _Counting:
 
 def _untar(src: Path, out: Path, arg: str) -> None:
     try:
-        with open(src, "rb") as raw, byte_bar(src.stat().st_size, f"unpacking {src.name}") as bar, \
+        with open(src, "rb") as raw, byte_progress(src.stat().st_size, f"unpacking {src.name}", logger=log) as bar, \
                 tarfile.open(fileobj=_Counting(raw, bar), mode="r|*") as tar:
             for member in tar:
                 if member.isdir() and not PurePosixPath(member.name).parts:
@@ -78,7 +81,7 @@ def _unzip(src: Path, out: Path, prefix: str) -> None:
             members = [i for i in z.infolist() if PurePosixPath(i.filename).parts[:1] == (prefix,)]
             if not members:
                 raise UnpackError(f"{src.name} does not contain the folder {prefix}/")
-            with byte_bar(sum(i.file_size for i in members), f"unpacking {src.name}") as bar:
+            with byte_progress(sum(i.file_size for i in members), f"unpacking {src.name}", logger=log) as bar:
                 for info in members:
                     rel = PurePosixPath(info.filename).relative_to(prefix)
                     if not rel.parts:

@@ -203,9 +203,10 @@ def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, job, fresh=fresh)
-        summary = trainer.run()
+        trainer.run()
     except Stopped as stop:
         if job.is_main:
+            _report(trainer)
             log.warning("%s; run the same command again to resume", stop)
         leave()
         return 128 + stop.signum if stop.signum else 0
@@ -235,7 +236,13 @@ def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
         raise
     leave()
     if job.is_main:
-        best = summary.get("best")
-        log.info("done: %s in %s; best %s %s", summary["run"], trainer.run_dir,
-                 summary["metric"], "n/a" if best is None else f"{best['value']:.4g} (epoch {round(best['epoch'], 3):g})")
+        _report(trainer)
     return 0
+
+
+def _report(trainer) -> None:
+    """The run's closing lines (rank 0): what it reached and what it cost."""
+    from .report import report
+
+    if trainer is not None and trainer.summary is not None:
+        log.info("%s", report(trainer.summary, str(trainer.run_dir.parent)))
