@@ -259,10 +259,18 @@ trainer_args() {
 }
 
 # ----------------------------------------------------------------------- main -------------
+usage() {  # this script's header, then the trainer's options
+    sed -n '2,/^# ----.*what to run/{/^# ----/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    sed -n '/^# ----.*what to run/,/^# ------/{/^# ----/d;p}' "${BASH_SOURCE[0]}"
+    echo; echo "Options after ./run.sh (or in EXTRA_ARGS) go to the trainer:"; echo
+}
+
 main() {
-    if [[ "${1:-}" == --setup ]]; then
-        LAUNCHER=""; find_python; say "environment ready: $PY"; exit 0
-    fi
+    case "${1:-}" in
+        --setup) LAUNCHER=""; find_python; say "environment ready: $PY"; exit 0 ;;
+        -h|--help) LAUNCHER=""; find_python; usage; exec "$PY" -m sparsecomm.train --help ;;
+        --list-presets|--list-reducers) LAUNCHER=""; find_python; exec "$PY" -m sparsecomm.train "$1" ;;
+    esac
     detect_launcher
     if [[ -n "$LAUNCHER" ]]; then  # settings the launcher contradicts fail before anything starts
         [[ $WORLD_SIZE =~ ^[1-9][0-9]*$ && $RANK =~ ^[0-9]+$ ]] || die "bad rank $RANK or world size $WORLD_SIZE from $LAUNCHER"

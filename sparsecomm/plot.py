@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -235,12 +236,15 @@ def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in text)
 
 
-def plot_runs(paths: list[Path], out: Path) -> list[Path]:
+def plot_runs(paths: list[Path], out: Path | None = None) -> list[Path]:
     """Read the runs among ``paths`` (warning about each that is incomplete), write their
-    figures into ``out`` and return the files written."""
+    figures into ``out`` (default: ``figures`` in the folder that holds the runs) and return
+    the files written."""
     dirs = find_runs(paths)
     if not dirs:
         raise NotARunError(f"no run directory among {', '.join(map(str, paths))}")
+    if out is None:
+        out = Path(os.path.commonpath([d.resolve().parent for d in dirs])) / "figures"
     runs = []
     for d in dirs:
         try:
@@ -265,7 +269,8 @@ def plot_runs(paths: list[Path], out: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsecomm.plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
-    p.add_argument("--out", type=Path, default=Path("figures"), help="folder for the PNG files (default ./figures)")
+    p.add_argument("--out", type=Path, help="folder for the PNG files (default: figures/ in the folder that holds "
+                                           "the runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s: %(message)s")
     try:
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"error: cannot write the figures into {args.out}: {exc}", file=sys.stderr)
+        print(f"error: cannot write the figures{f' into {args.out}' if args.out else ''}: {exc}", file=sys.stderr)
         return 1
     for path in written:
         print(path)

@@ -37,13 +37,14 @@ class LineProgress:
         self.postfix = ""
         self._start = self._last = time.monotonic()
         self._closed = False
+        self._said = -1  # the count the last line said
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
         if now - self._last >= self.every:
             self._last = now
-            self.log.info("%s", self.line(now))
+            self._say(now)
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
@@ -73,9 +74,13 @@ class LineProgress:
         return f"{value:,.0f}" if value >= 100 or float(value).is_integer() else f"{value:.3g}"
 
     def close(self) -> None:
-        if not self._closed and time.monotonic() - self._start >= self.every:
-            self.log.info("%s", self.line())
+        if not self._closed and self.n != self._said and time.monotonic() - self._start >= self.every:
+            self._say(time.monotonic())
         self._closed = True
+
+    def _say(self, now: float) -> None:
+        self._said = self.n
+        self.log.info("%s", self.line(now))
 
     def __enter__(self) -> "LineProgress":
         return self

@@ -147,3 +147,13 @@ def test_many_runs_get_a_legend_beside_the_axes():
     assert fig.axes[0].get_legend() is None and len(fig.legends) == 1
     assert legend(fig) == [f"topk c=0.01, seed={i}" for i in range(12)]
     assert [line.get_linestyle() for line in fig.axes[0].get_lines()][9:11] == ["-", "--"]
+
+
+def test_figures_go_beside_the_runs_unless_told(runs, tmp_path, monkeypatch, capsys):
+    """Without --out the figures are written into figures/ of the folder holding the runs, not
+    into the current directory (the repository, for a user following the README)."""
+    monkeypatch.chdir(tmp_path)
+    assert main([str(runs["exact"]), str(runs["topk"])]) == 0
+    written = [Path(p) for p in capsys.readouterr().out.split()]
+    assert written and {p.parent for p in written} == {runs["exact"].resolve().parent / "figures"}
+    assert not (tmp_path / "figures").exists()

@@ -10,6 +10,7 @@ import yaml
 
 import tiny_data
 import train_scenarios as ts
+from run_dirs import assert_same_records
 from shared_data import SHARED_DATA
 from sparsecomm.train.checkpoint import CheckpointError
 from sparsecomm.train.cli import main as cli_main
@@ -160,17 +161,7 @@ def assert_same_end(a_dir, b_dir, stopped_at=None):
     for r in range(2):
         a_res, b_res = ra[r]["reducer"]["residual"], rb[r]["reducer"]["residual"]
         assert (a_res is None and b_res is None) or torch.equal(a_res, b_res), f"rank {r} residual differs"
-    strip = lambda lines: [{k: v for k, v in json.loads(l).items() if not k.startswith("t_") and k != "time"}  # noqa: E731
-                           for l in lines]
-    a_lines = strip((a_dir / "metrics.jsonl").read_text().splitlines())
-    b_lines = strip((b_dir / "metrics.jsonl").read_text().splitlines())
-    if stopped_at is not None:
-        kinds = {("split" in line, line.get("split")) for line in a_lines if line["step"] == stopped_at}
-        added = [l for l in b_lines if l["step"] == stopped_at and ("split" in l, l.get("split")) not in kinds]
-        assert added, "the stop at max_steps wrote its training line and evaluation"
-        assert {"split" in l for l in added} == {False, True}
-        b_lines = [l for l in b_lines if l not in added]
-    assert a_lines == b_lines
+    assert_same_records(a_dir, b_dir, stopped_at)
 
 
 SIGNAL_STOPS = {"SIGTERM to rank 1": (1, signal.SIGTERM), "Ctrl-C (SIGINT to every rank)": (-1, signal.SIGINT),

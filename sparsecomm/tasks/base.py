@@ -84,6 +84,13 @@ class Task(abc.ABC):
     def evaluate(self, model: nn.Module) -> list[dict[str, Any]]:
         """Evaluation records, one per split: ``{"split": "test", "accuracy": ...}``."""
 
+    @classmethod
+    def synthetic_step(cls, cfg: RunConfig, batch_size: int) -> tuple[int, Callable[[], None]] | None:
+        """Without reading any data: the training examples of ``cfg.task`` as published, and a
+        function that runs one forward and backward of ``cfg.model`` on a random batch of this
+        task's shape (to price a run before its data is prepared); None where either is unknown."""
+        return None
+
     def train_examples(self) -> int | None:
         """Training examples in the data set (tokens for a language model); None if unknown."""
         return None

@@ -24,9 +24,25 @@ class ImageClassification(Task):
     metric = "accuracy"
     CIFAR_MODELS = ("resnet18", "resnet20", "resnet152", "vgg16", "vgg19", "senet18", "googlenet")
 
+    # Training images, image shape and classes, as published.
+    PUBLISHED = {"cifar10": (50_000, (3, 32, 32), 10), "cifar100": (50_000, (3, 32, 32), 100),
+                 "mnist": (60_000, (1, 28, 28), 10), "fashion-mnist": (60_000, (1, 28, 28), 10)}
+
     @classmethod
     def models_for(cls, task: str) -> tuple[str, ...]:
         return cls.CIFAR_MODELS if task.startswith("cifar") else ("mnist_cnn",)
+
+    @classmethod
+    def synthetic_step(cls, cfg, batch_size: int):
+        examples, shape, classes = cls.PUBLISHED[cfg.task]
+        model = build_model(cfg.model, **{"num_classes": classes, **cfg.model_options})
+        x, y = torch.randn(batch_size, *shape), torch.randint(classes, (batch_size,))
+
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+
+        return examples, step
 
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)

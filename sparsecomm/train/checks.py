@@ -30,6 +30,9 @@ def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False)
     ones); with ``workers`` (``virtual``: simulated in one process), also check the per-worker
     batch and that the run directory of a job that size can be written. Returns ``cfg``."""
     cfg.validate()
+    data = Path(cfg.data.dir)
+    if data.exists() and not data.is_dir():
+        raise ConfigError(f"the data directory {data} is a file, not a folder; set DATA_DIR (--data-dir) to a folder")
     try:
         task_class(cfg.task).check(cfg)
         rc = cfg.reducer

@@ -183,11 +183,23 @@ def _main(argv: list[str] | None) -> int:
 
         from .records import run_name
 
-        print(f"preset={cfg.preset or ''}\ntask={cfg.task}\ngpus={_gpus()}")
+        gpus = _gpus()
+        print(f"preset={cfg.preset or ''}\ntask={cfg.task}\ngpus={gpus}", flush=True)
         if workers is not None:
-            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers, bool(virtual))}")
+            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers, bool(virtual))}",
+                  flush=True)
+            if _is_main() and not virtual and (cfg.device == "cpu" or (cfg.device == "auto" and not gpus)):
+                _say_cpu_cost(cfg, workers)
         return 0
     return _train(cfg, args.fresh, virtual)
+
+
+def _say_cpu_cost(cfg: RunConfig, workers: int) -> None:
+    """Before any data is prepared: what the job costs on this CPU (rank 0, on stderr)."""
+    from .estimate import QUICK_PRESET, cpu_notice
+
+    quick = None if cfg.preset == QUICK_PRESET else load_config(find_preset(QUICK_PRESET), preset_name=QUICK_PRESET)
+    print(f"note: {cpu_notice(cfg, workers, quick)}", file=sys.stderr, flush=True)
 
 
 def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:

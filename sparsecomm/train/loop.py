@@ -74,7 +74,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.run_dir, job)
         self.meter = Meter(job, cfg.records.log_every)
         self.evaluator = Evaluator(self.task, cfg.records, job.is_main)
-        self.pace = Pace()
+        self.pace = Pace(job.is_main)
         self.step = 0
         self._started = time.perf_counter()
         self._saved_tag: str | None = None
@@ -205,6 +205,8 @@ class Trainer:
                 self._train_step(batch, t_data=time.perf_counter() - mark)
                 at = self._moment()
                 self._show_progress(bar)
+                if at.epoch_end or at.last or at.stop is not None:
+                    bar.close()
                 if self.meter.should_log(at):
                     self._log_training(at)
                 if at.step == 1 or self.meter.should_log(at):
@@ -214,7 +216,6 @@ class Trainer:
                 if self._should_checkpoint(at):
                     self._checkpoint()
                 if at.stop is not None:
-                    bar.close()
                     raise Stopped(f"{at.stop}; checkpoint {self._saved_tag} in {self.checkpoints.root}", at.signal)
                 if at.last or at.epoch_end:
                     break

@@ -146,17 +146,18 @@ class Meter:
 class Pace:
     """Says, once, ``at`` steps after the start (or a resume), how long an epoch and the rest of
     the run will take, measured over those steps less the first ``skip`` (allocation, caches,
-    first collectives). On a CPU, a run of more than a day is said to be sized for GPUs."""
+    first collectives). On a CPU, a run of more than a day is said to be sized for GPUs. Only
+    ``show`` (rank 0's) says it."""
 
-    def __init__(self, at: int = 30, skip: int = 5) -> None:
-        self.at, self.skip = at, skip
+    def __init__(self, show: bool, at: int = 30, skip: int = 5) -> None:
+        self.show, self.at, self.skip = show, at, skip
         self._times: list[float] = []
 
     def tick(self, elapsed: float, step: int, steps_per_epoch: int, total_steps: int, device: str) -> None:
         if len(self._times) >= self.at:
             return
         self._times.append(elapsed)
-        if len(self._times) < self.at:
+        if len(self._times) < self.at or not self.show:
             return
         per_step = (self._times[-1] - self._times[self.skip - 1]) / (self.at - self.skip)
         left = total_steps - step
