@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["si", "duration"]
+__all__ = ["si", "duration", "seconds"]
 
 _SI = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 
@@ -26,3 +26,8 @@ def duration(seconds: float) -> str:
     if s >= 3600:
         return f"{s // 3600} h {s % 3600 // 60:02d} min"
     return f"{s // 60} min {s % 60:02d} s"
+
+
+def seconds(value: float) -> str:
+    """A short time, three significant digits: 12.3 ms, 1.87 s, 412 s."""
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"

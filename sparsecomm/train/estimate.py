@@ -12,7 +12,7 @@ import torch
 
 from ..config import RunConfig
 from ..tasks import task_class
-from ..units import duration
+from ..units import duration, seconds
 
 __all__ = ["CpuEstimate", "estimate_on_cpu", "cpu_notice"]
 
@@ -64,7 +64,7 @@ def cpu_notice(cfg: RunConfig, workers: int, quick: RunConfig | None = None) -> 
     if found is None:
         return f"{head}; the trainer projects the run's length after its first 30 steps"
     text = (f"{head}. {name}: {found.steps:,} steps of {cfg.batch_per_worker(workers)} examples per worker, "
-            f"{_seconds(found.per_step)} each for forward and backward here (timed now on random data), "
+            f"{seconds(found.per_step)} each for forward and backward here (timed now on random data), "
             f"about {duration(found.seconds)} in all (communication and evaluation not included)")
     if found.seconds > _LONG and quick is not None:
         fast = estimate_on_cpu(quick, workers)
@@ -73,6 +73,3 @@ def cpu_notice(cfg: RunConfig, workers: int, quick: RunConfig | None = None) -> 
                      f"(about {duration(fast.seconds)})")
     return text
 
-
-def _seconds(s: float) -> str:
-    return f"{s * 1e3:.3g} ms" if s < 1 else duration(s)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..units import duration, si
+from ..units import duration, seconds, si
 from .meter import PART_NAMES
 
 __all__ = ["report"]
@@ -24,8 +24,8 @@ def report(summary: dict[str, Any], where: str) -> str:
                  f"{si(summary['total_bytes_sent'], 'B')} in all")
     split = summary.get("time_split")
     if split:
-        parts = ", ".join(f"{PART_NAMES[k]} {_ms(v)}" for k, v in split.items())
-        lines.append(f"  {'per step':<10} {_ms(sum(split.values()))}: {parts}")
+        parts = ", ".join(f"{PART_NAMES[k]} {seconds(v)}" for k, v in split.items())
+        lines.append(f"  {'per step':<10} {seconds(sum(split.values()))}: {parts}")
     for warning in summary.get("warnings", []):
         lines.append(f"  warning: {warning}")
     return "\n".join(lines)
@@ -41,6 +41,3 @@ def _metric(summary: dict[str, Any]) -> str:
         text += f"; best {best['value']:.4g} at epoch {round(best['epoch'], 3):g}"
     return text
 
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
