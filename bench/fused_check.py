@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from sparsecomm.reducers import fused
-from sparsecomm.reducers.selection import ThresholdSearch
+from sparsecomm.reducers.select import fused
+from sparsecomm.reducers.select.primitives import ThresholdSearch
 
 import results_files  # bench/results_files.py: earlier results are set aside
 

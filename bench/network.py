@@ -1,6 +1,6 @@
 """What the links do to each method: training steps on hosts joined by rate-limited links.
 
-For each host count and link rate, ``sparsecomm.netlab`` makes the hosts (network namespaces
+For each host count and link rate, ``sparsecomm.tools.netlab`` makes the hosts (network namespaces
 on a bridge, ``tc tbf`` egress limits; root and iproute2 needed); one worker runs on each host
 (``bench/network.py worker``, started with ``ip netns exec``), joins one gloo group over the
 links and, for each model and method, trains ``--steps`` real steps with the project's trainer
@@ -9,7 +9,7 @@ links and, for each model and method, trains ``--steps`` real steps with the pro
 the wire, achieved density. For ``exact`` the dense all-reduce's achieved bandwidth is
 ``bytes_wire * 8 / t_comm`` against the configured rate. Before training, each host count and
 rate times the bare all-reduce and all-gather at ``--collectives`` sizes: the points
-``python -m sparsecomm.costmodel fit`` fits the links' alpha and beta to.
+:func:`sparsecomm.tools.costmodel.fit` fits the links' alpha and beta to.
 
     .venv/bin/python bench/network.py run --hosts 2,4 --rates 100mbit,1gbit,10gbit,unlimited \
         --models mnist_cnn,resnet20 --methods exact,exdyna,sage,topk,gtopk,powersgd,randomk \
@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparsecomm import netlab  # noqa: E402
+from sparsecomm.tools import netlab  # noqa: E402
 from sparsecomm.train.meter import TIME_PARTS as PARTS  # noqa: E402
 
 import results_files  # noqa: E402  (bench/results_files.py: earlier results are set aside)
@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> int:
     import logging
 
     from sparsecomm.config import load_config
-    from sparsecomm.job import join
+    from sparsecomm.launch.job import join
     from sparsecomm.train.loop import Trainer
     from sparsecomm.train.presets import find_preset
 
@@ -107,10 +107,10 @@ def worker(args: argparse.Namespace) -> int:
 
 def collectives(job: Any, sizes: list[int], repeats: int = 5) -> list[dict]:
     """Rank 0's median time of the project's all-reduce and all-gather of ``sizes`` bytes
-    (float32) over the links: what :mod:`sparsecomm.costmodel` fits its alpha and beta to."""
+    (float32) over the links: what :mod:`sparsecomm.tools.costmodel` fits its alpha and beta to."""
     import torch
 
-    from sparsecomm.reducers.comm import make_communicator
+    from sparsecomm.reducers.comm.communicator import make_communicator
 
     comm = make_communicator()
     rows = []
@@ -259,8 +259,8 @@ def _results(files: str, part: str) -> list[dict]:
 
 def fit(args: argparse.Namespace) -> int:
     """Fit the links' parameters to the timed collectives of ``run`` and write them where
-    ``python -m sparsecomm.predict`` reads them."""
-    from sparsecomm import costmodel
+    ``python -m sparsecomm predict`` reads them."""
+    from sparsecomm.tools import costmodel
 
     points = [{**p, "rate_bps": netlab.parse_rate(p["rate"])} for p in _results(args.results, "collectives")]
     links = costmodel.fit(points)
@@ -282,9 +282,9 @@ def validate(args: argparse.Namespace) -> int:
     method profiled on as many virtual workers as there were hosts, fed the model's gradients,
     its collectives priced with the fitted links; the step predicted from the measured compute
     and selection plus the predicted communication, against the measured step."""
-    from sparsecomm import costmodel
+    from sparsecomm.tools import costmodel
     from sparsecomm.config import load_config
-    from sparsecomm.predict import load_task, worker_gradients
+    from sparsecomm.tools.predict import load_task, worker_gradients
     from sparsecomm.train.presets import find_preset
 
     links = costmodel.Links.load(args.links)

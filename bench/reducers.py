@@ -103,7 +103,7 @@ def grad_scale_arg(text: str) -> float | str:
 def auto_scale(d: int, density: float) -> float:
     """sigma such that a N(0, sigma^2) coordinate passes the default hard threshold
     1/(2 sqrt(k)) with probability ``density`` (so thresh's first step sends about k)."""
-    from sparsecomm.reducers.selection import initial_threshold, target_count
+    from sparsecomm.reducers.select.primitives import initial_threshold, target_count
     z = statistics.NormalDist().inv_cdf(1 - density / 2)
     return initial_threshold(target_count(density, d)) / z
 

@@ -8,7 +8,7 @@ For each model (ResNet-20 on CIFAR-10, the MNIST CNN on MNIST) and worker count 
    ``--batch`` images from its own shard (the trainer's sharding) and computes its gradient; the
    model then moves by the dense average (SGD, the pre-training lr). These W gradients per step
    are kept on disk and fed, unchanged, to every method: each method runs as W reducers on a
-   :class:`~sparsecomm.reducers.virtual.VirtualWorld` (the training loop's code, each worker
+   :class:`~sparsecomm.reducers.comm.virtual.VirtualWorld` (the training loop's code, each worker
    with its own residual), so every method sees the same inputs;
 3. per method, over the steps after ``--warmup``: the achieved global density (rank 0's
    ``density``; the union of all selections for gather-based methods, compared with W k where
@@ -63,8 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsecomm import reducers  # noqa: E402
 from sparsecomm.units import si  # noqa: E402
 from sparsecomm.config import load_config  # noqa: E402
-from sparsecomm.job import Job  # noqa: E402
-from sparsecomm.reducers.virtual import VirtualWorld  # noqa: E402
+from sparsecomm.launch.job import Job  # noqa: E402
+from sparsecomm.reducers.comm.virtual import VirtualWorld  # noqa: E402
 from sparsecomm.tasks import build_task  # noqa: E402
 from sparsecomm.train.presets import find_preset  # noqa: E402
 from sparsecomm.train.workers import (available_memory, bound_allocator_if_tight, fits_in_memory,  # noqa: E402
@@ -357,7 +357,7 @@ def write_mnist_libsvm(data_dir: Path) -> Path:
 
 def convergence(args: argparse.Namespace) -> int:
     """The trainer with --virtual-workers: one epoch of the MNIST CNN, two of logistic regression."""
-    from sparsecomm.job import join
+    from sparsecomm.launch.job import join
     from sparsecomm.train.loop import Trainer
 
     data_dir = Path(args.data_dir)

@@ -4,7 +4,7 @@
 
 Prints milliseconds per call (median of 5) for blocks of 0 (the direct search), 16, 32, 64,
 128 and 256 elements, next to one read pass over the vector (the memory floor). The block
-length rule in sparsecomm.reducers.selection.search_block comes from this table.
+length rule in sparsecomm.reducers.select.primitives.search_block comes from this table.
 """
 import argparse
 import statistics
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from sparsecomm.reducers.selection import threshold_select
+from sparsecomm.reducers.select.primitives import threshold_select
 
 
 def median_ms(fn, reps: int) -> float:

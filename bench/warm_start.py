@@ -18,7 +18,7 @@ there for the rest of the phase ("settle"; "-" when it never does), the extreme 
 settling, and the crossings of the target after settling (oscillation). ``--per-step`` prints
 every ratio. Configurations: the published method (controller "paper", no warm start), the
 warm start alone, and the fast controller with warm start at each gain in ``--gains`` (the
-gain is sparsecomm.reducers.control.FAST_GAIN, set here before building; --acceleration and
+gain is sparsecomm.reducers.select.control.FAST_GAIN, set here before building; --acceleration and
 --max-acceleration set the growth of ExDyna's and MiCRO's downward steps likewise).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sparsecomm import reducers
-from sparsecomm.reducers import control
+from sparsecomm.reducers.select import control
 
 D = 100_000
 

@@ -4,7 +4,7 @@ The floor of one worker's step is log2 C(span, k) bits for the set of k position
 (span: the positions it may select from, d or its partition) plus the bits of the values it
 hands over (k values for sparse gather-sum, the |union| values for union all-reduce), at the
 width they travel in (32 or 16 bits); reducers report it as ``wire_floor_bytes``
-(sparsecomm/reducers/wire.py). ``bytes_sent`` (everything handed to collectives, handshake
+(sparsecomm/reducers/comm/wire.py). ``bytes_sent`` (everything handed to collectives, handshake
 and padding included) over that floor is the ratio reported here.
 
 bench/reducers.py prints this table under its own for one format (``--wire values=fp16,indices=delta``).
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from sparsecomm import reducers
-from sparsecomm.reducers.wire import INDEX_FORMATS, VALUE_FORMATS, WireFormat
+from sparsecomm.reducers.comm.wire import INDEX_FORMATS, VALUE_FORMATS, WireFormat
 
 import gloo_workers  # bench/gloo_workers.py: the process harness
 import results_files  # bench/results_files.py: earlier results are set aside
@@ -96,7 +96,7 @@ def codec_times(d: int = 11_173_962, densities=(0.001, 0.01), reps: int = 7) -> 
     noise of a whole reduce."""
     import time
 
-    from sparsecomm.reducers.wire import decode_positions, encode_positions
+    from sparsecomm.reducers.comm.wire import decode_positions, encode_positions
     torch.set_num_threads(1)
     lines = [f"{'c':>6} {'k':>8} {'format':<7} {'encode ms':>10} {'decode ms':>10} {'bytes':>10}"]
     gen = torch.Generator().manual_seed(0)

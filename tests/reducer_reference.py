@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sparsecomm.reducers.selection import sample_distinct, slovin_sample_size
+from sparsecomm.reducers.select.primitives import sample_distinct, slovin_sample_size
 
 # name -> function(simulation, xs) -> (avg, positions zeroed in each worker's residual). More
 # families register theirs from tests/reference_*.py (imported at the end of this module).

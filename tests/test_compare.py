@@ -1,4 +1,4 @@
-"""``python -m sparsecomm.compare`` and the run reader under it: one row per real run (one solo
+"""``python -m sparsecomm compare`` and the run reader under it: one row per real run (one solo
 run per reducer on tiny MNIST, one PTB run), runs cut short or resumed, the text, Markdown
 and CSV outputs, and directories that are not runs."""
 import json
@@ -12,8 +12,8 @@ import pytest
 
 import tiny_data
 from sparsecomm import reducers
-from sparsecomm.compare import COLUMNS, load, main, table
-from sparsecomm.runs import Headline, Run, find_runs, load_run, task_headline
+from sparsecomm.tools.compare import COLUMNS, load, main, table
+from sparsecomm.tools.runs import Headline, Run, find_runs, load_run, task_headline
 from run_dirs import cut_short
 from test_training import overrides, run_solo
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tiny_data
-from sparsecomm import costmodel
-from sparsecomm import predict as predictor
+from sparsecomm.tools import costmodel
+from sparsecomm.tools import predict as predictor
 
 SHAPES = [torch.Size([40, 30]), torch.Size([30]), torch.Size([7, 11])]
 

@@ -44,8 +44,8 @@ def clean_shell(script: str, timeout: float = 600) -> subprocess.CompletedProces
 
 def test_the_docs_show_the_entry_points_this_test_expects():
     commands = documented()
-    for expected in ("python -m sparsecomm.compare --help", "python -m sparsecomm.plot --help",
-                     "python -m sparsecomm.sweep --help", "python -m sparsecomm.predict --help",
+    for expected in ("python -m sparsecomm compare --help", "python -m sparsecomm plot --help",
+                     "python -m sparsecomm sweep --help", "python -m sparsecomm predict --help",
                      "python -m sparsecomm.train --help", "python examples/ddp_hook.py --help", "torchrun --help"):
         assert expected in commands, sorted(commands)
 

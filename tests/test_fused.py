@@ -1,4 +1,4 @@
-"""The fused selection pass (sparsecomm.reducers.fused): the compiled CPU loop and the Triton
+"""The fused selection pass (sparsecomm.reducers.select.fused): the compiled CPU loop and the Triton
 kernel (under TRITON_INTERPRET=1, on CPU tensors) against the torch reference, bit for bit;
 the four threshold methods give the same results with selection="torch" and "fused" across
 real gloo process groups of 1 to 4 workers; states move between the two."""
@@ -11,7 +11,7 @@ import torch
 
 import fused_scenarios as fs
 from sparsecomm import reducers
-from sparsecomm.reducers import fused
+from sparsecomm.reducers.select import fused
 
 METHODS = ("exdyna", "micro", "thresh", "sage")
 CPU = torch.device("cpu")
@@ -169,7 +169,7 @@ def test_triton_kernel_compiles_for_a_cuda_gpu_without_one():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from sparsecomm.reducers import fused_triton
+    from sparsecomm.reducers.select import fused_triton
 
     for fp, ip in (("fp32", "i32"), ("fp64", "i64")):
         signature = {"g": f"*{fp}", "m": f"*{fp}", "x": f"*{fp}", "n": "i32", "start": "i32", "end": "i32",

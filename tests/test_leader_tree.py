@@ -11,11 +11,11 @@ from reducer_reference import Simulation
 from reference_leader_tree import deft_bins, deft_k, deft_units
 from sparsecomm import reducers
 from sparsecomm.reducers.methods import deft as deft_mod
-from sparsecomm.reducers.methods import leader as leader_mod
+from sparsecomm.reducers.methods import cltk as leader_mod
 from sparsecomm.reducers.methods.deft import COMMON, pack_units, split_units
-from sparsecomm.reducers.selection import allocate_k
+from sparsecomm.reducers.select.primitives import allocate_k
 from sparsecomm.reducers.methods.gtopk import merge_top
-from sparsecomm.reducers.selection import target_count
+from sparsecomm.reducers.select.primitives import target_count
 
 HANDSHAKE = 48  # bytes of the step's handshake row (6 float64 fields; docs/reducers.md)
 D = sum(math.prod(s) for s in sc.SHAPES)

@@ -8,7 +8,7 @@ import torch
 
 import merged_scenarios as ms
 from sparsecomm import reducers
-from sparsecomm.reducers.grouping import (LinearCost, best_grouping, fit_linear, fusion_allowed, predicted_time,
+from sparsecomm.reducers.select.grouping import (LinearCost, best_grouping, fit_linear, fusion_allowed, predicted_time,
                                           sparsification_noise)
 
 

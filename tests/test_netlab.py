@@ -1,5 +1,5 @@
 """Multi-host runs over real links: hosts made as network namespaces on a bridge
-(``sparsecomm.netlab``, addresses 10.213.0.x, traffic only between them), run.sh started on each
+(``sparsecomm.tools.netlab``, addresses 10.213.0.x, traffic only between them), run.sh started on each
 the seeds' way (``hostip``/``port``) and with ``MASTER_ADDR``/``MASTER_PORT``; a host whose link
 goes down mid-run. Skipped with the reason where namespaces cannot be made (not root, no
 iproute2). The jobs are the launcher tests' logistic regression, which cannot diverge."""
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from sparsecomm import netlab
+from sparsecomm.tools import netlab
 from test_launchers import ROOT, _wait_for_metrics, assert_same_end, data_dir, job_env, straight_plain  # noqa: F401
 
 BOUND_S = 60

@@ -6,12 +6,12 @@ import time
 import pytest
 import torch
 
-from sparsecomm.reducers.control import MultiplicativeScaling, SageScaling, clamp_threshold
-from sparsecomm.reducers.exchange import pack, packed_count, unpack, union_of
+from sparsecomm.reducers.select.control import MultiplicativeScaling, SageScaling, clamp_threshold
+from sparsecomm.reducers.comm.exchange import pack, packed_count, unpack, union_of
 from sparsecomm.reducers.layout import Layout
-from sparsecomm.reducers.memory import ErrorFeedback
-from sparsecomm.reducers.placement import BlockPartitions, EqualPartitions
-from sparsecomm.reducers.selection import (initial_threshold, sample_distinct, slovin_sample_size, target_count,
+from sparsecomm.reducers.error_feedback import ErrorFeedback
+from sparsecomm.reducers.select.placement import BlockPartitions, EqualPartitions
+from sparsecomm.reducers.select.primitives import (initial_threshold, sample_distinct, slovin_sample_size, target_count,
                                            threshold_select, threshold_select_segments, topk_per_segment)
 from sparsecomm.reducers.timing import PhaseTimer
 

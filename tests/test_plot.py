@@ -1,4 +1,4 @@
-"""``python -m sparsecomm.plot``: which files, titles, legend labels and tick formatters it
+"""``python -m sparsecomm plot``: which files, titles, legend labels and tick formatters it
 gives for real run directories (made by the trainer on tiny data), and how it treats
 interrupted, empty and foreign directories. Checks the figures' objects, not pixels."""
 import json
@@ -9,8 +9,8 @@ import pytest
 from matplotlib.ticker import EngFormatter
 
 import tiny_data
-from sparsecomm.plot import FIGURES, figures, labels, main, plot_runs
-from sparsecomm.runs import Run, load_run
+from sparsecomm.tools.plot import FIGURES, figures, labels, main, plot_runs
+from sparsecomm.tools.runs import Run, load_run
 from run_dirs import cut_short
 from test_training import overrides, run_solo
 

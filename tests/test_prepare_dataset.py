@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 import tiny_data
-from sparsecomm.data.prepared import read_marker
+from sparsecomm.data.prepare.manifest import read_marker
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "prepare_dataset.sh"

@@ -9,7 +9,7 @@ import torch
 import reducer_scenarios as sc
 from reducer_reference import Simulation
 from sparsecomm import reducers
-from sparsecomm.reducers.bitpack import code_width, pack_bits, packed_bytes, unpack_bits
+from sparsecomm.reducers.comm.bitpack import code_width, pack_bits, packed_bytes, unpack_bits
 from sparsecomm.reducers.methods.quantized import stream_seed
 
 HANDSHAKE = 48  # bytes of the step's handshake row (6 float64 fields)
@@ -387,8 +387,8 @@ LONG_CASES = [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 100}), ("terng
 
 @pytest.mark.parametrize("name,options", LONG_CASES)
 def test_long_tensors_decoded_in_pieces_agree_with_the_reference(name, options):
-    from sparsecomm.reducers.exchange import DECODE_CHUNK
-    from sparsecomm.reducers.virtual import VirtualWorld
+    from sparsecomm.reducers.comm.exchange import DECODE_CHUNK
+    from sparsecomm.reducers.comm.virtual import VirtualWorld
 
     assert max(math.prod(s) for s in LONG_SHAPES) > DECODE_CHUNK
     P = 2

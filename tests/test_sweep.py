@@ -1,4 +1,4 @@
-"""python -m sparsecomm.sweep: a 2x2 grid (exact and exdyna, two seeds) run locally through run.sh,
+"""python -m sparsecomm sweep: a 2x2 grid (exact and exdyna, two seeds) run locally through run.sh,
 stopped with Ctrl-C and resumed, then skipped whole; bad input (one line, exit 2, nothing run);
 and the grid grown by a seed as a SLURM job array through pararun on the single-node SLURM of
 the launcher tests (only the new points submitted, waited for, found complete).
@@ -21,8 +21,8 @@ import pytest
 import tiny_data
 from test_launchers import clean_env, slurm, worker_pids  # noqa: F401  (slurm: the single-node SLURM fixture)
 
-from sparsecomm import sweep
-from sparsecomm.grid import Grid, Point
+from sparsecomm.tools import sweep
+from sparsecomm.tools.grid import Grid, Point
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -87,7 +87,7 @@ def local(svm_dir, tmp_path_factory):
     then once more. Each stage's exit status and output, and the run directories after the first."""
     tmp = tmp_path_factory.mktemp("sweep")
     out = tmp / "runs"
-    cmd = [PY, "-m", "sparsecomm.sweep", *sweep_args(svm_dir, out)]
+    cmd = [PY, "-m", "sparsecomm", "sweep", *sweep_args(svm_dir, out)]
     stages = {}
     with open(tmp / "1.out", "w") as o, open(tmp / "1.err", "w") as e:
         proc = subprocess.Popen(cmd, cwd=tmp, env=clean_env(), stdout=o, stderr=e, start_new_session=True)
@@ -186,7 +186,7 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_runs(svm_dir, tmp_path
 
 
 def test_bad_input_from_the_command_line(svm_dir, tmp_path):
-    done = subprocess.run([PY, "-m", "sparsecomm.sweep", *bad_args(svm_dir, tmp_path, seeds="0,x")], cwd=ROOT,
+    done = subprocess.run([PY, "-m", "sparsecomm", "sweep", *bad_args(svm_dir, tmp_path, seeds="0,x")], cwd=ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == "error: --seeds: 'x' is not an integer; seeds are integers, e.g. 0,1,2\n"
@@ -199,7 +199,7 @@ def test_a_sweep_of_short_runs_tabulates_their_figures(svm_dir, tmp_path):
     args = ["--preset", "logreg", "--reducers", "exact", "--workers", "1", "--data-dir", str(svm_dir),
             "--output-dir", str(out), *[a for s in SETTINGS if not s.startswith("records.log_every")
                                         for a in ("--set", s)], "--set", "max_steps=3"]
-    done = subprocess.run([PY, "-m", "sparsecomm.sweep", *args], cwd=tmp_path, env=clean_env(),
+    done = subprocess.run([PY, "-m", "sparsecomm", "sweep", *args], cwd=tmp_path, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "[1/1] exact seed 0: stopped before the end of its schedule" in done.stdout, done.stdout
@@ -222,7 +222,7 @@ def test_entry_gives_each_array_task_its_point_as_run_sh_variables(tmp_path):
     grid = Grid("logreg", [Point("exact", None, 0, str(tmp_path / "a"), 1.0), Point("exdyna", 0.05, 1, "b", 1.0)],
                 2, "/data dir", "/runs", ["task_options.path=my file.svm", "optimizer.lr=0.01"])
     grid.save(tmp_path / "grid.json")
-    script = (f'eval "$({PY} -m sparsecomm.sweep --entry {tmp_path}/grid.json 1)" && eval "extra=($EXTRA_ARGS)" && '
+    script = (f'eval "$({PY} -m sparsecomm sweep --entry {tmp_path}/grid.json 1)" && eval "extra=($EXTRA_ARGS)" && '
               'printf "%s\\n" "$PRESET" "$MODEL" "$REDUCER" "$DENSITY" "$SEED" "$DATA_DIR" "[$NPROC]" "${extra[@]}"')
     done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=clean_env(MODEL="vgg16", NPROC=4), capture_output=True,
                           text=True, timeout=60)
@@ -230,7 +230,7 @@ def test_entry_gives_each_array_task_its_point_as_run_sh_variables(tmp_path):
     assert done.stdout.splitlines() == ["logreg", "", "exdyna", "0.05", "1", "/data dir", "[]",
                                         "--set=task_options.path=my file.svm", "--set=optimizer.lr=0.01"]
     assert done.stderr == f"sweep {tmp_path}/grid.json: point 1, exdyna c=0.05 seed 1, in b\n"
-    out_of_range = subprocess.run([PY, "-m", "sparsecomm.sweep", "--entry", str(tmp_path / "grid.json"), "2"],
+    out_of_range = subprocess.run([PY, "-m", "sparsecomm", "sweep", "--entry", str(tmp_path / "grid.json"), "2"],
                                   cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
     assert out_of_range.returncode == 2
     assert out_of_range.stderr == f"error: --entry: no grid point '2' in {tmp_path}/grid.json; it has points 0 to 1\n"
@@ -261,14 +261,14 @@ def test_slurm_job_array_runs_the_points_not_yet_done(slurm, local, svm_dir, tmp
     they are done submits nothing and shows the table of all six."""
     out = tmp_path / "runs"
     shutil.copytree(local["out"], out)
-    cmd = [PY, "-m", "sparsecomm.sweep", *sweep_args(svm_dir, out, "0,1,2", "--slurm")]
+    cmd = [PY, "-m", "sparsecomm", "sweep", *sweep_args(svm_dir, out, "0,1,2", "--slurm")]
     done = slurm.run(*cmd, env=clean_env(), cwd=tmp_path, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.count(": complete, skipped (") == 4, done.stdout
     assert "[3/6] exact seed 2: array task 2, starting in " in done.stdout, done.stdout
     assert "[6/6] exdyna c=0.05 seed 2: array task 5, starting in " in done.stdout, done.stdout
     job = re.search(r"submitted job array (\d+): 2 task\(s\)", done.stdout)
-    assert job and f"squeue -j {job.group(1)}" in done.stdout and "python -m sparsecomm.compare " in done.stdout
+    assert job and f"squeue -j {job.group(1)}" in done.stdout and "python -m sparsecomm compare " in done.stdout
     job = job.group(1)
     assert set(wait_array(slurm, job)) <= {"COMPLETED", "GONE"}, slurm.log_tail()
     logs = sorted(out.glob(f".sweeps/*/{job}_*.out"))

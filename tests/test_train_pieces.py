@@ -10,7 +10,7 @@ import yaml
 
 from sparsecomm.train.checkpoint import CheckpointError, Checkpoints, write_atomic
 from sparsecomm.config import ConfigError, OptimizerConfig, RunConfig, ScheduleConfig, apply_overrides, load_config
-from sparsecomm.job import Job
+from sparsecomm.launch.job import Job
 from sparsecomm.train.optim import LearningRate, build_optimizer, peak_lr
 from sparsecomm.train.records import Recorder, check_run_dir, run_name, set_aside
 

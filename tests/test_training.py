@@ -15,7 +15,7 @@ from shared_data import SHARED_DATA
 from sparsecomm.train.checkpoint import CheckpointError
 from sparsecomm.train.cli import main as cli_main
 from sparsecomm.config import ConfigError, load_config
-from sparsecomm.job import join
+from sparsecomm.launch.job import join
 from sparsecomm.train.loop import Stopped, Trainer
 
 

@@ -19,8 +19,8 @@ import virtual_scenarios as vs
 from run_dirs import assert_same_records
 from sparsecomm import reducers
 from sparsecomm.config import load_config
-from sparsecomm.job import join
-from sparsecomm.reducers.virtual import VirtualWorld, VirtualWorldError, ring_sum
+from sparsecomm.launch.job import join
+from sparsecomm.reducers.comm.virtual import VirtualWorld, VirtualWorldError, ring_sum
 from sparsecomm.train import workers as workers_module
 from sparsecomm.train.cli import main as cli_main
 from sparsecomm.train.loop import Stopped, Trainer

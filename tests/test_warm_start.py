@@ -11,8 +11,8 @@ import warm_start_scenarios as ws
 from reducer_reference import Simulation
 from reducer_scenarios import SHAPES, flat
 from sparsecomm import reducers
-from sparsecomm.reducers.control import MultiplicativeScaling, SageScaling, pooled_threshold
-from sparsecomm.reducers.selection import curve_counts, top_curve
+from sparsecomm.reducers.select.control import MultiplicativeScaling, SageScaling, pooled_threshold
+from sparsecomm.reducers.select.primitives import curve_counts, top_curve
 
 PAPER = {"controller": "paper", "warm_start": False}
 PAPER_FACTORS = (1.005, 0.995, 1.00125, 0.9987, 1.0)

@@ -1,4 +1,4 @@
-"""Wire formats of the sparse exchanges (sparsecomm/reducers/wire.py): codes that decode to
+"""Wire formats of the sparse exchanges (sparsecomm/reducers/comm/wire.py): codes that decode to
 what was encoded, real gloo process groups of 1 to 4 workers in which every format gives
 identical averages on every rank, exact conservation with 16-bit values, the same average
 bit for bit as int32 positions when values travel in full, payloads of exactly the encoded
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsecomm import reducers
-from sparsecomm.reducers import wire
+from sparsecomm.reducers.comm import wire
 from reducer_scenarios import SHAPES, flat, make_grads, resume_matches
 from wire_scenarios import edge_formats, run_formats
 

@@ -114,8 +114,8 @@ def write_all(root: Path) -> Path:
 def mark_prepared(root: Path, name: str, candidate: str, published: bool = False) -> Path:
     """A ``.prepared`` manifest for a data set written above, as prepare_dataset.sh writes one
     (size and sha256 of every file in its folder); ``published`` claims it is the real data set."""
-    from sparsecomm.data.catalog import DATASETS
-    from sparsecomm.data.prepared import hash_files, write_marker
+    from sparsecomm.data.prepare.catalog import DATASETS
+    from sparsecomm.data.prepare.manifest import hash_files, write_marker
 
     folder = root / DATASETS[name].folder
     return write_marker(folder, name, candidate, "tests", hash_files(folder), published)

@@ -6,7 +6,7 @@ import signal
 from typing import Any
 
 from sparsecomm.config import load_config
-from sparsecomm.job import join
+from sparsecomm.launch.job import join
 from sparsecomm.train.loop import Stopped, Trainer
 
 

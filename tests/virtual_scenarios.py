@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from sparsecomm import reducers
-from sparsecomm.reducers.virtual import VirtualWorld
+from sparsecomm.reducers.comm.virtual import VirtualWorld
 from reducer_scenarios import SHAPES, flat, make_grads, run_steps
 
 # Options that make a method's decisions independent of timing (OMGS and AGTF fit their

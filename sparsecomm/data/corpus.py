@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .prepared import check_file, prepare_command
+from .prepare.manifest import check_file, prepare_command
 
 __all__ = ["CORPORA", "PUBLISHED_COUNTS", "EOS", "Dictionary", "Corpus", "batchify", "shard_columns",
            "bptt_batches"]

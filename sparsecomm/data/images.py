@@ -38,7 +38,7 @@ import torch
 import torchvision
 
 from ..progress import progress as progress_bar
-from .prepared import check_file, prepare_command, read_marker
+from .prepare.manifest import check_file, prepare_command, read_marker
 
 __all__ = ["ImageSet", "IMAGE_DATASETS", "load_images", "load_cifar", "load_mnist", "read_idx"]
 

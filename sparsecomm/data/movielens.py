@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .prepared import check_file, prepare_command
+from .prepare.manifest import check_file, prepare_command
 
 __all__ = ["RATING_FILES", "PUBLISHED_COUNTS", "NCFData", "load_ratings", "preprocess", "load_ncf",
            "training_negatives", "hit_rate_ndcg"]

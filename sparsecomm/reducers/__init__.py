@@ -7,8 +7,8 @@
     r.memory, r.stats, r.state_dict(), r.load_state_dict(state)
 """
 from .base import Reducer, Step
-from .comm import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
-from .exchange import LayoutMismatchError, NonFiniteGradientError
+from .comm.communicator import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
+from .comm.exchange import LayoutMismatchError, NonFiniteGradientError
 from .layout import Layout, bind_flat_gradients
 from .registry import available, build, lookup, method_options, register
 from . import methods  # noqa: F401  (registers every method)

@@ -8,10 +8,10 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 
 from ..validate import choice, number
-from .comm import Communicator, make_communicator
-from .exchange import Header, LayoutMismatchError, SkipStep, handshake
+from .comm.communicator import Communicator, make_communicator
+from .comm.exchange import Header, LayoutMismatchError, SkipStep, handshake
 from .layout import Layout
-from .memory import ErrorFeedback
+from .error_feedback import ErrorFeedback
 from .timing import PhaseTimer
 
 __all__ = ["Reducer", "Step", "NONFINITE_POLICIES", "STATE_FORMAT"]
@@ -106,12 +106,12 @@ class Step:
     def select_fused(self, threshold: float | None, start: int = 0, end: int | None = None,
                      search: Any = None) -> Any:
         """Positions in ``[start, end)`` with ``|x| >= threshold`` (sorted; none for None) and x
-        there, as a :class:`~sparsecomm.reducers.fused.Selected`, found in one fused pass
-        (:mod:`~sparsecomm.reducers.fused`). While ``x`` is not built yet and the gradients are
+        there, as a :class:`~sparsecomm.reducers.select.fused.Selected`, found in one fused pass
+        (:mod:`~sparsecomm.reducers.select.fused`). While ``x`` is not built yet and the gradients are
         one flat vector, that pass also builds it (``x = g + m``) and checks its finiteness;
-        otherwise it reads ``x``. ``search``: a :class:`~sparsecomm.reducers.fused.FusedSearch`
+        otherwise it reads ``x``. ``search``: a :class:`~sparsecomm.reducers.select.fused.FusedSearch`
         (its capacity guess); a fresh one by default."""
-        from .fused import FusedSearch
+        from .select.fused import FusedSearch
         search = search or FusedSearch()
         index_dtype = self.layout.index_dtype
         deferred = self._deferred
@@ -170,7 +170,7 @@ class Step:
 
     def commit_sparse(self, sent: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         """Error feedback: the residual is ``x`` with ``sent`` zeroed (``kept`` there when given:
-        what rounding the values left behind, see :mod:`~sparsecomm.reducers.wire`)."""
+        what rounding the values left behind, see :mod:`~sparsecomm.reducers.comm.wire`)."""
         with self.phase("select"):
             self._memory.commit_sparse(self.x, sent, kept)
         self.committed = True

@@ -61,7 +61,7 @@ def build(name: str, density: float = 0.001, error_feedback: bool = True, group:
     """Build the reducer registered as ``name``.
 
     ``density`` is the target fraction of coordinates to send (0 < density <= 1); ``group``
-    a ``torch.distributed`` process group, a :class:`~sparsecomm.reducers.comm.Communicator`,
+    a ``torch.distributed`` process group, a :class:`~sparsecomm.reducers.comm.communicator.Communicator`,
     or None (the default group when initialized, else a single worker). ``options`` are the
     method's own (see ``method_options(name)``) plus ``nonfinite`` ("raise" or "skip") and
     ``sync_timing`` (synchronise CUDA at phase boundaries for a true time split).

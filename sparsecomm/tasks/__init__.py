@@ -3,7 +3,7 @@ convex logistic regression."""
 from __future__ import annotations
 
 from ..config import RunConfig
-from ..job import Job
+from ..launch.job import Job
 from .base import Task
 
 __all__ = ["Task", "register_task", "available_tasks", "task_class", "models_by_task", "build_task"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..models import available_models, check_model_options
 from ..config import RunConfig
-from ..job import Job
+from ..launch.job import Job
 
 __all__ = ["Task", "load_on_main_first"]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..job import Job
+from ..launch.job import Job
 
 __all__ = ["CheckpointError", "Checkpoints", "write_atomic"]
 

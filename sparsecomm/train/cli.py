@@ -163,7 +163,7 @@ def _main(argv: list[str] | None) -> int:
         logging.getLogger("sparsecomm.train.cli").setLevel(logging.WARNING)
     virtual = args.virtual_workers or 0
     try:
-        from ..job import multiprocess_launch, virtual_conflict
+        from ..launch.job import multiprocess_launch, virtual_conflict
         from .checks import check_run
 
         launch = multiprocess_launch() if virtual else None
@@ -204,7 +204,7 @@ def _say_cpu_cost(cfg: RunConfig, workers: int) -> None:
 
 def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
     from .checkpoint import CheckpointError
-    from ..job import join, leave, lost_ranks
+    from ..launch.job import join, leave, lost_ranks
     from .loop import Stopped, Trainer
 
     try:

@@ -15,7 +15,7 @@ import torch
 
 from .. import reducers
 from ..config import ConfigError, RunConfig
-from ..job import Job
+from ..launch.job import Job
 from ..progress import progress
 from ..tasks import build_task
 from .checkpoint import Checkpoints

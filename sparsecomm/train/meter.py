@@ -1,7 +1,7 @@
 """What a run measures, step by step: the names of the measurements, the meter that averages
 them into ``metrics.jsonl``'s training lines and totals them for ``summary.json``, and the
 pace that projects the run's length from its first steps. No heavy imports: the readers of
-run directories (``sparsecomm.runs``, ``plot``, ``compare``) take the names from here."""
+run directories (``sparsecomm.tools.runs``, ``plot``, ``compare``) take the names from here."""
 from __future__ import annotations
 
 import logging

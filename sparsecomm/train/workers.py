@@ -6,7 +6,7 @@ worker's state for its checkpoint file. With :class:`VirtualWorkers`, W logical 
 share one model replica (every one sees the same parameters) and train one after another,
 each with its own shard, batch, reducer and residual, dropout stream and normalisation
 statistics (what a real worker keeps to itself), exchanging through one
-:class:`~sparsecomm.reducers.virtual.VirtualWorld`; the results are those of W processes,
+:class:`~sparsecomm.reducers.comm.virtual.VirtualWorld`; the results are those of W processes,
 bit for bit.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from .. import reducers
 from ..config import ConfigError
-from ..reducers.virtual import VirtualWorld
+from ..reducers.comm.virtual import VirtualWorld
 from ..units import si
 
 __all__ = ["ProcessWorker", "VirtualWorkers", "memory_estimate", "kept_bytes", "available_memory",

@@ -9,8 +9,8 @@ from ...validate import number, positive_int
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count
-from .sparse import SparseReducer
+from ..select.primitives import target_count
+from .sparse_base import SparseReducer
 
 
 @register

@@ -7,7 +7,7 @@ import torch
 
 from ...validate import choice
 from ..base import Reducer, Step
-from ..exchange import chunks, decoded_mean
+from ..comm.exchange import chunks, decoded_mean
 from ..registry import register
 
 EXCHANGES = ("gather", "allreduce")

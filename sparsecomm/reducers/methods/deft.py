@@ -7,10 +7,10 @@ from typing import Any, Sequence
 import torch
 
 from ..base import Reducer, Step
-from ..exchange import gather_counts, union_allreduce
+from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..registry import register
-from ..selection import allocate_k, target_count, topk_per_segment
+from ..select.primitives import allocate_k, target_count, topk_per_segment
 
 __all__ = ["Deft", "split_units", "pack_units", "COMMON"]
 

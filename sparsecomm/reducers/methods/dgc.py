@@ -8,10 +8,10 @@ import torch
 
 from ...validate import boolean, nonnegative_int, number
 from ..base import Reducer, Step
-from ..exchange import SkipStep, allreduce_at, sparse_gather_sum
+from ..comm.exchange import SkipStep, allreduce_at, sparse_gather_sum
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count
+from ..select.primitives import target_count
 
 _LOWER = 0.8  # a count below 0.8 k lowers the threshold by this factor (the authors' code)
 _ADAPTATIONS = 10  # at most this many lowerings per tensor and step

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..base import Reducer, Step
-from ..exchange import dense_allreduce_mean
+from ..comm.exchange import dense_allreduce_mean
 from ..registry import register
 
 

@@ -6,10 +6,10 @@ from typing import Any
 import torch
 
 from ..base import Reducer, Step
-from ..comm import Communicator
-from ..exchange import allreduce_at, pack, unpack
+from ..comm.communicator import Communicator
+from ..comm.exchange import allreduce_at, pack, unpack
 from ..registry import register
-from ..selection import target_count, topk
+from ..select.primitives import target_count, topk
 
 __all__ = ["GlobalTreeTopK", "merge_top", "tree_rounds"]
 
@@ -55,7 +55,7 @@ class GlobalTreeTopK(Reducer):
     own x at G (sorted), and zeroes its residual at G, so conservation holds. Shi et al. finish
     with a broadcast of the approximate merged values instead; this project needs exact sums.
 
-    Pairs travel in the one packed format of :func:`~sparsecomm.reducers.exchange.pack` (for
+    Pairs travel in the one packed format of :func:`~sparsecomm.reducers.comm.exchange.pack` (for
     int32 positions with float32 or float64 values, exactly k (4 + e) bytes; 16-bit values are
     padded to an even k). Byte accounting per step (k positions of 4 bytes, values of e bytes),
     on top of the 48-byte handshake row:

@@ -10,8 +10,8 @@ from ...validate import boolean, choice, positive_ints
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count, topk_per_segment
-from .sparse import SparseReducer
+from ..select.primitives import target_count, topk_per_segment
+from .sparse_base import SparseReducer
 
 SCHEDULES = ("layer", "epoch", "both")
 

@@ -10,11 +10,11 @@ import torch
 
 from ...validate import boolean, positive_int, positive_ints
 from ..base import Reducer, Step
-from ..exchange import PairsInFlight, pack, start_pairs_gather
-from ..grouping import LinearCost, best_grouping, fit_linear, fusion_allowed, groups_from_sizes, predicted_time
+from ..comm.exchange import PairsInFlight, pack, start_pairs_gather
+from ..select.grouping import LinearCost, best_grouping, fit_linear, fusion_allowed, groups_from_sizes, predicted_time
 from ..layout import Layout
 from ..registry import register
-from ..selection import allocate_k, target_count, topk
+from ..select.primitives import allocate_k, target_count, topk
 
 # Sizes (elements) at which the start-up measurement times selection and all-gathers: the
 # first three always, larger ones up to twice the model.
@@ -283,7 +283,7 @@ def _median_time(fn, device: torch.device, reps: int = 5) -> float:
 class OMGS(MergedSparsifier):
     """OMGS-SGD (Shi et al., INFOCOM 2020): merged-gradient sparsification with the grouping
     that minimises the predicted iteration time (an exact dynamic program over group
-    boundaries, see :mod:`sparsecomm.reducers.grouping`); top-k with k = max(1, floor(c n_g))
+    boundaries, see :mod:`sparsecomm.reducers.select.grouping`); top-k with k = max(1, floor(c n_g))
     per group; overlap with backward when attached."""
 
     name = "omgs"
@@ -298,7 +298,7 @@ class AGTF(MergedSparsifier):
     """Accuracy-guided tensor fusion (the SNA-MGS-SGD prototype): OMGS's pipeline and grouping,
     but every layer has its own density, from its importance: the budget k = max(1, floor(c d))
     is shared among layers in proportion to the L2 norms of their compensated gradients (summed
-    over ranks) as DEFT shares it (:func:`~sparsecomm.reducers.selection.allocate_k`: each layer
+    over ranks) as DEFT shares it (:func:`~sparsecomm.reducers.select.primitives.allocate_k`: each layer
     at least 1 and at most its size); and a group is formed only
     if the fused selection does not raise the sparsification-noise model (methods.md):
     ``(sum p / sum k - 1) sum g <= sum (1/rho - 1) g``. A fused group sends the top ``sum k_i``

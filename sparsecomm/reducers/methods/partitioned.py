@@ -7,14 +7,14 @@ import torch
 
 from ...validate import boolean, choice, positive_int
 from ..base import Reducer, Step
-from ..control import CONTROLLERS, MultiplicativeScaling, pooled_threshold
-from ..exchange import gather_counts, union_allreduce
+from ..select.control import CONTROLLERS, MultiplicativeScaling, pooled_threshold
+from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
-from ..placement import BlockPartitions, EqualPartitions, Partitions
+from ..select.placement import BlockPartitions, EqualPartitions, Partitions
 from ..registry import register
-from ..fused import SELECTIONS, FusedSearch, resolve
-from ..selection import ThresholdSearch, curve_counts, initial_threshold, target_count, top_curve
-from ..wire import WireFormat, floor_bits, union_pairs
+from ..select.fused import SELECTIONS, FusedSearch, resolve
+from ..select.primitives import ThresholdSearch, curve_counts, initial_threshold, target_count, top_curve
+from ..comm.wire import WireFormat, floor_bits, union_pairs
 
 
 class PartitionedThreshold(Reducer):
@@ -22,12 +22,12 @@ class PartitionedThreshold(Reducer):
     sends one position anyway (start + t mod size) so every step has a well-formed exchange.
     Partitions never overlap, so the union of indices is their concatenation; every worker
     all-reduces its values there and zeroes its residual there. lambda follows
-    :class:`~sparsecomm.reducers.control.MultiplicativeScaling` with k = max(1, floor(c d)),
+    :class:`~sparsecomm.reducers.select.control.MultiplicativeScaling` with k = max(1, floor(c d)),
     so the total count over all workers tracks k.
 
     ``warm_start`` (default True): step 0's lambda is not 1/(2 sqrt(k)) but where the workers'
     exact top-k curves over their own partitions say the total count is k
-    (:func:`~sparsecomm.reducers.control.pooled_threshold`; the curves ride on the handshake,
+    (:func:`~sparsecomm.reducers.select.control.pooled_threshold`; the curves ride on the handshake,
     and that step's counts take one more small all-gather). ``controller``: ``"fast"`` (default)
     keeps the published steps inside the band 0.909 < r <= 1.1 and moves faster outside it;
     ``"paper"`` is the published rule. ``controller="paper", warm_start=False`` is the
@@ -147,7 +147,7 @@ class Micro(PartitionedThreshold):
 @register
 class ExDyna(PartitionedThreshold):
     """ExDyna (Yoon & Oh, CCGrid 2024): block-based partitions whose boundaries move towards
-    balanced per-partition counts (:class:`~sparsecomm.reducers.placement.BlockPartitions`),
+    balanced per-partition counts (:class:`~sparsecomm.reducers.select.placement.BlockPartitions`),
     rotating exclusive ownership, online threshold scaling, union all-reduce."""
 
     name = "exdyna"

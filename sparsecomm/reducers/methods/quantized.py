@@ -2,9 +2,9 @@
 feedback, sign with majority vote).
 
 Common to the family: each worker encodes its compensated vector x into one byte row (scales
-first, then bit-packed codes, see :mod:`~sparsecomm.reducers.bitpack`), the rows are
+first, then bit-packed codes, see :mod:`~sparsecomm.reducers.comm.bitpack`), the rows are
 all-gathered, and every rank decodes them and adds them in rank order
-(:func:`~sparsecomm.reducers.exchange.gather_decoded_mean`, range by range, so no decoded
+(:func:`~sparsecomm.reducers.comm.exchange.gather_decoded_mean`, range by range, so no decoded
 temporary is larger than a range), so the average is bit-identical
 everywhere and ``bytes_sent`` is the packed row itself.
 
@@ -36,8 +36,8 @@ import torch
 
 from ...validate import choice, number, positive_int
 from ..base import Reducer, Step
-from ..bitpack import code_width, pack_bits, packed_bytes, unpack_bits
-from ..exchange import DECODE_CHUNK, Header, chunks, decoded_mean
+from ..comm.bitpack import code_width, pack_bits, packed_bytes, unpack_bits
+from ..comm.exchange import DECODE_CHUNK, Header, chunks, decoded_mean
 from ..layout import Layout
 from ..registry import register
 

@@ -6,9 +6,9 @@ from typing import Any
 import torch
 
 from ..base import Reducer, Step
-from ..exchange import allreduce_at
+from ..comm.exchange import allreduce_at
 from ..registry import register
-from ..selection import sample_distinct, target_count
+from ..select.primitives import sample_distinct, target_count
 
 
 @register

@@ -7,21 +7,21 @@ import torch
 
 from ...validate import boolean, choice, number
 from ..base import Step
-from ..control import CONTROLLERS, SageScaling, pooled_threshold
-from ..exchange import gather_counts
-from ..fused import SELECTIONS, FusedSearch, resolve
+from ..select.control import CONTROLLERS, SageScaling, pooled_threshold
+from ..comm.exchange import gather_counts
+from ..select.fused import SELECTIONS, FusedSearch, resolve
 from ..layout import Layout
 from ..registry import register
-from ..selection import (ThresholdSearch, curve_counts, initial_threshold, slovin_sample_size, target_count,
+from ..select.primitives import (ThresholdSearch, curve_counts, initial_threshold, slovin_sample_size, target_count,
                          top_curve)
-from .sparse import SparseReducer
+from .sparse_base import SparseReducer
 
 
 @register
 class Sage(SparseReducer):
     """SAGE (Yoon, Jeong & Oh, J. Supercomputing 2023): hard threshold with lambda_0 =
     1/(2 sqrt(k)) rescaled by alpha * beta * gamma every step (see
-    :class:`~sparsecomm.reducers.control.SageScaling`); each worker's own density tracks c.
+    :class:`~sparsecomm.reducers.select.control.SageScaling`); each worker's own density tracks c.
 
     Thresholds stay in sync across workers (the authors' code lets each worker sample with
     its own random stream, so thresholds drift apart): every worker samples the same
@@ -32,14 +32,14 @@ class Sage(SparseReducer):
 
     ``warm_start`` (default True): step 0's lambda is not 1/(2 sqrt(k)) but where the workers'
     exact top-2k curves say their mean count is k
-    (:func:`~sparsecomm.reducers.control.pooled_threshold`; the curves ride on the handshake
+    (:func:`~sparsecomm.reducers.select.control.pooled_threshold`; the curves ride on the handshake
     with the sampled means). ``controller``: ``"fast"`` (default) keeps the published alpha and
     beta, and gamma = 1 inside 0.5 <= d_exam / c <= 2, and takes gamma = (d_exam / c) ** 0.1
-    outside it (:class:`~sparsecomm.reducers.control.SageScaling` says why that band is
+    outside it (:class:`~sparsecomm.reducers.select.control.SageScaling` says why that band is
     narrower than the published 0.1-10); ``"paper"`` is the published rule.
     ``controller="paper", warm_start=False`` is the published method exactly.
 
-    With the fused selection (``selection``, :mod:`~sparsecomm.reducers.fused`) the pass
+    With the fused selection (``selection``, :mod:`~sparsecomm.reducers.select.fused`) the pass
     that builds ``x = g + m`` also keeps the candidates ``|x| >= 0.8 lambda`` (lambda of the
     previous step); the examined count and the selection then read only those whenever both of
     the step's thresholds stay at or above 0.8 lambda (the usual case), and read ``x`` again

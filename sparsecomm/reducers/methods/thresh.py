@@ -7,11 +7,11 @@ import torch
 
 from ...validate import choice, number
 from ..base import Step
-from ..fused import SELECTIONS, FusedSearch, resolve
+from ..select.fused import SELECTIONS, FusedSearch, resolve
 from ..layout import Layout
 from ..registry import register
-from ..selection import ThresholdSearch, initial_threshold, target_count, threshold_select_segments
-from .sparse import SparseReducer
+from ..select.primitives import ThresholdSearch, initial_threshold, target_count, threshold_select_segments
+from .sparse_base import SparseReducer
 
 SCOPES = ("flat", "layer")
 

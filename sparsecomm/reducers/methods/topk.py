@@ -8,8 +8,8 @@ import torch
 from ..base import Step
 from ..layout import Layout
 from ..registry import register
-from ..selection import target_count, topk, topk_per_segment
-from .sparse import SparseReducer
+from ..select.primitives import target_count, topk, topk_per_segment
+from .sparse_base import SparseReducer
 
 
 @register

@@ -1,4 +1,4 @@
-"""Figures from run directories: ``python -m sparsecomm.plot RUN_DIR... --out DIR``.
+"""Figures from run directories: ``python -m sparsecomm plot RUN_DIR... --out DIR``.
 
 Runs are grouped by task; for each task four PNG files named after it: the headline metric
 against epoch (``<task>-metric_vs_epoch.png``) and against bytes sent per worker
@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter, NullFormatter
 
 from .runs import TIME_PARTS, Headline, NotARunError, Run, distinct_names, find_runs, load_run, task_headline
-from .train.meter import PART_NAMES
+from ..train.meter import PART_NAMES
 
 __all__ = ["FIGURES", "figures", "labels", "plot_runs", "main"]
 
@@ -267,7 +267,7 @@ def plot_runs(paths: list[Path], out: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparsecomm.plot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparsecomm plot", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
     p.add_argument("--out", type=Path, help="folder for the PNG files (default: figures/ in the folder that holds "
                                            "the runs)")

@@ -1,7 +1,7 @@
 """The grid of a sweep: one preset, reducers x densities x seeds, each point a normal run.sh
 job with its own run directory. Lists are parsed and every point's whole configuration checked
 before anything runs; a grid is saved to a file that each task of a SLURM job array reads its
-point from (``python -m sparsecomm.sweep --entry FILE INDEX``).
+point from (``python -m sparsecomm sweep --entry FILE INDEX``).
 
 Importing this module does not import torch; :func:`check` does.
 """
@@ -145,8 +145,8 @@ def build(preset: str, reducers: list[str], densities: list[float] | None, seeds
     if needs_density and not densities:
         raise GridError(f"--densities is missing: {', '.join(needs_density)} need(s) at least one density in "
                         f"(0, 1] (only {DENSE} ignores density)")
-    from .config import ConfigError
-    from .train.presets import find_preset
+    from ..config import ConfigError
+    from ..train.presets import find_preset
 
     try:
         found = find_preset(preset)
@@ -162,11 +162,11 @@ def build(preset: str, reducers: list[str], densities: list[float] | None, seeds
 def check(grid: Grid) -> Grid:
     """Every point's whole configuration checked as the trainer's ``--check --workers N`` checks
     it, with its run directory and epochs filled in; :class:`GridError` on the first fault."""
-    from . import reducers
-    from .config import ConfigError
-    from .train.checks import check_run
-    from .train.cli import parse_args, resolve_config
-    from .train.records import run_name
+    from .. import reducers
+    from ..config import ConfigError
+    from ..train.checks import check_run
+    from ..train.cli import parse_args, resolve_config
+    from ..train.records import run_name
 
     known = reducers.available()
     for name in dict.fromkeys(p.reducer for p in grid.points):

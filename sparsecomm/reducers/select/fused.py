@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .selection import threshold_select
+from .primitives import threshold_select
 
 __all__ = ["SELECTIONS", "Selected", "unavailable_reason", "resolve", "compensate_select", "reference",
            "FusedSearch", "triton_importable"]

@@ -36,7 +36,7 @@ from typing import Iterator, Mapping
 from .catalog import DATASETS, SOURCES, candidates, installed, sources
 from .checks import describe, effective, is_digest, verify
 from .fetch import Unavailable, locations, obtain
-from .prepared import MARKER, hash_files, read_marker, verify_files, write_marker
+from .manifest import MARKER, hash_files, read_marker, verify_files, write_marker
 from .unpack import UnpackError, unpack
 
 try:

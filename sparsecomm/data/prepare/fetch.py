@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from ..progress import byte_progress
+from ...progress import byte_progress
 
 __all__ = ["Unavailable", "locations", "obtain"]
 

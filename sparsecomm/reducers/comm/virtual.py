@@ -1,7 +1,7 @@
 """Virtual workers: W logical workers in one process, exchanging through one shared world.
 
 ``world = VirtualWorld(W)`` holds the collectives in progress; ``world.communicator(r)`` is
-worker r's :class:`~sparsecomm.reducers.comm.Communicator` (rank r of W). Reducers built on
+worker r's :class:`~sparsecomm.reducers.comm.communicator.Communicator` (rank r of W). Reducers built on
 these are the ordinary reducers, unchanged, each with its own state and residual::
 
     world = VirtualWorld(4)
@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
-from .comm import Communicator, Pending
+from .communicator import Communicator, Pending
 
 __all__ = ["VirtualWorld", "VirtualCommunicator", "VirtualWorldError", "ring_sum", "ring_chunk"]
 

@@ -1,4 +1,4 @@
-"""The CPU side of :mod:`~sparsecomm.reducers.fused`: a small C loop, built with the system C
+"""The CPU side of :mod:`~sparsecomm.reducers.select.fused`: a small C loop, built with the system C
 compiler on first use (cached by source hash under ``$SPARSECOMM_CACHE`` or
 ``~/.cache/sparsecomm``; processes starting together build it once) and called through ctypes.
 
@@ -185,7 +185,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def compensate_select(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None, threshold: float | None,
                       start: int, end: int, idx: torch.Tensor, val: torch.Tensor) -> tuple[int, bool]:
-    """One pass of the C loop (see :func:`sparsecomm.reducers.fused.compensate_select` for the
+    """One pass of the C loop (see :func:`sparsecomm.reducers.select.fused.compensate_select` for the
     contract); writes at most ``idx.numel()`` pairs. Returns (count that passed, all finite)."""
     lib = _load()
     assert lib is not None, _error

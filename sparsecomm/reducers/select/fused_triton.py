@@ -1,4 +1,4 @@
-"""The CUDA side of :mod:`~sparsecomm.reducers.fused`: one Triton kernel.
+"""The CUDA side of :mod:`~sparsecomm.reducers.select.fused`: one Triton kernel.
 
 Each program handles ``BLOCK`` consecutive elements: it loads ``g`` (and ``m``), writes
 ``x = m + g``, ORs a non-finite flag, and, for the elements in ``[start, end)`` with
@@ -68,7 +68,7 @@ def unavailable_reason() -> str | None:
 
 def compensate_select(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None, threshold: float | None,
                       start: int, end: int, idx: torch.Tensor, val: torch.Tensor, cap: int) -> torch.Tensor:
-    """Launch the kernel (contract: :func:`sparsecomm.reducers.fused.compensate_select`);
+    """Launch the kernel (contract: :func:`sparsecomm.reducers.select.fused.compensate_select`);
     writes at most ``cap`` pairs in claim order. Returns a device int64 tensor
     ``[count that passed, 1 if some x is not finite]``; nothing is read back here."""
     if triton is None:

@@ -2,7 +2,7 @@
 
     ./prepare_dataset.sh [options] NAME...        (or: python -m sparsecomm.data.prepare ...)
 
-NAME is a data set of :data:`~sparsecomm.data.catalog.DATASETS`, or ``all``. Options (each also
+NAME is a data set of :data:`~sparsecomm.data.prepare.catalog.DATASETS`, or ``all``. Options (each also
 has an environment variable):
 
 --data-dir DIR     where the data sets go (``DATA_DIR``; default ``<repo>/data`` from the shell
@@ -39,12 +39,12 @@ from typing import Mapping, Sequence
 
 from .catalog import DATASETS, names
 from .checks import load_overrides
-from .preparation import Failed, Settings, prepare
+from .pipeline import Failed, Settings, prepare
 
 __all__ = ["PROG", "main", "build_parser", "configure_logging"]
 
 PROG = "prepare_dataset.sh"
-log = logging.getLogger("sparsecomm.data.prepare")  # also when run as __main__
+log = logging.getLogger("sparsecomm.data.prepare.cli")  # also when run as __main__
 
 
 class UsageError(Exception):
@@ -211,7 +211,12 @@ def _interrupt(signum: int, frame) -> None:
     raise Interrupted(128 + signum)
 
 
-if __name__ == "__main__":
+def run() -> int:
+    """The command: logging for a person, SIGTERM as an interruption, then :func:`main`."""
     configure_logging()
     signal.signal(signal.SIGTERM, _interrupt)
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

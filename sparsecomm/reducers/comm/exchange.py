@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .comm import Communicator, Pending
-from .layout import Layout
+from .communicator import Communicator, Pending
+from ..layout import Layout
 
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",

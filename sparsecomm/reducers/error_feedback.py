@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .exchange import fill_at, put_at
+from .comm.exchange import fill_at, put_at
 from .layout import Layout
 
 __all__ = ["ErrorFeedback"]

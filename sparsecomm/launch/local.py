@@ -28,7 +28,7 @@ import time
 
 __all__ = ["main", "Workers"]
 
-log = logging.getLogger("sparsecomm.launch")
+log = logging.getLogger("sparsecomm.launch.local")
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 GRACE_S = 20.0  # after a failure, how long the other workers get to stop on SIGTERM

@@ -188,7 +188,7 @@ def pooled_threshold(values: Sequence[Sequence[float]], counts: Sequence[int], s
 
     Worker w searched a domain of ``sizes[w]`` coordinates and reported ``values[w][i]``, the
     ``min(counts[i], sizes[w])``-th largest |x| there (``counts`` ascending, the same for every
-    worker: :func:`~sparsecomm.reducers.selection.curve_counts`). Between those points a
+    worker: :func:`~sparsecomm.reducers.select.primitives.curve_counts`). Between those points a
     worker's count above lambda is interpolated linearly in log(count) against log(lambda); below
     its last point it grows as 1/lambda (up to its domain size), above its largest value it is 0.
     The result is the smallest reported value at which the summed estimate is at most

@@ -1,11 +1,11 @@
-"""Predicted iteration time of methods on clusters we do not have (``python -m sparsecomm.predict``).
+"""Predicted iteration time of methods on clusters we do not have (``python -m sparsecomm predict``).
 
-    python -m sparsecomm.predict --preset resnet20-cifar10 --workers 8,64,256 \\
+    python -m sparsecomm predict --preset resnet20-cifar10 --workers 8,64,256 \\
         --bandwidth 10gbit,100gbit --reducers exact,exdyna,topk,powersgd
 
 For each worker count P the preset's model computes P workers' gradients on real batches
 (P shards of the data, the preset's per-worker batch; the model at initialisation), and every
-method runs on P virtual workers fed them (:func:`sparsecomm.costmodel.profile`): its
+method runs on P virtual workers fed them (:func:`sparsecomm.tools.costmodel.profile`): its
 collectives, selected counts and selection time. The collectives are priced with the fitted
 links (``--links``, from ``bench/network.py fit``) at each ``--bandwidth``; forward and backward
 are timed here, or taken with the selection times from ``--device`` (a JSON file of another
@@ -24,19 +24,20 @@ from typing import Any, Sequence
 
 import torch
 
-from . import costmodel, reducers
-from .commandline import OneLineParser
-from .units import si
-from .config import load_config
-from .job import Job
+from .. import reducers
+from . import costmodel
+from ..commandline import OneLineParser
+from ..units import si
+from ..config import load_config
+from ..launch.job import Job
 from .netlab import parse_rate
-from .tasks import build_task
-from .train.presets import available_presets, find_preset
-from .train.workers import available_memory, bound_allocator_if_tight, fits_in_memory, memory_estimate
+from ..tasks import build_task
+from ..train.presets import available_presets, find_preset
+from ..train.workers import available_memory, bound_allocator_if_tight, fits_in_memory, memory_estimate
 
-log = logging.getLogger("sparsecomm.predict")
+log = logging.getLogger("sparsecomm.tools.predict")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LINKS = ROOT / "bench" / "links.json"
 
 
@@ -121,7 +122,7 @@ def _positive_ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m sparsecomm.predict", description=__doc__)
+    p = OneLineParser(prog="python -m sparsecomm predict", description=__doc__)
     p.add_argument("--preset", required=True)
     p.add_argument("--workers", default="8,64,256")
     p.add_argument("--bandwidth", default="10gbit,100gbit", help="link rates: 100mbit, 10gbit, 1.5gbit, ...")

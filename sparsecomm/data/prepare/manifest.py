@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..progress import byte_progress
+from ...progress import byte_progress
 from .checks import digest
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable
 
-from ..progress import byte_progress
+from ...progress import byte_progress
 
 log = logging.getLogger(__name__)
 

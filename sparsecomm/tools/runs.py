@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .train.meter import TIME_PARTS
+from ..train.meter import TIME_PARTS
 
 __all__ = ["Run", "Headline", "distinct_names", "load_run", "find_runs", "is_run", "task_headline", "NotARunError",
            "TIME_PARTS", "STATUSES"]
@@ -198,7 +198,7 @@ def task_headline(runs: Iterable[Run]) -> Headline | None:
         return None
     keys = {k for r in evals for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     try:
-        from .tasks import task_class
+        from ..tasks import task_class
 
         cls = task_class(runs[0].task)
         metric, split, higher = cls.metric, cls.metric_split, cls.higher_is_better

@@ -1,4 +1,4 @@
-"""One row per run: ``python -m sparsecomm.compare RUN_DIR... [--csv FILE] [--markdown]``.
+"""One row per run: ``python -m sparsecomm compare RUN_DIR... [--csv FILE] [--markdown]``.
 
 Prints a table per task (aligned plain text, or GitHub Markdown with ``--markdown``) with each
 run's method and options, workers, target and achieved density, final and best headline
@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from .runs import TIME_PARTS, Run, distinct_names, find_runs, load_run, task_headline
-from .units import duration, si
+from ..units import duration, si
 
 __all__ = ["COLUMNS", "table", "tables_text", "tables_markdown", "main"]
 
@@ -171,7 +171,7 @@ def load(paths: list[Path]) -> list[Run]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sparsecomm.compare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m sparsecomm compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
     p.add_argument("--csv", type=Path, metavar="FILE", help="also write every run, raw numbers, to this CSV file")
     p.add_argument("--markdown", action="store_true", help="print GitHub Markdown tables instead of plain text")

@@ -32,8 +32,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import reducers
-from .reducers.virtual import VirtualCommunicator, VirtualWorld
+from .. import reducers
+from ..reducers.comm.virtual import VirtualCommunicator, VirtualWorld
 
 __all__ = ["Cost", "Links", "Collective", "Profile", "collective_seconds", "fit", "profile", "step_seconds"]
 

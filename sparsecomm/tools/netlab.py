@@ -1,11 +1,11 @@
-"""Test hosts with real links on this machine: ``python -m sparsecomm.netlab up N RATE | down | status``.
+"""Test hosts with real links on this machine: ``python -m sparsecomm netlab up N RATE | down | status``.
 
 ``up`` makes N hosts as Linux network namespaces (``scnet-h0`` ...), each joined to one bridge
 (``scnet0``) by a veth pair, with the address ``10.213.0.<i+1>/24`` (a private range; the bridge
 has no address, so traffic goes only between these hosts) and an egress rate limit per host
 (``tc`` with the token-bucket filter, ``tbf``). This kernel has no ``netem``, so no delay is
 added: latency is what the veth and the bridge give (tens of microseconds) and is modelled
-separately (``sparsecomm.costmodel``). ``down`` removes everything ``up`` made; ``up`` removes
+separately (``sparsecomm.tools.costmodel``). ``down`` removes everything ``up`` made; ``up`` removes
 what it made so far when it fails or is interrupted. Run commands on a host with
 ``ip netns exec scnet-h0 CMD`` (or :func:`host_command`). Needs root and iproute2.
 
@@ -118,11 +118,11 @@ def up(hosts: int, rate: str) -> Lab:
         return lab
     if current is not None:
         raise NetlabError(f"a netlab is up with {current.hosts} host(s) at {current.rate}; "
-                          f"run `python -m sparsecomm.netlab down` first")
+                          f"run `python -m sparsecomm netlab down` first")
     taken = [n for n in _namespaces() if n.startswith(PREFIX + "-")]
     if taken or _ip("ip", "link", "show", BRIDGE, check=False).returncode == 0:
         raise NetlabError(f"{', '.join(taken) or BRIDGE} already exist(s) but no netlab state file "
-                          f"({STATE}); remove them (`python -m sparsecomm.netlab down --force`)")
+                          f"({STATE}); remove them (`python -m sparsecomm netlab down --force`)")
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         _build(lab)
@@ -182,9 +182,9 @@ def down(force: bool = False) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .commandline import OneLineParser
+    from ..commandline import OneLineParser
 
-    p = OneLineParser(prog="python -m sparsecomm.netlab", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m sparsecomm netlab", description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
     make = verbs.add_parser("up", help="make N hosts with links of RATE")
     make.add_argument("hosts", type=int)

@@ -1,5 +1,5 @@
 """Run a grid of training runs and tabulate them:
-``python -m sparsecomm.sweep --preset P --reducers a,b --densities 0.01,0.001 --seeds 0,1``.
+``python -m sparsecomm sweep --preset P --reducers a,b --densities 0.01,0.001 --seeds 0,1``.
 
 Each grid point (reducer x density x seed; ``exact`` has no density: one run per seed) is a
 normal ``./run.sh`` job with its normal run directory: one after another on this machine
@@ -23,30 +23,30 @@ import sys
 import time
 from pathlib import Path
 
-from .commandline import OneLineParser
+from ..commandline import OneLineParser
 from .grid import Grid, GridError, Point, build, check, parse_density, parse_list, parse_seed, shell_exports, state
-from .units import duration
+from ..units import duration
 
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RUN_SH = REPO / "run.sh"
 PARARUN = REPO / "pararun"
 
 EXAMPLES = """\
 examples:
-  python -m sparsecomm.sweep --preset mnist-cnn --reducers exact,topk,exdyna --densities 0.01,0.001 --seeds 0,1
-  python -m sparsecomm.sweep --preset lstm-ptb-small --reducers sage --densities 0.01 --seeds 0,1,2 --slurm
-  python -m sparsecomm.sweep --preset logreg --reducers topk --densities 0.1 --seeds 0 --set task_options.path=a9a
+  python -m sparsecomm sweep --preset mnist-cnn --reducers exact,topk,exdyna --densities 0.01,0.001 --seeds 0,1
+  python -m sparsecomm sweep --preset lstm-ptb-small --reducers sage --densities 0.01 --seeds 0,1,2 --slurm
+  python -m sparsecomm sweep --preset logreg --reducers topk --densities 0.1 --seeds 0 --set task_options.path=a9a
 
 Run the same command again to continue: finished runs are skipped, interrupted ones resume.
 """
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m sparsecomm.sweep", epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m sparsecomm sweep", epilog=EXAMPLES,
                 description="Run reducers x densities x seeds of one preset through run.sh (or as a SLURM job "
                             "array), resumably, and print the comparison table of the runs.")
     p.add_argument("--preset", help="the preset every run starts from (python -m sparsecomm.train --list-presets)")
@@ -121,7 +121,7 @@ def print_table(grid: Grid) -> None:
 
 
 # ---------------------------------------------------------------------- local runs
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # as sparsecomm.launch passes on
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # as sparsecomm.launch.local passes on
 
 
 def _die_with_parent() -> None:
@@ -310,7 +310,7 @@ def submit(grid: Grid, sbatch_options: list[str]) -> int:
     dirs = " ".join(_show(p.run_dir) for p in grid.points)
     log.info("submitted job array %s: %d task(s), one run each, with %d worker(s)", job, len(todo), grid.workers)
     log.info("follow it: squeue -j %s; tail -f %s/%s_*.out", job, _show(folder), job)
-    log.info("once it is done, the table: python -m sparsecomm.compare %s", dirs)
+    log.info("once it is done, the table: python -m sparsecomm compare %s", dirs)
     log.info("(or run this command again: it shows the table when every run is complete, and resubmits the rest)")
     return 0
 

@@ -7,8 +7,8 @@ import torch
 
 from ...validate import choice
 from ..base import Reducer, Step
-from ..exchange import sparse_gather_sum, union_allreduce
-from ..wire import WireFormat, floor_bits, gather_pairs, union_pairs
+from ..comm.exchange import sparse_gather_sum, union_allreduce
+from ..comm.wire import WireFormat, floor_bits, gather_pairs, union_pairs
 
 EXCHANGES = ("gather", "union")
 

@@ -1,7 +1,7 @@
 """Wire formats of the sparse exchanges: how the (index, value) pairs of the sparse methods
 travel, and how far that is from the information floor.
 
-Two options, on every method built on :class:`~sparsecomm.reducers.methods.sparse.SparseReducer`
+Two options, on every method built on :class:`~sparsecomm.reducers.methods.sparse_base.SparseReducer`
 (``topk``, ``global_topk``, ``thresh``, ``sage``, ``accordion``, ``legacy``) and on the
 partitioned ones (``micro``, ``exdyna``):
 
@@ -40,9 +40,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..validate import choice
+from ...validate import choice
 from .bitpack import pack_bits, unpack_bits
-from .comm import Communicator
+from .communicator import Communicator
 from .exchange import allreduce_at, pack, union_of, unpack
 
 __all__ = ["VALUE_FORMATS", "INDEX_FORMATS", "WireFormat", "floor_bits", "index_bytes", "encode_positions",
