@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from sparsecomm.__main__ import TOOLS
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # `python -m sparsecomm.x`, `torchrun ... -m module` or `torchrun ... file.py`, `python file.py`,
 # `.venv/bin/python file.py` (the benchmark scripts' commands).
-_MODULE = re.compile(r"(?:^|[\s`(])(?:\.venv/bin/)?python3? -m ((?:sparsecomm|torch)[\w.]*)")
+_MODULE = re.compile(r"(?:^|[\s`(])(?:\.venv/bin/)?python3? -m ((?:sparsecomm|torch)(?:\.\w+)*)(?: ([a-z]+))?")
 _SCRIPT = re.compile(r"(?:^|[\s`(])(?:\.venv/bin/)?python3? ((?:examples|bench|scripts|cnn-lstm|ncf)/[\w./-]+\.py)")
 _TORCHRUN = re.compile(r"(?:^|[\s`(])torchrun ((?:--?[\w-]+(?:[ =][\w.:-]+)? )*)(-m [\w.]+|[\w./-]+\.py)")
 
@@ -24,9 +26,12 @@ def documented() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for doc in DOCS:
         text = doc.read_text()
-        for module in _MODULE.findall(text):
-            if module != "sparsecomm":
-                found.setdefault(f"python -m {module} --help", set()).add(doc.name)
+        for module, word in _MODULE.findall(text):  # a module, or the tools' `sparsecomm TOOL`
+            if module == "sparsecomm":
+                if word not in TOOLS:
+                    continue
+                module = f"sparsecomm {word}"
+            found.setdefault(f"python -m {module} --help", set()).add(doc.name)
         for script in _SCRIPT.findall(text):
             found.setdefault(f"python {script} --help", set()).add(doc.name)
         for _, target in _TORCHRUN.findall(text):
