@@ -302,7 +302,7 @@ def compare_method(module, cls_name: str, grad_sets, args, device: torch.device)
         check = check and (args.error_feedback or not type(ours).compensates)  # else no residual to check
         x_before = None
         if check:
-            m = ours.memory
+            m = ours.residual
             x_before = _flat(grads) + (_flat(m) if m else 0)
         if flat_layout:
             torch._foreach_copy_(views, grads)  # untimed, as backward would write them
@@ -323,7 +323,7 @@ def compare_method(module, cls_name: str, grad_sets, args, device: torch.device)
         rows["ours_comm"].append(st.get("t_comm"))
         rows["ours_density"].append(st.get("density"))
         if check:
-            m = ours.memory
+            m = ours.residual
             checks["ours"] = _conservation(x_before, _flat(m) if m else torch.zeros_like(x_before), _flat(out))
 
     for step in range(args.warmup + args.steps):

@@ -68,7 +68,7 @@ def run_epochs(name: str, plan: Sequence[tuple[int | None, float | None, float |
         for t in range(steps_per_epoch):
             avg = r.reduce(grads(me, 0 if epoch is None else epoch, t))
             out["avg"].append(flat(avg))
-            out["memory"].append(flat(r.memory))
+            out["memory"].append(flat(r.residual))
             out["stats"].append(r.stats)
         out["describe"].append(r.describe())
     return out

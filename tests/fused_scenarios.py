@@ -37,7 +37,7 @@ def both_paths(name: str, steps: int = 6, density: float = 0.05, scale: float = 
             for t in range(steps):
                 avg = _feed(r, layout, t, scale, nan_at)
                 stats = {k: v for k, v in r.stats.items() if not k.startswith("t_")}
-                rows.append((flat(avg).clone(), flat(r.memory).clone(), stats))
+                rows.append((flat(avg).clone(), flat(r.residual).clone(), stats))
             out[selection, layout] = {"rows": rows, "describe": r.describe()}
     return out
 
@@ -60,4 +60,4 @@ def resume_across_paths(name: str, total: int = 6, cut: int = 3) -> bool:
     second.load_state_dict(torch.load(buf, weights_only=True))
     got = [flat(second.reduce(grads(t))) for t in range(cut, total)]
     same = all(torch.equal(a, b) for a, b in zip(expected[cut:], got))
-    return same and torch.equal(flat(straight.memory), flat(second.memory)) and second.describe()["selection"] == "fused"
+    return same and torch.equal(flat(straight.residual), flat(second.residual)) and second.describe()["selection"] == "fused"

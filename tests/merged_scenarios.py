@@ -30,7 +30,7 @@ def backward_steps(name: str, overlap: bool, steps: int = 4, groups=None, densit
         grads = [p.grad for p in model.parameters()]
         r.reduce(grads, out=grads)
         out["avg"].append(flat(grads))
-        out["memory"].append(flat(r.memory))
+        out["memory"].append(flat(r.residual))
         out["overlapped"].append(r.stats["overlapped"])
         out["bytes"].append(r.stats["bytes_sent"])
     out["describe"] = r.describe()

@@ -50,7 +50,7 @@ def run_steps(name: str, density: float = 0.05, steps: int = 5, shapes=SHAPES, s
         assert [a.shape for a in avg] == [x.shape for x in g], "shapes changed"
         assert all(a.dtype == x.dtype and a.device == x.device for a, x in zip(avg, g)), "dtype/device changed"
         out["avg"].append(flat(avg))
-        out["memory"].append(flat(r.memory))
+        out["memory"].append(flat(r.residual))
         out["stats"].append(r.stats)
     out["describe"] = r.describe()
     return out
@@ -81,7 +81,7 @@ def resume_matches(name: str, density: float = 0.05, total: int = 8, cut: int = 
     second.load_state_dict(state)
     got = [flat(second.reduce(grads(t))) for t in range(cut, total)]
     same = all(torch.equal(a, b) for a, b in zip(expected[cut:], got))
-    same = same and torch.equal(flat(straight.memory), flat(second.memory))
+    same = same and torch.equal(flat(straight.residual), flat(second.residual))
     return same and second.steps == straight.steps
 
 
@@ -93,9 +93,9 @@ def call_reduce(name: str, grads_by_rank: Callable[[int, int], list[torch.Tensor
     out = []
     for t in range(steps):
         g = grads_by_rank(me, t)
-        before = flat(r.memory) if r.memory else torch.zeros_like(flat(g))
+        before = flat(r.residual) if r.residual else torch.zeros_like(flat(g))
         avg = r.reduce(g)
-        out.append({"avg": flat(avg), "memory": flat(r.memory), "memory_before": before, "stats": r.stats,
+        out.append({"avg": flat(avg), "memory": flat(r.residual), "memory_before": before, "stats": r.stats,
                     "x": flat(g), "shapes": [tuple(a.shape) for a in avg], "dtypes": [a.dtype for a in avg]})
     return out
 

@@ -279,11 +279,11 @@ def test_powersgd_keeps_16_bit_residuals_in_float32():
     for t in range(4):
         g = sc.bf16_grads(0, t)
         avg = r.reduce(g)
-        assert [a.dtype for a in avg] == [torch.bfloat16] * 2 and r.memory[0].dtype == torch.float32
+        assert [a.dtype for a in avg] == [torch.bfloat16] * 2 and r.residual[0].dtype == torch.float32
         total += sc.flat(g).double()
         total_sent += sc.flat(avg).double()
         # one worker: sum of gradients = sum of averages + residual, to float32 rounding
-        torch.testing.assert_close(total_sent + sc.flat(r.memory).double(), total, rtol=0, atol=1e-5)
+        torch.testing.assert_close(total_sent + sc.flat(r.residual).double(), total, rtol=0, atol=1e-5)
 
 
 def test_orthogonalize_is_deterministic_and_keeps_zero_columns():

@@ -60,12 +60,12 @@ def test_method_options_report_defaults():
 @pytest.mark.parametrize("name", sorted(FIRST_METHODS))
 def test_single_worker_without_process_group(name):
     r = reducers.build(name, density=0.1)
-    assert r.world_size == 1 and r.memory == []
+    assert r.world_size == 1 and r.residual == []
     g = [torch.randn(8, 5), torch.randn(3)]
     avg = r.reduce(g)
     x = torch.cat([t.reshape(-1) for t in g])
     got = torch.cat([t.reshape(-1) for t in avg])
-    residual = torch.cat([t.reshape(-1) for t in r.memory])
+    residual = torch.cat([t.reshape(-1) for t in r.residual])
     torch.testing.assert_close(got + residual, x)  # conservation with P = 1
     assert r.stats["bytes_wire"] == 0 and r.stats["bytes_sent"] > 0
 
@@ -79,5 +79,5 @@ def test_exact_is_the_identity_for_one_worker():
 def test_error_feedback_off_keeps_no_residual():
     r = reducers.build("global_topk", density=0.1, error_feedback=False)
     r.reduce([torch.randn(50)])
-    assert all(int(m.count_nonzero()) == 0 for m in r.memory)
+    assert all(int(m.count_nonzero()) == 0 for m in r.residual)
     assert r.stats["residual_norm"] == 0.0

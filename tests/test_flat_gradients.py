@@ -68,7 +68,7 @@ def test_flat_gradients_give_the_same_average_and_residual(name, error_feedback)
         assert all(g.data_ptr() == v.data_ptr() for g, v in zip(got, views))
         for e, g in zip(expected, got):
             assert torch.equal(e, g)
-        for ma, mb in zip(a.memory, b.memory):
+        for ma, mb in zip(a.residual, b.residual):
             assert torch.equal(ma, mb)
 
 
@@ -79,4 +79,4 @@ def test_exact_reduces_flat_gradients_in_place_without_a_copy():
     before = flat.clone()
     r.reduce(views, out=views)
     assert torch.equal(flat, before)  # one worker: the average is the gradient, left where it was
-    assert "output" not in r._buffers  # nothing was copied through the reducer's own buffer
+    assert "output" not in r.workspace.buffers  # nothing was copied through the reducer's own buffer

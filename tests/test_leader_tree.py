@@ -60,7 +60,7 @@ def deft_with_big_bias(steps: int) -> dict:
     for t in range(steps):
         g = big_bias_grads(sc.rank(), t)
         out["avg"].append(sc.flat(r.reduce(g)))
-        out["memory"].append(sc.flat(r.memory))
+        out["memory"].append(sc.flat(r.residual))
         out["stats"].append(r.stats)
         out["units"] = r.units
     return out
@@ -277,5 +277,5 @@ def test_deft_single_worker_sends_common_units_too():
     r = reducers.build("deft", density=0.01)
     g = [torch.randn(300, generator=torch.Generator().manual_seed(1)) * 0.01, torch.tensor([0.5])]
     avg = r.reduce(g)
-    assert avg[1].item() == 0.5 and r.memory[1].item() == 0.0
+    assert avg[1].item() == 0.5 and r.residual[1].item() == 0.0
     assert r.stats["common_density"] == 1 / 301

@@ -199,7 +199,7 @@ def test_efsignsgd_sends_the_scaled_sign_and_keeps_the_rest():
     avg = r.reduce([t.clone() for t in g])
     assert avg[0].tolist() == [[1.5, -1.5], [1.5, 1.5]]  # ||x||_1 / n = 6 / 4; a zero votes +
     assert avg[1].tolist() == pytest.approx([-1 / 3, 1 / 3, 1 / 3])
-    for m, a, x in zip(r.memory, avg, g):
+    for m, a, x in zip(r.residual, avg, g):
         assert torch.equal(m, x - a)
     zero = reducers.build("efsignsgd").reduce([torch.zeros(5)])[0]
     assert int(zero.count_nonzero()) == 0
@@ -236,7 +236,7 @@ def test_cast_keeps_its_rounding_error(name, wire):
     r = reducers.build(name)
     avg = r.reduce([g.clone()])[0]
     assert torch.equal(avg, g.to(wire).float())
-    assert torch.equal(r.memory[0], g - g.to(wire).float())
+    assert torch.equal(r.residual[0], g - g.to(wire).float())
     assert r.stats["payload_ratio"] == 0.5 and r.conserves
 
 
@@ -244,7 +244,7 @@ def test_fp16_saturates_instead_of_overflowing():
     r = reducers.build("fp16")
     avg = r.reduce([torch.tensor([1e6, -1e6, 1.0])])[0]
     assert avg.tolist() == [65504.0, -65504.0, 1.0]
-    assert r.memory[0].tolist() == [1e6 - 65504.0, -(1e6 - 65504.0), 0.0]
+    assert r.residual[0].tolist() == [1e6 - 65504.0, -(1e6 - 65504.0), 0.0]
 
 
 def test_fp16_allreduce_is_identical_everywhere_and_close_to_the_mean(clusters):
@@ -276,7 +276,7 @@ def dgc_steps(steps, shapes, density=0.05, epochs=None, **options):
         u = r.state_dict()["method_state"].get("momentum") if t else None
         out["u_before"].append(torch.zeros(sum(math.prod(s) for s in shapes)) if u is None else u)
         out["avg"].append(sc.flat(r.reduce(sc.make_grads(shapes, sc.rank(), t))))
-        out["memory"].append(sc.flat(r.memory))
+        out["memory"].append(sc.flat(r.residual))
         out["u"].append(r.state_dict()["method_state"]["momentum"])
         out["stats"].append(r.stats)
     out["describe"] = r.describe()
@@ -319,7 +319,7 @@ def test_dgc_sending_everything_is_momentum_sgd():
         for a, p, x in zip(avg, previous, g):
             torch.testing.assert_close(a, 0.5 * p + x)
         previous = avg
-        assert all(int(m.count_nonzero()) == 0 for m in r.memory)
+        assert all(int(m.count_nonzero()) == 0 for m in r.residual)
 
 
 @pytest.mark.parametrize("P", [2, 3])
@@ -404,5 +404,5 @@ def test_long_tensors_decoded_in_pieces_agree_with_the_reference(name, options):
             flat = torch.cat([a.reshape(-1) for a in avgs[w]])
             torch.testing.assert_close(flat, ref_avg, rtol=1e-5, atol=1e-7)
             if rs[w].compensates:
-                torch.testing.assert_close(torch.cat([m.reshape(-1) for m in rs[w].memory]), ref_res[w],
+                torch.testing.assert_close(torch.cat([m.reshape(-1) for m in rs[w].residual]), ref_res[w],
                                            rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ def test_state_survives_weights_only_loading_and_holds_the_residual(tmp_path):
     torch.save(r.state_dict(), path)
     state = torch.load(path, weights_only=True)
     assert state["method"] == "exdyna" and state["steps"] == 3
-    assert torch.equal(state["residual"], sc.flat(r.memory))
+    assert torch.equal(state["residual"], sc.flat(r.residual))
     assert set(state["method_state"]) == {"control", "partitions"}
     assert sum(state["method_state"]["partitions"]["blocks"]) > 0
 

@@ -170,7 +170,7 @@ def test_many_workers_conserve_and_agree():
         averages = world.run(lambda r: rs[r].reduce(grads[r]))
         assert all(torch.equal(a[0], averages[0][0]) for a in averages), name
         total = sum(g[0].double() for g in grads)
-        torch.testing.assert_close(W * averages[0][0].double() + sum(r.memory[0].double() for r in rs), total,
+        torch.testing.assert_close(W * averages[0][0].double() + sum(r.residual[0].double() for r in rs), total,
                                    rtol=1e-5, atol=1e-4, msg=name)
         world.close()
 

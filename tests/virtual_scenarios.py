@@ -44,7 +44,7 @@ def methods_virtual(cases: Sequence[tuple[str, dict]], P: int, steps: int, densi
             averages = world.run(lambda r: rs[r].reduce(grads[r]))
             for r in range(P):
                 runs[r]["avg"].append(flat(averages[r]))
-                runs[r]["memory"].append(flat(rs[r].memory))
+                runs[r]["memory"].append(flat(rs[r].residual))
                 runs[r]["stats"].append(rs[r].stats)
         world.close()
         for r in range(P):

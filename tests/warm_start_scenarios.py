@@ -70,7 +70,7 @@ def run_small(name: str, steps: int, options: dict | None = None, density: float
     for t in range(steps):
         avg = r.reduce(small_jumping_grads(me, t))
         out["avg"].append(flat(avg))
-        out["memory"].append(flat(r.memory))
+        out["memory"].append(flat(r.residual))
         out["stats"].append(r.stats)
     return out
 
@@ -95,7 +95,7 @@ def resume_mid_run(name: str, options: dict | None = None, total: int = 30, cut:
     second.load_state_dict(state)
     got = [flat(second.reduce(small_jumping_grads(me, t))) for t in range(cut, total)]
     same = all(torch.equal(a, b) for a, b in zip(expected[cut:], got))
-    same = same and torch.equal(flat(straight.memory), flat(second.memory))
+    same = same and torch.equal(flat(straight.residual), flat(second.residual))
     same = same and straight.state_dict()["method_state"]["control"] == second.state_dict()["method_state"]["control"]
     return {"same": same, "control": state["method_state"]["control"]}
 

@@ -32,7 +32,7 @@ def run_formats(name: str, formats: Sequence[tuple[str, str]], density: float = 
         for t in range(steps):
             log.clear()
             res["avg"].append(flat(r.reduce(make_grads(SHAPES, me, t))))
-            res["memory"].append(flat(r.memory))
+            res["memory"].append(flat(r.residual))
             res["stats"].append(r.stats)
             res["collectives"].append(list(log))
         res["options"] = r.options()
@@ -54,8 +54,8 @@ def edge_formats(recipe: str, names: Sequence[str], formats: Sequence[tuple[str,
             rows = []
             for t in range(steps):
                 g = grads_of(me, t)
-                before = flat(r.memory) if r.memory else flat(g).float() * 0
+                before = flat(r.residual) if r.residual else flat(g).float() * 0
                 avg = r.reduce(g)
-                rows.append((flat(avg), flat(r.memory), flat(g), before))
+                rows.append((flat(avg), flat(r.residual), flat(g), before))
             out[(name, values, indices)] = rows
     return out

@@ -1,8 +1,9 @@
-"""The reducer contract shared by every method, and the step every method runs inside."""
+"""The reducer contract shared by every method, and the call every method runs inside."""
 from __future__ import annotations
 
 import abc
 import logging
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
@@ -14,7 +15,7 @@ from .layout import Layout
 from .error_feedback import ErrorFeedback
 from .timing import PhaseTimer
 
-__all__ = ["Reducer", "Step", "NONFINITE_POLICIES", "STATE_FORMAT"]
+__all__ = ["Reducer", "ReduceCall", "Workspace", "NONFINITE_POLICIES", "STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -22,38 +23,114 @@ NONFINITE_POLICIES = ("raise", "skip")
 STATE_FORMAT = "sparsecomm.reducer/1"
 
 
-class Step:
+@dataclass
+class Workspace:
+    """What a reducer keeps from one ``reduce`` call to the next and lends to each: its
+    communicator, the error feedback holding its residual, the phase timer, reusable flat
+    buffers, and what to do about a non-finite gradient (``nonfinite``)."""
+
+    comm: Communicator
+    feedback: ErrorFeedback
+    timer: PhaseTimer
+    nonfinite: str
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def buffer(self, name: str, layout: Layout) -> torch.Tensor:
+        """A flat buffer of ``layout``'s length, dtype and device, kept for reuse."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() != layout.numel or buf.dtype != layout.dtype or buf.device != layout.device:
+            buf = self.buffers[name] = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
+        return buf
+
+
+class ReduceCall:
     """One ``reduce`` call as a method sees it, and all a method may touch besides the pieces
     (selection, control, placement, exchange): the compensated vector ``x`` (built by
-    :meth:`compensate`, all of it or tensor by tensor), the communicator, the handshake, the
-    phase timer, the output and scratch buffers, the error-feedback commit, the counts that
-    make ``density`` and ``local_density``, and the method's own ``stats``.
+    :meth:`compensate`, all of it or tensor by tensor, or by a fused selection), the
+    communicator, the handshake, the phase timer, the output and scratch buffers, the
+    error-feedback commit, the counts that make ``density`` and ``local_density``, and the
+    method's own ``stats``.
 
-    A step normally opens inside ``reduce``; a method that starts work while backward is still
-    running (overlap) opens it earlier with :meth:`Reducer.open_step` and compensates tensors as
-    their gradients arrive."""
+    A call normally opens inside ``reduce``, which binds its inputs (:meth:`bind`); a method
+    that starts work while backward is still running (overlap) opens it earlier with
+    :meth:`Reducer.open_call` and compensates tensors as their gradients arrive."""
 
-    def __init__(self, reducer: "Reducer", layout: Layout) -> None:
-        self.reducer = reducer
-        self.comm: Communicator = reducer.comm
+    def __init__(self, workspace: Workspace, layout: Layout, index: int) -> None:
+        self.comm: Communicator = workspace.comm
+        self.phase = workspace.timer
         self.layout = layout
-        self.index = reducer.steps
+        self.index = index
         self.stats: dict[str, Any] = {}
         self.header: Header | None = None
         self.committed = False
-        self.phase = reducer._timer
         self.selected: int | None = None
         self.received: int | None = None
-        self._memory = reducer._memory
+        self._workspace = workspace
+        self._feedback = workspace.feedback
         self._x: torch.Tensor | None = None
         self._built: set[int] = set()
         self._finite: torch.Tensor | bool = True
         self._problem: str | None = None
-        self._out: torch.Tensor | None = None  # the caller's flat output buffer, when it has one
-        # (grads, flat, overwrite) while x waits to be built by the method's fused selection
-        self._deferred: tuple[Sequence[torch.Tensor], torch.Tensor | None, bool] | None = None
-        self._reuse_output = False
+        self._outputs: list[torch.Tensor] | None = None  # the caller's output tensors
+        self._out: torch.Tensor | None = None  # ... as one flat vector, when they are one
+        self._pending: _Pending | None = None  # the inputs of an x the method's fused selection builds
 
+    # ------------------------------------------------------------------- inputs and output
+    def bind(self, grads: Sequence[torch.Tensor], out: list[torch.Tensor] | None, fused: bool) -> None:
+        """Take this call's inputs: the gradients (read in place, in one pass, when they are
+        views of one flat buffer), the caller's ``out`` tensors (where the average goes; built
+        there directly when they are one flat buffer), and build ``x`` now, or leave it to the
+        method's fused selection (``fused``)."""
+        layout = self.layout
+        if out is not None:
+            wrong = layout.difference(out)
+            if wrong is not None:
+                raise ValueError(f"out does not match the gradients: {wrong.replace('gradient', 'tensor')}")
+            self._outputs, self._out = out, layout.flat_view(out)
+        with self.phase("select"):
+            flat = layout.flat_view(grads)
+            overwrite = flat is not None and self._out is not None and _overlap(flat, self._out)
+            if fused:
+                self._pending = _Pending(grads, flat, overwrite)
+            else:
+                self._finite = _all_finite(self.compensate(grads, flat=flat, overwrite=overwrite))
+
+    def refuse(self, problem: str) -> None:
+        """End the call on every rank alike: this rank's gradients do not fit (``problem``)."""
+        self._problem = problem
+        self.handshake()  # raises on every rank
+        raise AssertionError("unreachable: the handshake raises for a refused call")
+
+    def check(self, method: str) -> None:
+        """The contract of a method's ``_run``: handshake made, residual committed, counts said."""
+        if self.header is None:
+            raise RuntimeError(f"reducer {method!r} finished a step without its handshake")
+        if self._feedback.enabled and not self.committed:
+            raise RuntimeError(f"reducer {method!r} finished a step without updating its residual")
+        if self.received is None:
+            raise RuntimeError(f"reducer {method!r} finished a step without reporting its counts (call.counted)")
+
+    def result(self, avg: torch.Tensor) -> list[torch.Tensor]:
+        """The average handed back: written into the caller's ``out`` tensors, or as new tensors."""
+        out, flat_out = self._outputs, self._out
+        if out is not None:
+            if flat_out is None:
+                torch._foreach_copy_(out, self.layout.split(avg))
+            elif avg.data_ptr() != flat_out.data_ptr():
+                flat_out.copy_(avg)
+            return out
+        if self._x is not None and avg.data_ptr() == self._x.data_ptr():  # averaged in place in x's buffer
+            avg = avg.clone()
+        return self.layout.split(avg)
+
+    def zero_result(self) -> list[torch.Tensor]:
+        """Zeros as the average (a skipped step)."""
+        if self._outputs is not None:
+            torch._foreach_zero_(self._outputs)
+            return self._outputs
+        return self.layout.split(torch.zeros(self.d, dtype=self.layout.dtype, device=self.layout.device))
+
+    # ----------------------------------------------------------------------- for methods
     @property
     def d(self) -> int:
         return self.layout.numel
@@ -62,22 +139,21 @@ class Step:
     def x(self) -> torch.Tensor:
         """The flat compensated vector ``g + m`` (``g`` with error feedback off). An internal
         buffer (or the caller's own gradients when they may be overwritten): valid until the
-        commit. A step whose method selects with :meth:`select_fused` builds it there; read
+        commit. A call whose method selects with :meth:`select_fused` builds it there; read
         before that, it is built here in plain torch."""
-        if self._x is None and self._deferred is not None:
-            self._build_deferred()
+        self._build_pending()
         if self._x is None:
-            raise RuntimeError("the step's vector is not built yet: call compensate() first")
+            raise RuntimeError("the call's vector is not built yet: call compensate() first")
         return self._x
 
     @property
     def error_feedback(self) -> bool:
-        return self._memory.enabled
+        return self._feedback.enabled
 
     @property
     def residual(self) -> torch.Tensor:
-        """The residual ``m`` this step started from (zeros with error feedback off)."""
-        return self._memory.residual
+        """The residual ``m`` this call started from (zeros with error feedback off)."""
+        return self._feedback.residual
 
     def compensate(self, grads: Sequence[torch.Tensor], tensors: Iterable[int] | None = None,
                    flat: torch.Tensor | None = None, overwrite: bool = False) -> torch.Tensor:
@@ -90,38 +166,39 @@ class Step:
         if not todo and self._x is not None:
             return self._x
         if flat is not None and len(todo) == len(self.layout.shapes):
-            self._x = self._memory.compensate_flat(flat, overwrite)
+            self._x = self._feedback.compensate_flat(flat, overwrite)
         else:
-            self._x = self._memory.compensate(grads, self.layout, todo)
+            self._x = self._feedback.compensate(grads, self.layout, todo)
         self._built.update(todo)
         return self._x
 
-    def _build_deferred(self) -> None:
-        grads, flat, overwrite = self._deferred
-        self._deferred = None
-        with self.phase("select"):
-            x = self.compensate(grads, flat=flat, overwrite=overwrite)
-            self._finite = _all_finite(x)
+    def _build_pending(self) -> None:
+        """Build the ``x`` left to a fused selection in plain torch (the method read it first)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with self.phase("select"):
+                self._finite = _all_finite(self.compensate(pending.grads, flat=pending.flat,
+                                                           overwrite=pending.overwrite))
 
     def select_fused(self, threshold: float | None, start: int = 0, end: int | None = None,
                      search: Any = None) -> Any:
         """Positions in ``[start, end)`` with ``|x| >= threshold`` (sorted; none for None) and x
         there, as a :class:`~sparsecomm.reducers.select.fused.Selected`, found in one fused pass
-        (:mod:`~sparsecomm.reducers.select.fused`). While ``x`` is not built yet and the gradients are
-        one flat vector, that pass also builds it (``x = g + m``) and checks its finiteness;
-        otherwise it reads ``x``. ``search``: a :class:`~sparsecomm.reducers.select.fused.FusedSearch`
-        (its capacity guess); a fresh one by default."""
+        (:mod:`~sparsecomm.reducers.select.fused`). While ``x`` is not built yet and the
+        gradients are one flat vector, that pass also builds it (``x = g + m``) and checks its
+        finiteness; otherwise it reads ``x``. ``search``: a
+        :class:`~sparsecomm.reducers.select.fused.FusedSearch` (its capacity guess); a fresh one
+        by default."""
         from .select.fused import FusedSearch
         search = search or FusedSearch()
         index_dtype = self.layout.index_dtype
-        deferred = self._deferred
-        if deferred is not None and deferred[1] is not None:
-            _, flat, overwrite = deferred
-            m, buffer = self._memory.operands(flat, overwrite)
-            if buffer is None or buffer.dtype == flat.dtype:
-                self._deferred = None
+        pending = self._pending
+        if pending is not None and pending.flat is not None:
+            m, buffer = self._feedback.operands(pending.flat, pending.overwrite)
+            if buffer is None or buffer.dtype == pending.flat.dtype:
+                self._pending = None
                 with self.phase("select"):
-                    x, found = search(flat, m, buffer, threshold, start, end, index_dtype)
+                    x, found = search(pending.flat, m, buffer, threshold, start, end, index_dtype)
                 self._x, self._finite = x, found.finite
                 self._built.update(range(len(self.layout.shapes)))
                 return found
@@ -136,30 +213,29 @@ class Step:
         x = self._x
         if self._out is not None and (x is None or not _overlap(self._out, x)):
             return self._out.zero_()
-        if self._reuse_output:
-            return self.reducer._buffer("output").zero_()
+        if self._outputs is not None:
+            return self._workspace.buffer("output", self.layout).zero_()
         return torch.zeros(self.d, dtype=self.layout.dtype, device=self.layout.device)
 
     def scratch(self) -> torch.Tensor:
         """A reusable flat float buffer of length d (for |x| and the like)."""
-        return self.reducer._buffer("scratch")
+        return self._workspace.buffer("scratch", self.layout)
 
     def handshake(self, count: int | torch.Tensor = 0, extras: Iterable[float | torch.Tensor] = ()) -> Header:
-        """The step's first collective (see :func:`exchange.handshake`); call it exactly once,
-        before any other collective of the step. Raises on every rank alike when the step
+        """The call's first collective (see :func:`exchange.handshake`); call it exactly once,
+        before any other collective of the call. Raises on every rank alike when the call
         cannot go on."""
         if self.header is not None:
             raise RuntimeError("handshake() called twice in one step")
-        if self._deferred is not None:
-            self._build_deferred()
+        self._build_pending()
         with self.phase("comm"):
             self.header = handshake(self.comm, self.layout, finite=self._finite, count=count,
                                     extras=list(extras), problem=self._problem,
-                                    nonfinite=self.reducer.nonfinite)
+                                    nonfinite=self._workspace.nonfinite)
         return self.header
 
     def counted(self, selected: int, received: int) -> None:
-        """What this step moved: ``selected`` coordinates chosen by this worker itself,
+        """What this call moved: ``selected`` coordinates chosen by this worker itself,
         ``received`` coordinates of the average that got a value. The reducer reports them as
         ``local_density`` and ``density`` (fractions of d)."""
         self.selected, self.received = int(selected), int(received)
@@ -172,26 +248,35 @@ class Step:
         """Error feedback: the residual is ``x`` with ``sent`` zeroed (``kept`` there when given:
         what rounding the values left behind, see :mod:`~sparsecomm.reducers.comm.wire`)."""
         with self.phase("select"):
-            self._memory.commit_sparse(self.x, sent, kept)
+            self._feedback.commit_sparse(self.x, sent, kept)
         self.committed = True
 
     def commit_all(self) -> None:
         with self.phase("select"):
-            self._memory.commit_all(self.x)
+            self._feedback.commit_all(self.x)
         self.committed = True
 
     def commit_dense(self, approximation: torch.Tensor) -> None:
         with self.phase("select"):
-            self._memory.commit_dense(self.x, approximation)
+            self._feedback.commit_dense(self.x, approximation)
         self.committed = True
 
     def commit_subtracted(self) -> None:
         """The method subtracted its dense approximation from ``x`` itself (with error
-        feedback on; e.g. :func:`exchange.gather_decoded_mean` with ``residual=step.x``):
+        feedback on; e.g. :func:`exchange.gather_decoded_mean` with ``residual=call.x``):
         ``x`` is the new residual as it stands, as :meth:`commit_dense` would have made it."""
         with self.phase("select"):
-            self._memory.commit_in_place(self.x)
+            self._feedback.commit_in_place(self.x)
         self.committed = True
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """The inputs of an ``x`` not built yet: a fused selection builds it in its pass."""
+
+    grads: Sequence[torch.Tensor]
+    flat: torch.Tensor | None
+    overwrite: bool
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -215,8 +300,8 @@ class Reducer(abc.ABC):
 
     ``reduce(grads)`` is a collective: every rank calls it with tensors of the same shapes,
     in the same order, and gets the same averaged tensors back. Subclasses implement
-    :meth:`_run` (select, exchange, commit) and, when they keep state, :meth:`_configure`,
-    :meth:`_method_state` and :meth:`_load_method_state`.
+    :meth:`_run` (select, exchange, commit, on the :class:`ReduceCall` it is given) and, when
+    they keep state, :meth:`_configure`, :meth:`_method_state` and :meth:`_load_method_state`.
     """
 
     name: ClassVar[str] = ""
@@ -240,12 +325,11 @@ class Reducer(abc.ABC):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.comm = make_communicator(group)
-        self._memory = ErrorFeedback(self.error_feedback and self.compensates, wide=self.wide_residual)
-        self._timer = PhaseTimer(sync_timing)
+        self.workspace = Workspace(self.comm, ErrorFeedback(self.error_feedback and self.compensates,
+                                                            wide=self.wide_residual), PhaseTimer(sync_timing), nonfinite)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._step: Step | None = None  # a step opened before its reduce (open_step)
+        self._opened: ReduceCall | None = None  # a call opened before its reduce (open_call)
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
         self.steps = 0
@@ -297,72 +381,29 @@ class Reducer(abc.ABC):
         :func:`~sparsecomm.reducers.layout.bind_flat_gradients`) are read in place, in one pass;
         with ``out=grads`` the average is built in that buffer directly (no copy in or out)."""
         grads = list(grads)
-        problem = None
-        if self._layout is None:
-            self._setup(Layout.of(grads))
-        else:
-            problem = self._layout.difference(grads)
-        layout = self._layout
-        assert layout is not None
-        if self._step is not None:  # opened while backward ran (open_step)
-            step, self._step = self._step, None
-        else:
-            step = Step(self, layout)
-            self._open(step)
-        if problem is not None:
-            step._problem = problem
-            step.handshake()  # raises on every rank
-            raise AssertionError("unreachable")
-        flat_out = None
-        if out is not None:
-            out = list(out)
-            wrong = layout.difference(out)
-            if wrong is not None:
-                raise ValueError(f"out does not match the gradients: {wrong.replace('gradient', 'tensor')}")
-            flat_out = layout.flat_view(out)
-            step._out, step._reuse_output = flat_out, True
-        with self._timer("select"):
-            flat_in = layout.flat_view(grads)
-            overwrite = flat_in is not None and flat_out is not None and _overlap(flat_in, flat_out)
-            if self._fuses_compensation():  # the method builds x in its selection pass
-                step._deferred = (grads, flat_in, overwrite)
-            else:
-                step._finite = _all_finite(step.compensate(grads, flat=flat_in, overwrite=overwrite))
+        call = self._open(grads)
+        call.bind(grads, None if out is None else list(out), fused=self._fuses_compensation())
         try:
-            avg = self._run(step)
+            avg = self._run(call)
         except SkipStep as skip:
-            return self._skip(layout, skip, out)
+            return self._skip(call, skip)
         finally:
             self._end_step()
-        if step.header is None:
-            raise RuntimeError(f"reducer {self.name!r} finished a step without its handshake")
-        if self._memory.enabled and not step.committed:
-            raise RuntimeError(f"reducer {self.name!r} finished a step without updating its residual")
-        if step.received is None:
-            raise RuntimeError(f"reducer {self.name!r} finished a step without reporting its counts (step.counted)")
+        call.check(self.name)
         self.steps += 1
-        self._record(step)
-        if out is not None:
-            if flat_out is None:
-                torch._foreach_copy_(out, layout.split(avg))
-            elif avg.data_ptr() != flat_out.data_ptr():
-                flat_out.copy_(avg)
-            return out
-        if avg.data_ptr() == step.x.data_ptr():  # the method averaged in place in the internal buffer
-            avg = avg.clone()
-        return layout.split(avg)
+        self._record(call)
+        return call.result(avg)
 
-    def open_step(self) -> Step:
-        """The step the next ``reduce`` finishes, opened now: for a method that starts work
+    def open_call(self) -> ReduceCall:
+        """The call the next ``reduce`` finishes, opened now: for a method that starts work
         while backward is still running (e.g. exchanging the first gradients as later ones are
         computed). Only once the layout is known (after the first reduce); calling it again
-        before that ``reduce`` returns the same step."""
+        before that ``reduce`` returns the same call."""
         if self._layout is None:
-            raise RuntimeError("open_step() needs the layout of a first reduce()")
-        if self._step is None:
-            self._step = Step(self, self._layout)
-            self._open(self._step)
-        return self._step
+            raise RuntimeError("open_call() needs the layout of a first reduce()")
+        if self._opened is None:
+            self._opened = self._new_call(self._layout)
+        return self._opened
 
     @property
     def target_density(self) -> float:
@@ -371,12 +412,13 @@ class Reducer(abc.ABC):
         return self.density if self.uses_density else 1.0
 
     @property
-    def memory(self) -> list[torch.Tensor]:
-        """Error-feedback residual after the last reduce, shaped like the gradients (zeros
+    def residual(self) -> list[torch.Tensor]:
+        """The error-feedback residual after the last reduce, shaped like the gradients (zeros
         when error feedback is off; empty before the first reduce)."""
-        if self._layout is None or not self._memory.allocated:
+        feedback = self.workspace.feedback
+        if self._layout is None or not feedback.allocated:
             return []
-        return self._layout.split(self._memory.residual)
+        return self._layout.split(feedback.residual)
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -410,8 +452,8 @@ class Reducer(abc.ABC):
             "skipped_steps": self.skipped_steps,
             "layout": None if layout is None else {"shapes": [list(s) for s in layout.shapes],
                                                     "dtype": str(layout.dtype).replace("torch.", "")},
-            "residual": None if layout is None or not self._memory.enabled
-            else self._memory.residual.detach().cpu().clone(),
+            "residual": None if layout is None or not self.workspace.feedback.enabled
+            else self.workspace.feedback.residual.detach().cpu().clone(),
             "method_state": {} if layout is None else self._method_state(),
         }
 
@@ -431,21 +473,21 @@ class Reducer(abc.ABC):
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._layout = None
-        self._memory = ErrorFeedback(self._memory.enabled, wide=self.wide_residual)
+        self.workspace.feedback = ErrorFeedback(self.workspace.feedback.enabled, wide=self.wide_residual)
         self._pending_state = state if state["layout"] is not None else None
         self._raw_stats, self._stats = {}, {}
 
     # ------------------------------------------------------------------ for subclasses
     @abc.abstractmethod
-    def _run(self, step: Step) -> torch.Tensor:
-        """Select, call ``step.handshake`` first among collectives, exchange, commit the
-        residual, fill ``step.stats``; return the flat average."""
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        """Select, call ``call.handshake`` first among collectives, exchange, commit the
+        residual, fill ``call.stats``; return the flat average."""
 
     def _configure(self, layout: Layout) -> None:
         """Build layout-dependent state (partitions, per-layer k, ...) at the first step."""
 
     def _fuses_compensation(self) -> bool:
-        """True when this step's method builds ``x`` itself, in :meth:`Step.select_fused`."""
+        """True when this method builds ``x`` itself, in :meth:`ReduceCall.select_fused`."""
         return False
 
     def _method_state(self) -> dict[str, Any]:
@@ -467,7 +509,8 @@ class Reducer(abc.ABC):
             residual = pending["residual"]
             residual = None if residual is None else residual.to(layout.device)
         self._layout = layout
-        self._memory.allocate(layout, residual if self._memory.enabled else None)
+        feedback = self.workspace.feedback
+        feedback.allocate(layout, residual if feedback.enabled else None)
         self._configure(layout)
         if pending is not None:
             self._load_method_state(pending["method_state"])
@@ -476,51 +519,54 @@ class Reducer(abc.ABC):
     def _end_step(self) -> None:
         """Called when ``reduce`` ends, however it ends (methods with per-step state reset it)."""
 
-    def _open(self, step: Step) -> None:
-        """Start a step's measurements: byte counters and phase clocks."""
+    def _open(self, grads: list[torch.Tensor]) -> ReduceCall:
+        """This reduce's call: the one opened early (:meth:`open_call`) or a new one; refused on
+        every rank when the gradients do not fit the layout of the first reduce."""
+        problem = None
+        if self._layout is None:
+            self._setup(Layout.of(grads))
+        else:
+            problem = self._layout.difference(grads)
+        assert self._layout is not None
+        call, self._opened = self._opened or self._new_call(self._layout), None
+        if problem is not None:
+            call.refuse(problem)
+        return call
+
+    def _new_call(self, layout: Layout) -> ReduceCall:
+        """A call with its measurements started: byte counters and phase clocks."""
         self.comm.reset_counters()
-        self._timer.reset(step.layout.device)
+        self.workspace.timer.reset(layout.device)
+        return ReduceCall(self.workspace, layout, self.steps)
 
-    def _buffer(self, name: str) -> torch.Tensor:
-        """A flat buffer of the layout's length, dtype and device, kept for reuse."""
-        buf = self._buffers.get(name)
-        layout = self._layout
-        assert layout is not None
-        if buf is None or buf.numel() != layout.numel or buf.dtype != layout.dtype or buf.device != layout.device:
-            buf = self._buffers[name] = torch.empty(layout.numel, dtype=layout.dtype, device=layout.device)
-        return buf
-
-    def _skip(self, layout: Layout, skip: SkipStep, out: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def _skip(self, call: ReduceCall, skip: SkipStep) -> list[torch.Tensor]:
         self.skipped_steps += 1
         log.warning("reducer %s skipped step %d: non-finite gradient on rank(s) %s", self.name, self.steps, skip.ranks)
         self._raw_stats = {"step": self.steps, "skipped": True, "skipped_steps": self.skipped_steps,
                            "nonfinite_ranks": list(skip.ranks), "density": 0.0, "local_density": 0.0,
-                           "target_density": self.target_density,
-                           "bytes_sent": self.comm.bytes_sent, "bytes_wire": self.comm.bytes_wire,
-                           "t_select": self._timer.totals.get("select", 0.0),
-                           "t_comm": self._timer.totals.get("comm", 0.0)}
+                           "target_density": self.target_density, **self._measured()}
         self._stats = None
-        if out is not None:
-            torch._foreach_zero_(out)
-            return out
-        return layout.split(torch.zeros(layout.numel, dtype=layout.dtype, device=layout.device))
+        return call.zero_result()
 
-    def _record(self, step: Step) -> None:
-        raw = {"step": step.index, "skipped": False, "skipped_steps": self.skipped_steps,
+    def _record(self, call: ReduceCall) -> None:
+        raw = {"step": call.index, "skipped": False, "skipped_steps": self.skipped_steps,
                "target_density": self.target_density}
-        raw.update(step.stats)
-        raw["density"] = step.fraction(step.received)
-        raw["local_density"] = step.fraction(step.selected)
+        raw.update(call.stats)
+        raw["density"] = call.fraction(call.received)
+        raw["local_density"] = call.fraction(call.selected)
         raw["density_ratio"] = lambda: _plain(raw["density"]) / self.target_density
-        raw["bytes_sent"] = self.comm.bytes_sent
-        raw["bytes_wire"] = self.comm.bytes_wire
-        raw["t_select"] = self._timer.totals.get("select", 0.0)
-        raw["t_comm"] = self._timer.totals.get("comm", 0.0)
-        memory = self._memory
-        raw["residual_norm"] = (lambda: float(torch.linalg.vector_norm(memory.residual.float()))) \
-            if memory.enabled else 0.0
+        raw.update(self._measured())
+        feedback = self.workspace.feedback
+        raw["residual_norm"] = (lambda: float(torch.linalg.vector_norm(feedback.residual.float()))) \
+            if feedback.enabled else 0.0
         self._raw_stats = raw
         self._stats = None
+
+    def _measured(self) -> dict[str, float]:
+        """What the communicator counted and the timer clocked in this call."""
+        totals = self.workspace.timer.totals
+        return {"bytes_sent": self.comm.bytes_sent, "bytes_wire": self.comm.bytes_wire,
+                "t_select": totals.get("select", 0.0), "t_comm": totals.get("comm", 0.0)}
 
 
 # Options that choose how, never what: a state saved with one value loads into a reducer with another.

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ...validate import number, positive_int
-from ..base import Step
+from ..base import ReduceCall
 from ..layout import Layout
 from ..registry import register
 from ..select.primitives import target_count
@@ -99,30 +99,30 @@ class Accordion(SparseReducer):
         self._target = sum(self._ks) / layout.numel if layout.numel else 1.0
 
     # ------------------------------------------------------------------------ the step
-    def _run(self, step: Step) -> torch.Tensor:
+    def _run(self, call: ReduceCall) -> torch.Tensor:
         epoch = 0 if self._epoch is None else self._epoch
         deciding = self._decided_epoch is None or (epoch % self.switch_freq == 0 and epoch != self._decided_epoch)
         if deciding:
-            step.handshake()
-            self._decide(step, epoch)
-        with step.phase("select"):
-            idx = self._select(step)
+            call.handshake()
+            self._decide(call, epoch)
+        with call.phase("select"):
+            idx = self._select(call)
         if deciding:  # everyone uses the same densities now, so everyone's count is known
             counts = [idx.numel()] * self.comm.size
         else:
-            counts = step.handshake(count=idx.numel()).counts
-        avg = self._send(step, idx, counts)
+            counts = call.handshake(count=idx.numel()).counts
+        avg = self._send(call, idx, counts)
         L = len(self._critical)
-        step.stats.update(critical_fraction=sum(self._critical) / L if L else 0.0, decision=deciding)
+        call.stats.update(critical_fraction=sum(self._critical) / L if L else 0.0, decision=deciding)
         return avg
 
-    def _select(self, step: Step) -> torch.Tensor:
+    def _select(self, call: ReduceCall) -> torch.Tensor:
         """Layer-wise top-k (as ``selection.topk_per_segment``, the same positions in the same
         order), each tensor's positions written straight into one index vector of the layout's
         index dtype: with k_high = 0.99 the selection is nearly the whole vector, and per-tensor
         int64 index lists, their concatenation and its conversion would be 4x the gradient."""
-        x, layout = step.x, step.layout
-        scratch = step.scratch()
+        x, layout = call.x, call.layout
+        scratch = call.scratch()
         idx = torch.empty(sum(self._ks), dtype=layout.index_dtype, device=x.device)
         at = 0
         for (a, b), k in zip(layout.segments, self._ks):
@@ -132,15 +132,15 @@ class Accordion(SparseReducer):
                 at += k
         return idx
 
-    def _decide(self, step: Step, epoch: int) -> None:
+    def _decide(self, call: ReduceCall, epoch: int) -> None:
         """Rank 0 classifies every tensor and broadcasts the choice (one byte per tensor)."""
-        layout = step.layout
+        layout = call.layout
         L = len(layout.shapes)
-        flags = torch.zeros(L, dtype=torch.uint8, device=step.x.device)
+        flags = torch.zeros(L, dtype=torch.uint8, device=call.x.device)
         norms: list[float] | None = None
         if self.rank == 0:
-            with step.phase("select"):
-                norms = self._norms(step)
+            with call.phase("select"):
+                norms = self._norms(call)
                 first = self._prev_norms is None or epoch == 0
                 lr_drop = self._lr is not None and self._prev_lr is not None and self._lr < self._prev_lr
                 thr = self.detection_threshold
@@ -148,24 +148,24 @@ class Accordion(SparseReducer):
                             for n, p in zip(norms, self._prev_norms or [0.0] * L)]
                 flags.copy_(torch.tensor(critical, dtype=torch.uint8))
         if L:
-            with step.phase("comm"):
+            with call.phase("comm"):
                 self.comm.broadcast_(flags, 0)
         critical = [bool(v) for v in flags.tolist()]
         switched = [i for i, (old, new) in enumerate(zip(self._critical, critical)) if old != new]
         self._set_regimes(layout, critical)
-        self._history.append({"epoch": epoch, "step": step.index, "lr": self._lr,
+        self._history.append({"epoch": epoch, "step": call.index, "lr": self._lr,
                               "critical": [i for i, c in enumerate(critical) if c], "switched": switched})
         self._decided_epoch = epoch
         self._prev_lr = self._lr
         if norms is not None:
             self._prev_norms = norms
 
-    def _norms(self, step: Step) -> list[float]:
+    def _norms(self, call: ReduceCall) -> list[float]:
         """Per-tensor L2 norms of this worker's raw gradient g = x - m (one pass, one host read)."""
-        layout = step.layout
+        layout = call.layout
         if not layout.shapes:
             return []
-        g = torch.sub(step.x, step.residual, out=step.scratch())
+        g = torch.sub(call.x, call.residual, out=call.scratch())
         dtype = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
         norms = torch.stack([torch.linalg.vector_norm(g[a:b], dtype=dtype) for a, b in layout.segments])
         return [float(v) for v in norms.tolist()]

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...validate import choice
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import chunks, decoded_mean
 from ..registry import register
 
@@ -68,28 +68,28 @@ class CastReducer(Reducer):
             row[a:b].copy_(part)
         return row
 
-    def _run(self, step: Step) -> torch.Tensor:
-        x, dtype, P = step.x, step.layout.dtype, self.comm.size
-        step.handshake(count=step.d)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        x, dtype, P = call.x, call.layout.dtype, self.comm.size
+        call.handshake(count=call.d)
         if self.exchange == "gather":
-            with step.phase("select"):
+            with call.phase("select"):
                 row = self._cast(x)
-            with step.phase("comm"):
+            with call.phase("comm"):
                 table = self.comm.all_gather(row)
                 del row  # sent: not kept while the table is decoded
-                avg = decoded_mean(self.comm, table, lambda r, a, b: r[a:b].to(dtype), step.output(),
-                                   residual=step.x if step.error_feedback else None)
-            step.commit_subtracted()
+                avg = decoded_mean(self.comm, table, lambda r, a, b: r[a:b].to(dtype), call.output(),
+                                   residual=call.x if call.error_feedback else None)
+            call.commit_subtracted()
         else:
-            with step.phase("select"):
+            with call.phase("select"):
                 row = self._cast(x / P if P > 1 else x)
                 mine = row.to(dtype).mul_(P)
-            with step.phase("comm"):
+            with call.phase("comm"):
                 self.comm.all_reduce_(row)
-                avg = step.output().copy_(row)
-            step.commit_dense(mine)
-        step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=self.wire.itemsize / dtype.itemsize)
+                avg = call.output().copy_(row)
+            call.commit_dense(mine)
+        call.counted(selected=call.d, received=call.d)
+        call.stats.update(payload_ratio=self.wire.itemsize / dtype.itemsize)
         return avg
 
 

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import allreduce_at
 from ..registry import register
 from ..select.primitives import target_count, topk
@@ -37,21 +37,21 @@ class CyclicLocalTopK(Reducer):
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
 
-    def _run(self, step: Step) -> torch.Tensor:
-        x, P = step.x, self.comm.size
-        k = target_count(self.density, step.d)
-        leader = step.index % P
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        x, P = call.x, self.comm.size
+        k = target_count(self.density, call.d)
+        leader = call.index % P
         leads = self.rank == leader
-        with step.phase("select"):
+        with call.phase("select"):
             if leads:
-                idx = topk(x, k, step.layout.index_dtype, step.scratch())
+                idx = topk(x, k, call.layout.index_dtype, call.scratch())
             else:
-                idx = torch.empty(k, dtype=step.layout.index_dtype, device=x.device)
-        step.handshake(count=k if leads else 0)
-        with step.phase("comm"):
+                idx = torch.empty(k, dtype=call.layout.index_dtype, device=x.device)
+        call.handshake(count=k if leads else 0)
+        with call.phase("comm"):
             self.comm.broadcast_(idx, leader)
-            avg = allreduce_at(self.comm, x, idx, step.output())
-        step.commit_sparse(idx)
-        step.counted(selected=k if leads else 0, received=k)
-        step.stats["leader"] = leader
+            avg = allreduce_at(self.comm, x, idx, call.output())
+        call.commit_sparse(idx)
+        call.counted(selected=k if leads else 0, received=k)
+        call.stats["leader"] = leader
         return avg

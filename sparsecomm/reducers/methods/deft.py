@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..registry import register
@@ -111,40 +111,40 @@ class Deft(Reducer):
         """The units as flat ranges (set at the first reduce)."""
         return list(self._units)
 
-    def _run(self, step: Step) -> torch.Tensor:
-        x, d, P, comm = step.x, step.d, self.comm.size, self.comm
-        units, index_dtype = self._units, step.layout.index_dtype
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        x, d, P, comm = call.x, call.d, self.comm.size, self.comm
+        units, index_dtype = self._units, call.layout.index_dtype
         sizes = [b - a for a, b in units]
-        leader = step.index % P
-        with step.phase("select"):
+        leader = call.index % P
+        with call.phase("select"):
             norms_dev = _unit_norms(x, units)
-        step.handshake()  # raises on every rank before any norm is used when x is not finite
-        with step.phase("select"):
+        call.handshake()  # raises on every rank before any norm is used when x is not finite
+        with call.phase("select"):
             norms = norms_dev.tolist()
             if not all(map(math.isfinite, norms)):  # x is finite, the float32 sum overflowed
                 norms = _unit_norms(x, units, torch.float64).tolist()
             ks = allocate_k(norms, sizes, target_count(self.density, d))
             assignment = pack_units(sizes, ks, P) if self.rank == leader else None
-        with step.phase("comm"):
+        with call.phase("comm"):
             table = torch.tensor(assignment if assignment is not None else [0] * len(units),
                                  dtype=torch.int32, device=x.device)
             comm.broadcast_(table, leader)
             if assignment is None:
                 assignment = table.tolist()
-        with step.phase("select"):
-            mine = (step.index + self.rank) % P
+        with call.phase("select"):
+            mine = (call.index + self.rank) % P
             own = [u for u, b in enumerate(assignment) if b == mine]
-            idx = topk_per_segment(x, [units[u] for u in own], [ks[u] for u in own], index_dtype, step.scratch())
+            idx = topk_per_segment(x, [units[u] for u in own], [ks[u] for u in own], index_dtype, call.scratch())
             common = [units[u] for u, b in enumerate(assignment) if b == COMMON]
             n_common = sum(b - a for a, b in common)
-        with step.phase("comm"):
+        with call.phase("comm"):
             counts = gather_counts(comm, idx.numel(), x.device)
             everyone = [torch.arange(a, b, dtype=index_dtype, device=x.device) for a, b in common]
-            avg, union = union_allreduce(comm, x, idx, counts, step.output(), extra=everyone)
-        step.commit_sparse(union)
+            avg, union = union_allreduce(comm, x, idx, counts, call.output(), extra=everyone)
+        call.commit_sparse(union)
         total = sum(counts)
-        step.counted(selected=idx.numel() + n_common, received=union.numel())
-        step.stats.update(common_density=step.fraction(n_common), units=len(units), leader=leader,
+        call.counted(selected=idx.numel() + n_common, received=union.numel())
+        call.stats.update(common_density=call.fraction(n_common), units=len(units), leader=leader,
                           load_imbalance=max(counts) * P / total - 1.0 if total else 0.0)
         return avg
 

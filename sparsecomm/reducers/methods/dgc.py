@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ...validate import boolean, nonnegative_int, number
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import SkipStep, allreduce_at, sparse_gather_sum
 from ..layout import Layout
 from ..registry import register
@@ -156,29 +156,29 @@ class DGC(Reducer):
         return self._plans[density]
 
     # ------------------------------------------------------------------------ the step
-    def _run(self, step: Step) -> torch.Tensor:
-        x, m, u, mu = step.x, step.residual, self._u, self.momentum
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        x, m, u, mu = call.x, call.residual, self._u, self.momentum
         plan = self._plan(self.target_density)
         state = self._generator.get_state()
-        with step.phase("select"):
+        with call.phase("select"):
             if self.clip_norm is not None:
-                self._clip(step)
+                self._clip(call)
             if mu:
-                scaled = torch.mul(u, mu, out=step.scratch())
+                scaled = torch.mul(u, mu, out=call.scratch())
                 for _, a, b in self._compressed:  # v = v + (mu u + g): x = g + v already
                     x[a:b].add_(scaled[a:b])
-            idx, adaptations, cut = self._select(x, plan, step.layout.index_dtype, step.scratch())
+            idx, adaptations, cut = self._select(x, plan, call.layout.index_dtype, call.scratch())
         try:
-            header = step.handshake(count=idx.numel())
+            header = call.handshake(count=idx.numel())
         except SkipStep:
             self._generator.set_state(state)  # a skipped step leaves the method's state as it was
             raise
         dense = self._dense
-        with step.phase("comm"):
-            avg, union = sparse_gather_sum(self.comm, x, idx, header.counts, step.output())
+        with call.phase("comm"):
+            avg, union = sparse_gather_sum(self.comm, x, idx, header.counts, call.output())
             if dense.numel():
                 allreduce_at(self.comm, x, dense, avg)
-        with step.phase("select"):
+        with call.phase("select"):
             if mu:
                 for _, a, b in self._compressed:  # u = v_new - v_old = mu u + g
                     torch.sub(x[a:b], m[a:b], out=u[a:b])
@@ -187,15 +187,15 @@ class DGC(Reducer):
                 if dense.numel():  # momentum SGD on the dense tensors' average
                     u[dense] = u[dense] * mu + avg[dense]
                     avg[dense] = u[dense]
-        step.commit_sparse(torch.cat([idx, dense]) if dense.numel() else idx)
-        step.counted(selected=idx.numel() + dense.numel(), received=union.numel() + dense.numel())
-        step.stats.update(adaptations=adaptations, cut=cut)
+        call.commit_sparse(torch.cat([idx, dense]) if dense.numel() else idx)
+        call.counted(selected=idx.numel() + dense.numel(), received=union.numel() + dense.numel())
+        call.stats.update(adaptations=adaptations, cut=cut)
         return avg
 
-    def _clip(self, step: Step) -> None:
+    def _clip(self, call: ReduceCall) -> None:
         """x = m + g * min(1, clip_norm / sqrt(P) / (||g|| + 1e-6)), g = x - m."""
-        x, m = step.x, step.residual
-        g = torch.sub(x, m, out=step.scratch())
+        x, m = call.x, call.residual
+        g = torch.sub(x, m, out=call.scratch())
         norm = torch.linalg.vector_norm(g, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
         coef = torch.clamp(self.clip_norm / math.sqrt(self.comm.size) / (norm + 1e-6), max=1.0)
         torch.add(m, g.mul_(coef.to(g.dtype)), out=x)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import dense_allreduce_mean
 from ..registry import register
 
@@ -17,9 +17,9 @@ class Exact(Reducer):
     compensates = False
     uses_density = False
 
-    def _run(self, step: Step) -> torch.Tensor:
-        step.handshake(count=step.d)
-        with step.phase("comm"):
-            avg = dense_allreduce_mean(self.comm, step.x)
-        step.counted(selected=step.d, received=step.d)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        call.handshake(count=call.d)
+        with call.phase("comm"):
+            avg = dense_allreduce_mean(self.comm, call.x)
+        call.counted(selected=call.d, received=call.d)
         return avg

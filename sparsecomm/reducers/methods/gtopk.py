@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.communicator import Communicator
 from ..comm.exchange import allreduce_at, pack, unpack
 from ..registry import register
@@ -79,19 +79,19 @@ class GlobalTreeTopK(Reducer):
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
 
-    def _run(self, step: Step) -> torch.Tensor:
-        x, d = step.x, step.d
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        x, d = call.x, call.d
         k = target_count(self.density, d)
-        with step.phase("select"):
-            idx = topk(x, k, step.layout.index_dtype, step.scratch())
+        with call.phase("select"):
+            idx = topk(x, k, call.layout.index_dtype, call.scratch())
             val = x[idx]
-        step.handshake(count=k)
-        with step.phase("comm"):
+        call.handshake(count=k)
+        with call.phase("comm"):
             chosen = _tree(self.comm, idx, val, k) if k else idx
-            avg = allreduce_at(self.comm, x, chosen, step.output())
-        step.commit_sparse(chosen)
-        step.counted(selected=k, received=k)
-        step.stats["rounds"] = tree_rounds(self.rank, self.comm.size) if k else 0
+            avg = allreduce_at(self.comm, x, chosen, call.output())
+        call.commit_sparse(chosen)
+        call.counted(selected=k, received=k)
+        call.stats["rounds"] = tree_rounds(self.rank, self.comm.size) if k else 0
         return avg
 
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from ...validate import boolean, choice, positive_ints
-from ..base import Step
+from ..base import ReduceCall
 from ..layout import Layout
 from ..registry import register
 from ..select.primitives import target_count, topk_per_segment
@@ -158,16 +158,16 @@ class Legacy(SparseReducer):
         return ks
 
     # ------------------------------------------------------------------------ the step
-    def _run(self, step: Step) -> torch.Tensor:
-        layout = step.layout
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        layout = call.layout
         phase = self._phase = self.phase()
         ks = self._ks(layout, phase)
         self._target = sum(ks) / layout.numel if layout.numel else 1.0
-        with step.phase("select"):
-            idx = topk_per_segment(step.x, layout.segments, ks, layout.index_dtype, step.scratch())
-        header = step.handshake(count=idx.numel())
-        avg = self._send(step, idx, header.counts)
-        step.stats["phase"] = phase
+        with call.phase("select"):
+            idx = topk_per_segment(call.x, layout.segments, ks, layout.index_dtype, call.scratch())
+        header = call.handshake(count=idx.numel())
+        avg = self._send(call, idx, header.counts)
+        call.stats["phase"] = phase
         return avg
 
     # ------------------------------------------------------------------------ reporting

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ...validate import boolean, positive_int, positive_ints
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import PairsInFlight, pack, start_pairs_gather
 from ..select.grouping import LinearCost, best_grouping, fit_linear, fusion_allowed, groups_from_sizes, predicted_time
 from ..layout import Layout
@@ -100,13 +100,13 @@ class MergedSparsifier(Reducer):
         if not self._overlapping():
             self._stamps[number] = time.perf_counter()
             return
-        step = self.open_step()
+        call = self.open_call()
         if self._group_of is None:
             self._count_members()
         g = self._group_of[number]
         self._missing[g] -= 1
         while self._next < len(self._groups) and self._missing[self._next] == 0:
-            self._launch(step, self._next, [p.grad for p in self._params])
+            self._launch(call, self._next, [p.grad for p in self._params])
 
     def _count_members(self) -> None:
         """A hooked step's bookkeeping: each tensor's group, and how many gradients each group waits for."""
@@ -130,69 +130,69 @@ class MergedSparsifier(Reducer):
         self._reset_step_state()
 
     # ---------------------------------------------------------------------- one group
-    def _launch(self, step: Step, g: int, grads: Sequence[torch.Tensor] | None) -> None:
+    def _launch(self, call: ReduceCall, g: int, grads: Sequence[torch.Tensor] | None) -> None:
         """Compensate group ``g``'s tensors (unless built), select its top-k and start the
         all-gather of its pairs."""
         group = self._groups[g]
         a, b = self._segment(group)
         k = self._group_k(group)
-        with step.phase("select"):
-            x = step.compensate(grads, self._tensors(group)) if grads is not None else step.x
-            idx = topk(x[a:b], k, step.layout.index_dtype, step.scratch()).add_(a) if k else \
-                torch.empty(0, dtype=step.layout.index_dtype, device=x.device)
+        with call.phase("select"):
+            x = call.compensate(grads, self._tensors(group)) if grads is not None else call.x
+            idx = topk(x[a:b], k, call.layout.index_dtype, call.scratch()).add_(a) if k else \
+                torch.empty(0, dtype=call.layout.index_dtype, device=x.device)
         if k:
-            with step.phase("comm"):
+            with call.phase("comm"):
                 self._in_flight.append((start_pairs_gather(self.comm, idx, x[idx], k), idx))
         self._next = g + 1
 
     # ------------------------------------------------------------------------ a step
-    def _run(self, step: Step) -> torch.Tensor:
+    def _run(self, call: ReduceCall) -> torch.Tensor:
         overlapping = self._overlapping()
         if not overlapping:  # handshake first: layouts are checked before any group is sent
-            step.handshake()
+            call.handshake()
             if self._groups is None or self.steps == 0:
-                self._decide(step)
+                self._decide(call)
         for g in range(self._next, len(self._groups)):
-            self._launch(step, g, None)
+            self._launch(call, g, None)
         if overlapping:  # the groups went first (hooks started them); the handshake closes the step
-            step.handshake()
-        avg = step.output()
+            call.handshake()
+        avg = call.output()
         own, received = [], 0
-        with step.phase("comm"):
+        with call.phase("comm"):
             for pairs, idx in self._in_flight:
                 received += pairs.add_into(avg).numel()
                 own.append(idx)
             self._in_flight = []
-        sent = torch.cat(own) if own else torch.empty(0, dtype=step.layout.index_dtype, device=step.x.device)
-        self._after_step(step)  # before the commit: step.x still holds the compensated gradient
-        step.commit_sparse(sent)
-        step.counted(selected=sent.numel(), received=received)
-        step.stats.update(groups=len(self._groups), overlapped=overlapping)
+        sent = torch.cat(own) if own else torch.empty(0, dtype=call.layout.index_dtype, device=call.x.device)
+        self._after_step(call)  # before the commit: call.x still holds the compensated gradient
+        call.commit_sparse(sent)
+        call.counted(selected=sent.numel(), received=received)
+        call.stats.update(groups=len(self._groups), overlapped=overlapping)
         return avg
 
-    def _after_step(self, step: Step) -> None:
+    def _after_step(self, call: ReduceCall) -> None:
         """Called once the exchange is done, before the residual is committed, for methods that
         revise their grouping as training goes (AGTF); a new grouping applies from the next step."""
 
     # --------------------------------------------------------------- fitting and grouping
-    def _decide(self, step: Step) -> None:
+    def _decide(self, call: ReduceCall) -> None:
         """At the first step: fit the cost models (collectives) and form the groups."""
-        select, comm = self._fit_costs(step)
-        self._backward = self._backward_times(step)
-        self._regroup(step, select, comm, from_step=self.steps)
+        select, comm = self._fit_costs(call)
+        self._backward = self._backward_times(call)
+        self._regroup(call, select, comm, from_step=self.steps)
 
-    def _fit_costs(self, step: Step) -> tuple[LinearCost, LinearCost]:
+    def _fit_costs(self, call: ReduceCall) -> tuple[LinearCost, LinearCost]:
         if self._cost:
             return LinearCost(*self._cost["select"]), LinearCost(*self._cost["comm"])
-        device, dtype = step.x.device, step.x.dtype
+        device, dtype = call.x.device, call.x.dtype
         gen = torch.Generator().manual_seed(12345)
-        sizes = [n for i, n in enumerate(_PROFILE_SIZES) if i < 3 or n <= 2 * step.d]
+        sizes = [n for i, n in enumerate(_PROFILE_SIZES) if i < 3 or n <= 2 * call.d]
         select_s, comm_s, comm_n = [], [], []
         for n in sizes:
             v = torch.randn(n, generator=gen).to(device, dtype)
             k = target_count(self.density, n)
-            select_s.append(_median_time(lambda: topk(v, k, step.layout.index_dtype), device))
-            row = pack([torch.zeros(k, dtype=step.layout.index_dtype, device=device),
+            select_s.append(_median_time(lambda: topk(v, k, call.layout.index_dtype), device))
+            row = pack([torch.zeros(k, dtype=call.layout.index_dtype, device=device),
                         torch.zeros(k, dtype=dtype, device=device)], k)
             comm_s.append(_median_time(lambda: self.comm.all_gather(row), device))
             comm_n.append(k)
@@ -212,7 +212,7 @@ class MergedSparsifier(Reducer):
         table = self.comm.all_gather(values)
         return table.max(dim=0).values.cpu()
 
-    def _backward_times(self, step: Step) -> list[float]:
+    def _backward_times(self, call: ReduceCall) -> list[float]:
         """Per-layer backward times (backward order) from the first step's gradient hooks:
         the gap between a layer's gradient and the one before it; zeros without hooks."""
         L = self._L
@@ -224,11 +224,11 @@ class MergedSparsifier(Reducer):
             first = order[0][0]
             times[L - 1 - first] = min((t for t in times if t > 0), default=0.0)
         self._stamps = {}
-        values = self._max_over_ranks(torch.tensor(times, dtype=torch.float64, device=step.x.device))
+        values = self._max_over_ranks(torch.tensor(times, dtype=torch.float64, device=call.x.device))
         self.comm.reset_counters()
         return values.tolist()
 
-    def _regroup(self, step: Step, select: LinearCost, comm: LinearCost, from_step: int) -> None:
+    def _regroup(self, call: ReduceCall, select: LinearCost, comm: LinearCost, from_step: int) -> None:
         """Form the groups used from step ``from_step`` on (and note them in the history)."""
         if self.groups_option is not None:
             self._groups = groups_from_sizes(self.groups_option, self._L)
@@ -332,23 +332,23 @@ class AGTF(MergedSparsifier):
         densities = [k / n if n else 1.0 for k, n in zip(self._k_layers, self._sizes_bw)]
         return fusion_allowed(self._sizes_bw, densities, self._sq_norms)
 
-    def _share_budget(self, step: Step) -> None:
+    def _share_budget(self, call: ReduceCall) -> None:
         """k per layer from the norms of the compensated gradient, summed over ranks."""
-        layout = step.layout
-        norms = torch.stack([step.x[a:b].float().pow(2).sum() if b > a else step.x.new_zeros((), dtype=torch.float32)
-                             for a, b in layout.segments]) if layout.segments else step.x.new_zeros(0)
+        layout = call.layout
+        norms = torch.stack([call.x[a:b].float().pow(2).sum() if b > a else call.x.new_zeros((), dtype=torch.float32)
+                             for a, b in layout.segments]) if layout.segments else call.x.new_zeros(0)
         sq = self.comm.all_reduce_(norms.to(torch.float64)).cpu().tolist()[::-1]  # backward order
         self._sq_norms = sq
-        k_layers = allocate_k([math.sqrt(v) for v in sq], self._sizes_bw, target_count(self.density, step.d))
+        k_layers = allocate_k([math.sqrt(v) for v in sq], self._sizes_bw, target_count(self.density, call.d))
         k_layers = [k if n else 0 for k, n in zip(k_layers, self._sizes_bw)]
         self._k_layers = k_layers
         self._k_bw = [float(k) for k in k_layers]
 
-    def _after_step(self, step: Step) -> None:
+    def _after_step(self, call: ReduceCall) -> None:
         if self.steps % self.regroup_every == 0:  # self.steps counts steps before this one
-            self._share_budget(step)
+            self._share_budget(call)
             select, comm = LinearCost(*self._cost["select"]), LinearCost(*self._cost["comm"])
-            self._regroup(step, select, comm, from_step=self.steps + 1)
+            self._regroup(call, select, comm, from_step=self.steps + 1)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

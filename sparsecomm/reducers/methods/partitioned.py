@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ...validate import boolean, choice, positive_int
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..select.control import CONTROLLERS, MultiplicativeScaling, pooled_threshold
 from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
@@ -75,51 +75,51 @@ class PartitionedThreshold(Reducer):
             raise RuntimeError("partitions are set up at the first reduce()")
         return self._partitions
 
-    def _run(self, step: Step) -> torch.Tensor:
+    def _run(self, call: ReduceCall) -> torch.Tensor:
         control, parts = self._control, self.partitions
         assert control is not None
         bounds = parts.bounds()
-        start, end = bounds[parts.owned(step.index, self.rank)]
-        if self.warm_start and step.index == 0:
+        start, end = bounds[parts.owned(call.index, self.rank)]
+        if self.warm_start and call.index == 0:
             counts = curve_counts(self._k)
-            with step.phase("select"):
-                curve = top_curve(step.x, counts, start, end, step.scratch())
-            header = step.handshake(extras=curve.unbind())
+            with call.phase("select"):
+                curve = top_curve(call.x, counts, start, end, call.scratch())
+            header = call.handshake(extras=curve.unbind())
             sizes = [b - a for a, b in (bounds[parts.owned(0, r)] for r in range(self.comm.size))]
             calibrated = pooled_threshold(header.extras.tolist(), counts, sizes, self._k)
             if calibrated is not None:
                 control.start(calibrated)
         threshold = control.threshold
         if self._fused:  # builds x = g + m in the same pass, unless the warm start needed it already
-            idx = step.select_fused(threshold, start, end, self._fused_search).indices
-        with step.phase("select"):
-            x = step.x
+            idx = call.select_fused(threshold, start, end, self._fused_search).indices
+        with call.phase("select"):
+            x = call.x
             if not self._fused:
-                idx = self._search(x, threshold, step.layout.index_dtype, start, end, step.scratch())
+                idx = self._search(x, threshold, call.layout.index_dtype, start, end, call.scratch())
             if idx.numel() == 0 and end > start:
-                idx = torch.tensor([start + step.index % (end - start)], dtype=idx.dtype, device=x.device)
-        if step.header is None:
-            per_rank = step.handshake(count=idx.numel()).counts
+                idx = torch.tensor([start + call.index % (end - start)], dtype=idx.dtype, device=x.device)
+        if call.header is None:
+            per_rank = call.handshake(count=idx.numel()).counts
         else:  # the warm start's handshake came before the selection
-            with step.phase("comm"):
+            with call.phase("comm"):
                 per_rank = gather_counts(self.comm, idx.numel(), x.device)
         kept = None
-        with step.phase("comm"):
+        with call.phase("comm"):
             if self.wire.default:
-                avg, union = union_allreduce(self.comm, x, idx, per_rank, step.output(), disjoint=True)
+                avg, union = union_allreduce(self.comm, x, idx, per_rank, call.output(), disjoint=True)
             else:
-                spans = [bounds[parts.owned(step.index, r)] for r in range(self.comm.size)]
-                avg, union, kept = union_pairs(self.comm, x, idx, per_rank, step.output(), self.wire, spans,
+                spans = [bounds[parts.owned(call.index, r)] for r in range(self.comm.size)]
+                avg, union, kept = union_pairs(self.comm, x, idx, per_rank, call.output(), self.wire, spans,
                                                disjoint=True)
-        step.commit_sparse(union, kept)
-        step.stats["wire_floor_bytes"] = floor_bits(end - start, idx.numel(), union.numel(),
+        call.commit_sparse(union, kept)
+        call.stats["wire_floor_bytes"] = floor_bits(end - start, idx.numel(), union.numel(),
                                                     self.wire.value_bits(x.dtype)) / 8
         total = sum(per_rank)
-        step.counted(selected=idx.numel(), received=total)
-        step.stats.update(threshold=threshold, partition_size=step.fraction(end - start),
+        call.counted(selected=idx.numel(), received=total)
+        call.stats.update(threshold=threshold, partition_size=call.fraction(end - start),
                           load_imbalance=max(per_rank) * self.comm.size / total - 1.0 if total else 0.0)
         control.update(total)
-        parts.update(parts.by_partition(per_rank, step.index))
+        parts.update(parts.by_partition(per_rank, call.index))
         return avg
 
     def _method_state(self) -> dict[str, Any]:

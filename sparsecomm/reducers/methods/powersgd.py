@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ...validate import boolean, choice, nonnegative_int, positive_int
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..layout import Layout
 from ..registry import register
 
@@ -114,7 +114,7 @@ class PowerSGD(Reducer):
     compresses from the first step, hence the default 0).
 
     Precision. For float16/bfloat16 gradients the residual (and so x = g + m) is kept in
-    float32 (``wide_residual``; ``memory`` is then float32): unlike a sparsifier's,
+    float32 (``wide_residual``; ``residual`` is then float32): unlike a sparsifier's,
     PowerSGD's residual is dense and often several times larger than the gradient, and
     storing it in 16 bits would round away the low bits of g at the scale of m at every step
     and break the conservation identity by as much. The factors are computed and sent in
@@ -141,7 +141,7 @@ class PowerSGD(Reducer):
         self.rank_option = positive_int("rank", rank)
         self.warm_start = boolean("warm_start", warm_start)
         self.start_iter = nonnegative_int("start_iter", start_iter, "steps sent uncompressed first")
-        self.residual = choice("residual", residual, RESIDUALS)
+        self.residual_rule = choice("residual", residual, RESIDUALS)
         super().__init__(**common)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._matrices: list[_Matrix] = []
@@ -149,7 +149,7 @@ class PowerSGD(Reducer):
 
     def options(self) -> dict[str, Any]:
         return {"rank": self.rank_option, "warm_start": self.warm_start, "start_iter": self.start_iter,
-                "residual": self.residual}
+                "residual": self.residual_rule}
 
     # ------------------------------------------------------------------------ set-up
     def _configure(self, layout: Layout) -> None:
@@ -205,14 +205,14 @@ class PowerSGD(Reducer):
         return flat.to(self._fdtype).to(self._q.device)
 
     # ------------------------------------------------------------------------ the step
-    def _run(self, step: Step) -> torch.Tensor:
-        d = step.d
-        if step.index < self.start_iter:
-            return self._uncompressed(step)
-        step.handshake(count=self._p.numel() + self._q.numel())
-        x, comm, W = step.x, self.comm, self.comm.size
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        d = call.d
+        if call.index < self.start_iter:
+            return self._uncompressed(call)
+        call.handshake(count=self._p.numel() + self._q.numel())
+        x, comm, W = call.x, self.comm, self.comm.size
         P, Q = self._p, self._q
-        with step.phase("select"):
+        with call.phase("select"):
             xf = x  # float32 for 16-bit gradients (wide_residual)
             if not self.warm_start and self._consumed:
                 Q.copy_(self._draw())
@@ -225,26 +225,26 @@ class PowerSGD(Reducer):
                 torch.matmul(xf[mat.a:mat.b].view(mat.n, mat.m), self._qv(mat).t(), out=self._pv(mat))
             if self._dense_idx.numel():
                 torch.index_select(xf, 0, self._dense_idx, out=P[self._dense_at:])
-        with step.phase("comm"):
+        with call.phase("comm"):
             comm.all_reduce_(P)
-        with step.phase("select"):
+        with call.phase("select"):
             for p_at, count, n, r in self._batches:
                 orthogonalize_(P[p_at:p_at + count * n * r].view(count, n, r))
             for mat in self._matrices:  # Q_w^T = P-hat^T M (local, overwrites the kept Q)
                 torch.matmul(self._pv(mat).t(), xf[mat.a:mat.b].view(mat.n, mat.m), out=self._qv(mat))
             approx = None
-            if step.error_feedback:
-                approx = step.scratch() if self._approx is None else self._approx
-                if self.residual == "local":
+            if call.error_feedback:
+                approx = call.scratch() if self._approx is None else self._approx
+                if self.residual_rule == "local":
                     for mat in self._matrices:
                         torch.matmul(self._pv(mat), self._qv(mat), out=approx[mat.a:mat.b].view(mat.n, mat.m))
                 if self._dense_idx.numel():  # sent exactly: no residual
                     approx[self._dense_idx] = xf[self._dense_idx]
-        with step.phase("comm"):
+        with call.phase("comm"):
             comm.all_reduce_(Q)
             if W > 1:
                 Q.div_(W)
-            avg = step.output()
+            avg = call.output()
             for mat in self._matrices:
                 target = avg[mat.a:mat.b].view(mat.n, mat.m)
                 if avg.dtype == self._fdtype:
@@ -252,34 +252,34 @@ class PowerSGD(Reducer):
                 else:
                     exact = self._pv(mat) @ self._qv(mat)
                     target.copy_(exact)
-                    if approx is not None and self.residual == "local":
+                    if approx is not None and self.residual_rule == "local":
                         # keep the rounding of avg to 16 bits in the residual (conservation)
                         approx[mat.a:mat.b].view(mat.n, mat.m).add_(target.to(exact.dtype) - exact)
             if self._dense_idx.numel():
                 dense = P[self._dense_at:]
                 avg[self._dense_idx] = (dense / W if W > 1 else dense).to(avg.dtype)
         self._consumed = True
-        if approx is not None and self.residual == "mean":
+        if approx is not None and self.residual_rule == "mean":
             for mat in self._matrices:
                 approx[mat.a:mat.b] = avg[mat.a:mat.b]
-        step.commit_dense(approx if approx is not None else x)
+        call.commit_dense(approx if approx is not None else x)
         sent = (P.numel() + Q.numel()) * P.element_size()
-        step.counted(selected=d, received=d)
-        step.stats.update(payload_ratio=step.fraction(sent / step.layout.dtype.itemsize),
-                          compressed_fraction=step.fraction(self._compressed), warmup=False)
+        call.counted(selected=d, received=d)
+        call.stats.update(payload_ratio=call.fraction(sent / call.layout.dtype.itemsize),
+                          compressed_fraction=call.fraction(self._compressed), warmup=False)
         return avg
 
-    def _uncompressed(self, step: Step) -> torch.Tensor:
+    def _uncompressed(self, call: ReduceCall) -> torch.Tensor:
         """The first ``start_iter`` steps: a dense all-reduce of everything; no residual."""
-        step.handshake(count=step.d)
-        with step.phase("comm"):
-            avg = step.output().copy_(step.x)
+        call.handshake(count=call.d)
+        with call.phase("comm"):
+            avg = call.output().copy_(call.x)
             self.comm.all_reduce_(avg)
             if self.comm.size > 1:
                 avg.div_(self.comm.size)
-        step.commit_all()
-        step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=step.fraction(step.d), compressed_fraction=step.fraction(self._compressed),
+        call.commit_all()
+        call.counted(selected=call.d, received=call.d)
+        call.stats.update(payload_ratio=call.fraction(call.d), compressed_fraction=call.fraction(self._compressed),
                           warmup=True)
         return avg
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from ...validate import choice, number, positive_int
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.bitpack import code_width, pack_bits, packed_bytes, unpack_bits
 from ..comm.exchange import DECODE_CHUNK, Header, chunks, decoded_mean
 from ..layout import Layout
@@ -135,18 +135,18 @@ class QuantizedReducer(Reducer):
                 v[a:b].mul_(values[i])
         return v
 
-    def _uniform(self, step: Step) -> torch.Tensor:
+    def _uniform(self, call: ReduceCall) -> torch.Tensor:
         """d uniform numbers on [0, 1) from this worker's stream, drawn into the step's scratch
         buffer when it has their dtype (no per-step allocation)."""
         assert self._generator is not None
-        if step.layout.dtype == self._cdtype:
-            return torch.rand(step.d, generator=self._generator, out=step.scratch())
-        return torch.rand(step.d, generator=self._generator, dtype=self._cdtype, device=step.layout.device)
+        if call.layout.dtype == self._cdtype:
+            return torch.rand(call.d, generator=self._generator, out=call.scratch())
+        return torch.rand(call.d, generator=self._generator, dtype=self._cdtype, device=call.layout.device)
 
-    def _prepare(self, step: Step) -> list[torch.Tensor]:
+    def _prepare(self, call: ReduceCall) -> list[torch.Tensor]:
         return []
 
-    def _encode(self, step: Step, header: Header) -> torch.Tensor:
+    def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
         raise NotImplementedError
 
     def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -157,22 +157,22 @@ class QuantizedReducer(Reducer):
         """The ranges :meth:`_decode` is asked for, in order: pieces of single tensors."""
         return [(a, b) for a, b, _ in self._pieces]
 
-    def _run(self, step: Step) -> torch.Tensor:
-        with step.phase("select"):
-            extras = self._prepare(step)
-        header = step.handshake(count=step.d, extras=extras)
-        with step.phase("select"):
-            row = self._encode(step, header)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        with call.phase("select"):
+            extras = self._prepare(call)
+        header = call.handshake(count=call.d, extras=extras)
+        with call.phase("select"):
+            row = self._encode(call, header)
         sent = row.numel()
-        with step.phase("comm"):
+        with call.phase("comm"):
             table = self.comm.all_gather(row)
             del row  # sent: not kept while the table is decoded
-            avg = decoded_mean(self.comm, table, self._decode, step.output(), self._ranges(),
-                               residual=step.x if step.error_feedback else None)
-        step.commit_subtracted()
-        step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=step.fraction(sent / step.layout.dtype.itemsize),
-                          bits_per_coordinate=step.fraction(8.0 * sent))
+            avg = decoded_mean(self.comm, table, self._decode, call.output(), self._ranges(),
+                               residual=call.x if call.error_feedback else None)
+        call.commit_subtracted()
+        call.counted(selected=call.d, received=call.d)
+        call.stats.update(payload_ratio=call.fraction(sent / call.layout.dtype.itemsize),
+                          bits_per_coordinate=call.fraction(8.0 * sent))
         return avg
 
     def _method_state(self) -> dict[str, Any]:
@@ -264,12 +264,12 @@ class QSGD(QuantizedReducer):
                                                            dtype=self._cdtype)
         return norms
 
-    def _encode(self, step: Step, header: Header) -> torch.Tensor:
-        x, s, cdtype = step.x, self.levels, self._cdtype
+    def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
+        x, s, cdtype = call.x, self.levels, self._cdtype
         norms = self._norms(x)
         inverse = torch.where(norms > 0, s / norms, torch.zeros_like(norms))
-        u = self._uniform(step)
-        codes = torch.empty(step.d, dtype=torch.uint8, device=x.device)
+        u = self._uniform(call)
+        codes = torch.empty(call.d, dtype=torch.uint8, device=x.device)
         for a, b, j, rows in self._bucket_pieces:  # a few buckets at a time: small temporaries
             r = x[a:b].abs().to(cdtype)  # |v_i| s / ||v||
             if rows:
@@ -280,8 +280,8 @@ class QSGD(QuantizedReducer):
             up = u[a:b] < r.sub_(level)  # with probability r - floor(r)
             level = level.add_(up).clamp_(max=s)
             codes[a:b] = torch.copysign(level, x[a:b].to(cdtype)).add_(s)
-        row = _row(norms, step.d, self.width, x.device)
-        return _pack_into(row, self._buckets * cdtype.itemsize, step.d, self.width, lambda a, b: codes[a:b])
+        row = _row(norms, call.d, self.width, x.device)
+        return _pack_into(row, self._buckets * cdtype.itemsize, call.d, self.width, lambda a, b: codes[a:b])
 
     def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
         cdtype = self._cdtype
@@ -335,8 +335,8 @@ class TernGrad(QuantizedReducer):
             return g
         return torch.clamp(g, -self._bound[i], self._bound[i])
 
-    def _prepare(self, step: Step) -> list[torch.Tensor]:
-        layout, cdtype, x = step.layout, self._cdtype, step.x
+    def _prepare(self, call: ReduceCall) -> list[torch.Tensor]:
+        layout, cdtype, x = call.layout, self._cdtype, call.x
         self._bound = None
         if self.clip is not None:
             self._bound = per_tensor(x, layout, lambda t: torch.std(t.to(cdtype), correction=0),
@@ -347,17 +347,17 @@ class TernGrad(QuantizedReducer):
             top = torch.minimum(top, self._bound)
         return list(top.unbind())
 
-    def _encode(self, step: Step, header: Header) -> torch.Tensor:
-        x, L = step.x, len(step.layout.shapes)
+    def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
+        x, L = call.x, len(call.layout.shapes)
         self._scaler = header.extras[:, :L].amax(dim=0).to(self._cdtype).to(x.device) if L else \
             torch.zeros(0, dtype=self._cdtype, device=x.device)
-        u = self._uniform(step)
-        codes = torch.empty(step.d, dtype=torch.uint8, device=x.device)
+        u = self._uniform(call)
+        codes = torch.empty(call.d, dtype=torch.uint8, device=x.device)
         for a, b, i in self._pieces:
             g = self._clipped(x[a:b], i)
             keep = u[a:b].mul_(self._scaler[i]) < g.abs()  # u s < |g|
             codes[a:b] = torch.sign(g).mul_(keep).add_(1)  # sign(g) b + 1
-        return _pack_into(_row(None, step.d, 2, x.device), 0, step.d, 2, lambda a, b: codes[a:b])
+        return _pack_into(_row(None, call.d, 2, x.device), 0, call.d, 2, lambda a, b: codes[a:b])
 
     def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
         values = _codes_of(row, a, b, 2).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_at[a]])
@@ -385,11 +385,11 @@ class EFSignSGD(QuantizedReducer):
     name = "efsignsgd"
     summary = "per-tensor scaled sign (||x||_1/n) with error feedback, 1 bit per coordinate (EF-SignSGD)"
 
-    def _encode(self, step: Step, header: Header) -> torch.Tensor:
-        x = step.x
-        scales = mean_magnitudes(x, step.layout, self._cdtype)
-        row = _row(scales, step.d, 1, x.device)
-        return _pack_into(row, scales.numel() * scales.element_size(), step.d, 1, lambda a, b: x[a:b] < 0)
+    def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
+        x = call.x
+        scales = mean_magnitudes(x, call.layout, self._cdtype)
+        row = _row(scales, call.d, 1, x.device)
+        return _pack_into(row, scales.numel() * scales.element_size(), call.d, 1, lambda a, b: x[a:b] < 0)
 
     def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
         L, cdtype, i = len(self.layout.shapes), self._cdtype, self._tensor_at[a]
@@ -431,14 +431,14 @@ class SignSGD(QuantizedReducer):
     def options(self) -> dict[str, Any]:
         return {"scale": self.scale}
 
-    def _run(self, step: Step) -> torch.Tensor:
-        layout, x, L, cdtype = step.layout, step.x, len(step.layout.shapes), self._cdtype
-        step.handshake(count=step.d)
-        with step.phase("select"):
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        layout, x, L, cdtype = call.layout, call.x, len(call.layout.shapes), self._cdtype
+        call.handshake(count=call.d)
+        with call.phase("select"):
             scales = mean_magnitudes(x, layout, cdtype) if self.scale == "l1" else None
             at = 0 if scales is None else L * cdtype.itemsize
-            row = _pack_into(_row(scales, step.d, 1, x.device), at, step.d, 1, lambda a, b: x[a:b] < 0)
-        with step.phase("comm"):
+            row = _pack_into(_row(scales, call.d, 1, x.device), at, call.d, 1, lambda a, b: x[a:b] < 0)
+        with call.phase("comm"):
             P = self.comm.size
             table = self.comm.all_gather(row)
             sent = row.numel()
@@ -448,7 +448,7 @@ class SignSGD(QuantizedReducer):
                 for w in range(P):  # rank order
                     scale.add_(_values_of(table[w], L, cdtype))
                 scale.div_(P)
-            avg = step.output()
+            avg = call.output()
             ties = torch.zeros((), dtype=torch.int64, device=x.device)
             for a, b, i in self._pieces:  # range by range: small temporaries
                 negative = torch.zeros(b - a, dtype=torch.int32, device=x.device)  # workers voting -1
@@ -460,8 +460,8 @@ class SignSGD(QuantizedReducer):
                     result.mul_(scale[i])
                 avg[a:b].copy_(result)
                 ties.add_((votes == 0).sum())
-        step.counted(selected=step.d, received=step.d)
-        step.stats.update(payload_ratio=step.fraction(sent / layout.dtype.itemsize),
-                          bits_per_coordinate=step.fraction(8.0 * sent),
-                          tie_fraction=ties / step.d if step.d else 0.0)
+        call.counted(selected=call.d, received=call.d)
+        call.stats.update(payload_ratio=call.fraction(sent / layout.dtype.itemsize),
+                          bits_per_coordinate=call.fraction(8.0 * sent),
+                          tie_fraction=ties / call.d if call.d else 0.0)
         return avg

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import allreduce_at
 from ..registry import register
 from ..select.primitives import sample_distinct, target_count
@@ -26,15 +26,15 @@ class RandomK(Reducer):
         self._generator = torch.Generator()
         self._generator.manual_seed(self.seed)
 
-    def _run(self, step: Step) -> torch.Tensor:
-        k = target_count(self.density, step.d)
-        step.handshake(count=k)
-        with step.phase("select"):
-            positions = sample_distinct(step.d, k, self._generator).to(step.x.device, step.layout.index_dtype)
-        with step.phase("comm"):
-            avg = allreduce_at(self.comm, step.x, positions, step.output())
-        step.commit_sparse(positions)
-        step.counted(selected=k, received=k)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        k = target_count(self.density, call.d)
+        call.handshake(count=k)
+        with call.phase("select"):
+            positions = sample_distinct(call.d, k, self._generator).to(call.x.device, call.layout.index_dtype)
+        with call.phase("comm"):
+            avg = allreduce_at(self.comm, call.x, positions, call.output())
+        call.commit_sparse(positions)
+        call.counted(selected=k, received=k)
         return avg
 
     def _method_state(self) -> dict[str, Any]:

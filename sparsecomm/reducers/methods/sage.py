@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ...validate import boolean, choice, number
-from ..base import Step
+from ..base import ReduceCall
 from ..select.control import CONTROLLERS, SageScaling, pooled_threshold
 from ..comm.exchange import gather_counts
 from ..select.fused import SELECTIONS, FusedSearch, resolve
@@ -82,34 +82,34 @@ class Sage(SparseReducer):
     def describe(self) -> dict[str, Any]:
         return {"selection": "fused" if self._fused else "torch"}
 
-    def _select(self, step: Step, threshold: float, low: float | None, candidates: Any) -> torch.Tensor:
+    def _select(self, call: ReduceCall, threshold: float, low: float | None, candidates: Any) -> torch.Tensor:
         """Sorted positions with |x| >= threshold: from the fused pass's candidates (those with
         |x| >= low) when they hold all of them, else by a search of x."""
         if candidates is not None and low is not None and threshold >= low:
             # the same C loop or kernel over the candidates' values: positions among them, no
             # |values| copy, mask or int64 positions the size of the candidates
             _, within = self._fused_searches[2](candidates.values, None, None, threshold,
-                                                index_dtype=step.layout.index_dtype)
+                                                index_dtype=call.layout.index_dtype)
             return torch.index_select(candidates.indices, 0, within.indices)
         if self._fused:
-            return step.select_fused(threshold, search=self._fused_searches[1]).indices
-        return self._search(step.x, threshold, step.layout.index_dtype, scratch=step.scratch())
+            return call.select_fused(threshold, search=self._fused_searches[1]).indices
+        return self._search(call.x, threshold, call.layout.index_dtype, scratch=call.scratch())
 
-    def _run(self, step: Step) -> torch.Tensor:
-        control, d = self._control, step.d
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        control, d = self._control, call.d
         assert control is not None
         low = candidates = None
         if self._fused:  # builds x = g + m, checks it, keeps the candidates
             low = control.threshold * self.CANDIDATES if control.started else None
-            candidates = step.select_fused(low, search=self._fused_searches[0])
-        x = step.x
-        with step.phase("select"):
+            candidates = call.select_fused(low, search=self._fused_searches[0])
+        x = call.x
+        with call.phase("select"):
             positions = torch.randint(0, max(d, 1), (self._samples,), generator=self._generator)
             sampled = x[positions.to(x.device)].abs().float().mean() if self._samples else 0.0
             warm = self.warm_start and not control.started
             points = curve_counts(min(d, 2 * self._k)) if warm else []
-            curve = top_curve(x, points, scratch=step.scratch()).unbind() if warm else ()
-        header = step.handshake(extras=[sampled, *curve])
+            curve = top_curve(x, points, scratch=call.scratch()).unbind() if warm else ()
+        header = call.handshake(extras=[sampled, *curve])
         sampled_mean = sum(header.extras[:, 0].tolist()) / self.comm.size  # rank order
         if not control.started:
             calibrated = pooled_threshold(header.extras[:, 1:].tolist(), points, [d] * self.comm.size,
@@ -117,17 +117,17 @@ class Sage(SparseReducer):
             control.start(sampled_mean, calibrated)
         else:
             alpha = control.alpha(sampled_mean)
-            with step.phase("select"):
-                examined = self._select(step, control.threshold * alpha, low, candidates).numel()
-            with step.phase("comm"):
+            with call.phase("select"):
+                examined = self._select(call, control.threshold * alpha, low, candidates).numel()
+            with call.phase("comm"):
                 total = self.comm.all_reduce_(torch.tensor([examined], dtype=torch.float64, device=x.device))
             control.update(sampled_mean, alpha, float(total) / (self.comm.size * d) if d else 0.0)
-        with step.phase("select"):
-            idx = self._select(step, control.threshold, low, candidates)
-        with step.phase("comm"):
+        with call.phase("select"):
+            idx = self._select(call, control.threshold, low, candidates)
+        with call.phase("comm"):
             counts = gather_counts(self.comm, idx.numel(), x.device)
-        avg = self._send(step, idx, counts)
-        step.stats.update(threshold=control.threshold, sampled_mean=sampled_mean, **control.last)
+        avg = self._send(call, idx, counts)
+        call.stats.update(threshold=control.threshold, sampled_mean=sampled_mean, **control.last)
         return avg
 
     def _method_state(self) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ...validate import choice
-from ..base import Reducer, Step
+from ..base import ReduceCall, Reducer
 from ..comm.exchange import sparse_gather_sum, union_allreduce
 from ..comm.wire import WireFormat, floor_bits, gather_pairs, union_pairs
 
@@ -32,25 +32,25 @@ class SparseReducer(Reducer):
     def options(self) -> dict[str, Any]:
         return {"exchange": self.exchange, **self.wire.options()}
 
-    def _send(self, step: Step, idx: torch.Tensor, counts: list[int], values: torch.Tensor | None = None
+    def _send(self, call: ReduceCall, idx: torch.Tensor, counts: list[int], values: torch.Tensor | None = None
               ) -> torch.Tensor:
         """Exchange the positions ``idx`` selected by this worker; return the flat average.
         ``values``: ``x[idx]`` when the selection already has it (the fused pass)."""
         kept = None
-        with step.phase("comm"):
+        with call.phase("comm"):
             if self.wire.default:
                 if self.exchange == "gather":
-                    avg, union = sparse_gather_sum(self.comm, step.x, idx, counts, step.output(), values)
+                    avg, union = sparse_gather_sum(self.comm, call.x, idx, counts, call.output(), values)
                 else:
-                    avg, union = union_allreduce(self.comm, step.x, idx, counts, step.output())
+                    avg, union = union_allreduce(self.comm, call.x, idx, counts, call.output())
                 sent = idx if self.exchange == "gather" else union
             elif self.exchange == "gather":
-                avg, union, sent, kept = gather_pairs(self.comm, step.x, idx, counts, step.output(), self.wire)
+                avg, union, sent, kept = gather_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
             else:
-                avg, union, kept = union_pairs(self.comm, step.x, idx, counts, step.output(), self.wire)
+                avg, union, kept = union_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
                 sent = union
-        step.commit_sparse(sent, kept)
-        step.counted(selected=idx.numel(), received=union.numel())
-        step.stats["wire_floor_bytes"] = floor_bits(
-            step.d, idx.numel(), sent.numel(), self.wire.value_bits(step.x.dtype)) / 8
+        call.commit_sparse(sent, kept)
+        call.counted(selected=idx.numel(), received=union.numel())
+        call.stats["wire_floor_bytes"] = floor_bits(
+            call.d, idx.numel(), sent.numel(), self.wire.value_bits(call.x.dtype)) / 8
         return avg

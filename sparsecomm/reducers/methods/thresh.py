@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from ...validate import choice, number
-from ..base import Step
+from ..base import ReduceCall
 from ..select.fused import SELECTIONS, FusedSearch, resolve
 from ..layout import Layout
 from ..registry import register
@@ -60,19 +60,19 @@ class HardThreshold(SparseReducer):
     def describe(self) -> dict[str, Any]:
         return {"selection": "fused" if self._fused else "torch"}
 
-    def _run(self, step: Step) -> torch.Tensor:
-        layout = step.layout
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        layout = call.layout
         values = None
-        with step.phase("select"):
+        with call.phase("select"):
             if self._fused:  # x = g + m built in the same pass, x[idx] with it
-                found = step.select_fused(self._flat, search=self._fused_search)
+                found = call.select_fused(self._flat, search=self._fused_search)
                 idx, values = found.indices, found.values
             elif self._lambdas:
-                idx = threshold_select_segments(step.x, self._lambdas, layout.segments, layout.index_dtype)
+                idx = threshold_select_segments(call.x, self._lambdas, layout.segments, layout.index_dtype)
             else:
-                idx = self._search(step.x, self._flat, layout.index_dtype, scratch=step.scratch())
-        header = step.handshake(count=idx.numel())
-        avg = self._send(step, idx, header.counts, values)
+                idx = self._search(call.x, self._flat, layout.index_dtype, scratch=call.scratch())
+        header = call.handshake(count=idx.numel())
+        avg = self._send(call, idx, header.counts, values)
         if not self._lambdas:
-            step.stats["threshold"] = self._flat
+            call.stats["threshold"] = self._flat
         return avg

@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from ..base import Step
+from ..base import ReduceCall
 from ..layout import Layout
 from ..registry import register
 from ..select.primitives import target_count, topk, topk_per_segment
@@ -27,11 +27,11 @@ class TopK(SparseReducer):
     def _configure(self, layout: Layout) -> None:
         self._ks = [target_count(self.density, n) for n in layout.sizes]
 
-    def _run(self, step: Step) -> torch.Tensor:
-        with step.phase("select"):
-            idx = topk_per_segment(step.x, step.layout.segments, self._ks, step.layout.index_dtype, step.scratch())
-        header = step.handshake(count=idx.numel())
-        return self._send(step, idx, header.counts)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        with call.phase("select"):
+            idx = topk_per_segment(call.x, call.layout.segments, self._ks, call.layout.index_dtype, call.scratch())
+        header = call.handshake(count=idx.numel())
+        return self._send(call, idx, header.counts)
 
 
 @register
@@ -44,8 +44,8 @@ class GlobalTopK(SparseReducer):
     def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
         super().__init__(exchange=exchange, **common)
 
-    def _run(self, step: Step) -> torch.Tensor:
-        with step.phase("select"):
-            idx = topk(step.x, target_count(self.density, step.d), step.layout.index_dtype, step.scratch())
-        header = step.handshake(count=idx.numel())
-        return self._send(step, idx, header.counts)
+    def _run(self, call: ReduceCall) -> torch.Tensor:
+        with call.phase("select"):
+            idx = topk(call.x, target_count(self.density, call.d), call.layout.index_dtype, call.scratch())
+        header = call.handshake(count=idx.numel())
+        return self._send(call, idx, header.counts)
