@@ -1,6 +1,6 @@
 """Straightforward single-process references of each method, fed with all workers' inputs.
 
-Written from methods.md, independently of the package's code paths (loops over workers,
+Written from the papers and docs/reducers.md, independently of the package's code paths (loops over workers,
 plain masks, no padding or packing). Only the random streams are shared with the package
 (random-k's draw, SAGE's sample positions), since a reference must draw the same numbers.
 """

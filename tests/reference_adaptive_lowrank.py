@@ -1,4 +1,4 @@
-"""Single-process references for PowerSGD, Accordion and LEGACY, written from methods.md with
+"""Single-process references for PowerSGD, Accordion and LEGACY, written from the papers and docs/reducers.md with
 plain loops over workers (registered into reducer_reference.METHODS on import).
 
 Only the random stream is shared with the package: PowerSGD's first Q of each matrix is

@@ -1,4 +1,4 @@
-"""Single-process references of CLT-k, gTop-k and DEFT, written from methods.md with plain
+"""Single-process references of CLT-k, gTop-k and DEFT, written from the papers and docs/reducers.md with plain
 loops over the simulated workers (nothing from the package's code paths)."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Single-process references of the quantizers (QSGD, TernGrad, EF-SignSGD, signSGD with
-majority vote, fp16/bf16 casting) and of DGC, written from methods.md and the papers with
+majority vote, fp16/bf16 casting) and of DGC, written from the papers and docs/reducers.md with
 plain loops over the simulated workers and their tensors (registered into
 reducer_reference.METHODS on import).
 

@@ -6,7 +6,7 @@ CPU tensors, NCCL on CUDA tensors); :class:`SoloCommunicator` serves a single wo
 without any process group. Other implementations (for example simulated workers in one
 process) only need the three ``_``-prefixed primitives.
 
-Every collective is counted, per worker, in two ways (methods.md, section 5):
+Every collective is counted, per worker, in two ways (docs/reducers.md, *Metrics*):
 
 ``bytes_sent``
     bytes this worker handed to the collective (for a broadcast: the root's payload,

@@ -1,4 +1,4 @@
-"""How selected values travel between workers (methods.md, section 2).
+"""How selected values travel between workers (docs/reducers.md, *Exchange schemes*).
 
 Every step opens with a *handshake*: one all-gather of a small float64 row per worker
 (layout fingerprint, status flags, the count of selected coordinates and method-specific

@@ -22,57 +22,31 @@ class DGC(Reducer):
     """Deep Gradient Compression (Lin, Han, Mao, Wang & Dally, ICLR 2018), after the paper and
     its authors' code (synxlin/deep-gradient-compression).
 
-    **Momentum correction.** The reducer owns the momentum: per worker, u <- mu u + g (the
-    momentum, ``momentum`` = mu) and v <- v + u (the accumulated velocity); v is sparsified
-    and sent, and the error-feedback residual (``memory``) is v where nothing was sent.
-    **Momentum factor masking** (``momentum_masking``): u is zeroed where v was sent. With
-    ``error_feedback=False`` the unsent part of v is dropped (no accumulation); u is kept.
+    Per worker and step: the gradient (clipped locally when ``clip_norm`` is set) enters the
+    momentum u <- mu u + g and the velocity v <- v + u; in each tensor of two or more dimensions
+    the coordinates of v above a threshold estimated from a sample are sent (at most k_t) by
+    sparse gather-sum, and u is zeroed where v was sent (momentum factor masking); v keeps the
+    rest (the residual). 1-d tensors are all-reduced and get momentum SGD on their average. The
+    density warms up as max(c, ``warmup_coeff`` ** (epoch + 1)) over the first
+    ``warmup_epochs`` epochs (:meth:`begin_epoch`).
 
-    **Composition with the optimizer.** The average the reducer returns already carries the
-    momentum: apply it with plain SGD, *momentum 0* and no Nesterov (the update is
-    w <- w - lr avg), or the momentum is applied twice. Weight decay in the optimizer then acts
-    without momentum (the authors' optimizer keeps a momentum for the weight-decay term alone);
-    add the decay to the gradient before ``reduce`` to give it momentum as momentum SGD would.
-    Not meant for Adam. The momentum accumulates gradients, not lr-scaled steps (PyTorch's
-    convention), so learning-rate schedules apply as with ``torch.optim.SGD``.
+    The average already carries the momentum: step it with plain SGD at momentum 0 (the
+    trainer refuses another optimizer beside it). Every choice where the paper and the code
+    leave room, and why, is in docs/reducers.md (*Choices where the sources leave room*, DGC).
 
-    **Which tensors.** As in the authors' code, only tensors of two or more dimensions are
-    sparsified; 1-d tensors (biases, normalisation weights) are all-reduced densely and the
-    momentum is applied to their average (u <- mu u + avg, the same on every rank; ``avg`` is
-    u there), which is momentum SGD. Every compressed tensor t sends at most
-    k_t = max(1, floor(c_t n_t)) coordinates.
+    Args:
+        momentum: mu (0: no momentum correction; the plain conservation identity then holds).
+        momentum_masking: zero u where v was sent.
+        sample_ratio: the share of a tensor sampled for its threshold.
+        warmup_epochs, warmup_coeff: the density warm-up.
+        clip_norm: local clipping of each worker's gradient at clip_norm / sqrt(P) (None: off).
 
-    **Sampled threshold.** Per compressed tensor: if n_t <= ceil(2 / c), its exact top-k;
-    otherwise s_t = max(ceil(n_t ``sample_ratio``), ceil(2 / c)) positions are drawn uniformly
-    (with replacement) and the threshold is the ceil(s_t c)-th largest |v| among them. If more
-    than k_t coordinates pass, the k_t largest of them are sent (the authors' code re-selects
-    above 1.3 k_t and otherwise keeps the first k_t positions, a bias towards the start of the
-    tensor; here always the largest); if fewer than 0.8 k_t pass, the threshold is multiplied
-    by 0.8 and the count taken again, at most 10 times. Positions are drawn on the CPU from
-    one generator seeded with ``seed``, the same on every rank (any draw would do; this one
-    is reproducible), one draw per step for all tensors. The pairs travel by sparse gather-sum
-    (int32 positions, values in the gradient's dtype, padded to the largest count, as the
-    authors' all-gather), the dense tensors by one all-reduce.
+    Stats: ``adaptations`` (threshold lowerings this step), ``cut`` (tensors whose count
+    exceeded k_t and was cut to the k_t largest).
 
-    **Local gradient clipping** (``clip_norm``, off by default as in the authors' image
-    configurations): before the gradient enters the momentum, each worker scales its own g by
-    min(1, clip_norm / sqrt(P) / (||g||_2 + 1e-6)), ||g||_2 over all its tensors (the paper:
-    "scale the threshold by N^-1/2"; the authors' code clips per tensor). Use it instead of the
-    training loop's ``clip_norm``, which clips the averaged update (momentum included).
+    Example::
 
-    **Warm-up.** During the first ``warmup_epochs`` epochs the density is
-    max(c, ``warmup_coeff`` ** (epoch + 1)): 0.25, 0.0625, 0.0156, 0.0039 and then c = 0.001
-    by default (the paper's exponential warm-up; the authors' code derives the coefficient
-    from c and the epoch count instead). The epoch comes from :meth:`begin_epoch`, which the
-    training loop calls; a reducer never told its epoch (a benchmark, a DDP hook without
-    ``begin_epoch``) uses c from the start. ``target_density`` reports the current density.
-
-    **Conservation.** The momentum adds mass: with the momentum u_w each worker held before the
-    step, sum_w (x_w + mu u_w) = P avg + sum_w m_w(new), x_w = g_w + m_w the compensated
-    gradient; with momentum 0 this is the plain identity (``conserves`` is True only then).
-
-    Stats: ``adaptations`` (threshold lowerings this step, all tensors), ``cut`` (tensors
-    whose count exceeded k_t and was cut to the k_t largest).
+        r = reducers.build("dgc", density=0.001, momentum=0.9)   # with torch.optim.SGD(momentum=0)
     """
 
     name = "dgc"

@@ -1,27 +1,13 @@
-"""The CPU side of :mod:`~sparsecomm.reducers.select.fused`: a small C loop, built with the system C
-compiler on first use (cached by source hash under ``$SPARSECOMM_CACHE`` or
-``~/.cache/sparsecomm``; processes starting together build it once) and called through ctypes.
+"""The CPU side of :mod:`~sparsecomm.reducers.select.fused`: a small C loop that writes
+``x = m + g``, checks finiteness, applies the threshold and compacts the passing (index, value)
+pairs in one pass. Built with the system C compiler on first use (cached by source hash under
+``$SPARSECOMM_CACHE`` or ``~/.cache/sparsecomm``; processes starting together build it once)
+and called through ctypes.
 
-Candidates, measured 2026-12-01 on this project's shared 2-core CPU machine (AMD EPYC, float32,
-one thread, d = 11,173,962, about 0.2% passing; unit: one read pass ``flat.sum()``; minima of
-25 interleaved runs; ``bench/fused_check.py --device cpu`` repeats the first two):
-
-* this loop (``x = m + g`` written, finiteness, threshold, compaction in one pass): 2.2 read
-  passes, against 6.8 for the torch pieces it replaces (``add``, ``aminmax``, block search) and
-  2.4 for ``torch.add`` alone; the first build costs 0.5 to 1.7 s of CPU (``gcc -O3``), a
-  cached load 3 ms; it needs a C compiler and nothing else;
-* ``torch.compile`` (Inductor's C++ backend): it cannot compact (``nonzero`` has a
-  data-dependent size), so at best ``g + m``, ``aminmax`` and ``abs >= t`` become one loop
-  writing x and a mask that ``nonzero`` reads again; measured 89 read passes per call (under
-  heavy load) and 82 s for the first call with an empty cache: rejected;
-* ``torch.utils.cpp_extension.load_inline``: the same loop, but its build compiles against the
-  torch headers: 188 s for a one-function probe with an empty cache (under load), once per
-  fresh clone: rejected;
-* numba: a new dependency, not tried.
-
-The loop is single-threaded (the benchmarks run one torch thread per process); a loop over
-groups of 16 that the compiler vectorises keeps its flags per lane, since a branch or a scalar
-reduction per element doubled the time.
+The loop is single-threaded (one torch thread per process, as the benchmarks run it) and walks
+groups of 16 that the compiler vectorises, keeping its flags per lane. Why a C loop and not
+``torch.compile`` or ``load_inline``: docs/reducers.md, *Choices*; its speed:
+docs/benchmarks.md, *Selection in one pass*.
 """
 from __future__ import annotations
 
@@ -144,7 +130,7 @@ def _build() -> ctypes.CDLL:
                 _compile(compiler, folder, path)
     lib = ctypes.CDLL(path)
     for dname, ctype in _DTYPES.values():
-        for iname, ictype in (("i32", ctypes.c_int32), ("i64", ctypes.c_int64)):
+        for iname in ("i32", "i64"):
             fn = getattr(lib, f"sc_select_{dname}_{iname}")
             fn.restype = ctypes.c_int64
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
