@@ -59,7 +59,7 @@ from sparsecomm import reducers
 
 import gloo_workers  # bench/gloo_workers.py: the process harness
 import results_files  # bench/results_files.py: earlier results are set aside
-import wire  # bench/wire.py: wire formats of the sparse methods against the information floor
+import wire_formats as wire  # bench/wire_formats.py: the sparse methods' wire formats
 
 MODELS = ("resnet18", "lstm", "tiny")  # tiny: 3 tensors, 1,300 values, for tests of the harness
 LSTM_VOCAB, LSTM_HIDDEN, LSTM_LAYERS = 28_869, 650, 3

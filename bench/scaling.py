@@ -75,8 +75,6 @@ log = logging.getLogger("scaling")
 MODELS = {"resnet20": ("resnet20-cifar10", 0.1), "mnist_cnn": ("mnist-cnn", 0.05)}  # preset, lr
 METHODS = ("exdyna", "micro", "sage", "thresh", "topk", "global_topk", "gtopk", "cltk", "deft")
 PARTITIONED = ("exdyna", "micro", "deft")
-THRESHOLD = ("exdyna", "micro", "sage", "thresh")
-GATHER = ("sage", "thresh", "topk", "global_topk")  # sparse gather-sum: the union travels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

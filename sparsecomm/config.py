@@ -2,7 +2,9 @@
 command line (``section.key=value``). Unknown keys are errors that list the allowed ones."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,6 @@ class DataConfig:
     batch_size: int = 32              # per worker
     global_batch_size: int | None = None  # if set: split across workers (batch_size = this // workers)
     eval_batch_size: int = 256        # per worker, evaluation only
-    loader_workers: int = 0           # DataLoader worker processes per training process
     cache_dir: str | None = None      # where decoded/preprocessed data is cached (default: beside the data)
 
 
@@ -63,7 +64,7 @@ class ReducerConfig:
 class RecordsConfig:
     log_every: int = 50               # training lines in metrics.jsonl every this many steps
     eval_every: int = 1               # epochs between evaluations
-    eval_every_steps: int = 0         # also evaluate every this many steps (0: only by epochs; for accuracy against time)
+    eval_every_steps: int = 0         # also evaluate every this many steps (0: by epochs only; accuracy against time)
     eval_on_stop: bool = False        # also evaluate when a signal stops the run early (max_steps always does)
     checkpoint_every: int = 1         # epochs between checkpoints (0: only on signals and at the end)
     progress: bool = True             # a tqdm progress bar on rank 0
@@ -211,15 +212,26 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"preset file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"preset {str(path)!r} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"preset {str(path)!r} must hold a mapping of settings")
+        data = _preset_data(str(path.resolve()), path.stat().st_mtime_ns)
         data["preset"] = preset_name or str(path)
     data = apply_overrides(data, overrides or [])
     return _build(RunConfig, data, "")
+
+
+def _preset_data(path: str, mtime_ns: int) -> dict[str, Any]:
+    """A preset file's settings (a fresh copy; parsed once per version of the file)."""
+    return copy.deepcopy(_parsed_preset(path, mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_preset(path: str, mtime_ns: int) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {path!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {path!r} must hold a mapping of settings")
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -87,20 +87,39 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-_LAUNCHERS = (("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "torchrun"), ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM"),
-              ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "Open MPI"), ("PMI_RANK", "PMI_SIZE", "MPI"),
-              (None, "WORLD_SIZE", "a launcher (run.sh or torchrun)"))
+@dataclass(frozen=True)
+class Launcher:
+    """A tool that starts the processes of a job, as the environment it gives them shows: the
+    variable only it sets (None: any), the process count, and the variable a run's records keep
+    to identify the launch."""
+
+    name: str
+    marker: str | None
+    size: str
+    recorded: str | None
+
+
+LAUNCHERS = (Launcher("torchrun", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"),
+             Launcher("SLURM", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"),
+             Launcher("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+             Launcher("MPI", "PMI_RANK", "PMI_SIZE", "PMI_SIZE"),
+             Launcher("a launcher (run.sh or torchrun)", None, "WORLD_SIZE", None))
 
 
 def multiprocess_launch() -> tuple[str, int] | None:
     """(launcher, process count) when the environment says this process is one of several
     started together, else None."""
-    for marker, size, name in _LAUNCHERS:
-        if marker is None or os.environ.get(marker) is not None:
-            count = _env_int(size, 1)
+    for launcher in LAUNCHERS:
+        if launcher.marker is None or os.environ.get(launcher.marker) is not None:
+            count = _env_int(launcher.size, 1)
             if count is not None and count > 1:
-                return name, count
+                return launcher.name, count
     return None
+
+
+def launch_record() -> dict[str, str]:
+    """What a run's records keep of the launcher that started it (its job id or process count)."""
+    return {l.recorded: os.environ[l.recorded] for l in LAUNCHERS if l.recorded and l.recorded in os.environ}
 
 
 _watchdog = None

@@ -325,8 +325,8 @@ class Reducer(abc.ABC):
         self.seed = int(seed)
         self.nonfinite = nonfinite
         self.comm = make_communicator(group)
-        self.workspace = Workspace(self.comm, ErrorFeedback(self.error_feedback and self.compensates,
-                                                            wide=self.wide_residual), PhaseTimer(sync_timing), nonfinite)
+        feedback = ErrorFeedback(self.error_feedback and self.compensates, wide=self.wide_residual)
+        self.workspace = Workspace(self.comm, feedback, PhaseTimer(sync_timing), nonfinite)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
         self._opened: ReduceCall | None = None  # a call opened before its reduce (open_call)
@@ -422,7 +422,7 @@ class Reducer(abc.ABC):
 
     @property
     def stats(self) -> dict[str, Any]:
-        """The last step's measurements as plain Python numbers (methods.md, section 5)."""
+        """The last step's measurements as plain Python numbers (docs/reducers.md, *Metrics*)."""
         if self._stats is None:
             self._stats = {k: _plain(v) for k, v in self._raw_stats.items()}
         return dict(self._stats)

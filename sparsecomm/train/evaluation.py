@@ -53,8 +53,7 @@ class Evaluator:
                 if better:
                     self.best = {"value": value, "epoch": epoch, "step": at.step, "time": elapsed}
         if self.is_main and results:
-            log.info("epoch %s: %s", f"{epoch:.4g}", "; ".join(
-                ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()) for r in results))
+            log.info("epoch %s: %s", f"{epoch:.4g}", "; ".join(_said(r) for r in results))
         return lines
 
     def evaluated_at(self, step: int) -> bool:
@@ -70,3 +69,7 @@ class Evaluator:
     def load_state(self, state: dict[str, Any]) -> None:
         self.best = state["best"]
         self.results = list(state["evaluations"])
+
+
+def _said(result: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())

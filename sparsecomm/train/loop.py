@@ -1,20 +1,20 @@
 """The one training loop, shared by every task and every reducer."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import reducers
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, DataConfig, RunConfig
 from ..launch.job import Job
 from ..progress import progress
 from ..tasks import build_task
@@ -236,9 +236,10 @@ class Trainer:
             return at
         signum = int(self.job.max(float(self._signal or 0)))
         if signum:
-            return replace(at, stop=f"stopped by {signal.Signals(signum).name} at step {step}", signal=signum)
+            name = signal.Signals(signum).name
+            return dataclasses.replace(at, stop=f"stopped by {name} at step {step}", signal=signum)
         if self.cfg.max_steps is not None and step >= self.cfg.max_steps:
-            return replace(at, stop=f"stopped at max_steps={self.cfg.max_steps}")
+            return dataclasses.replace(at, stop=f"stopped at max_steps={self.cfg.max_steps}")
         return at
 
     def _should_checkpoint(self, at: Moment) -> bool:
@@ -366,11 +367,11 @@ class Trainer:
                               f"fresh run (--fresh) or use another output directory")
         step = int(shared["step"])
         if step > self.total_steps:
-            need = step / self.steps_per_epoch
+            need = math.ceil(step / self.steps_per_epoch * 1000) / 1000
             raise ConfigError(f"the checkpoint in {self.checkpoints.root} is at step {step}, past the end of this "
                               f"schedule (step {self.total_steps}: epochs {self.cfg.epochs:g} x "
-                              f"{self.steps_per_epoch} steps); set epochs to at least {math.ceil(need * 1000) / 1000:g} "
-                              f"to go on from it, or start afresh with --fresh (the earlier run is moved aside)")
+                              f"{self.steps_per_epoch} steps); set epochs to at least {need:g} to go on from it, "
+                              f"or start afresh with --fresh (the earlier run is moved aside)")
         self.model.load_state_dict(shared["model"])
         self.optimizer.load_state_dict(shared["optimizer"])
         self.step = step
@@ -381,9 +382,11 @@ class Trainer:
 
 
 def _identity(section: Any, key: str) -> Any:
-    """The part of a config section that changes results (paths and loader workers do not)."""
+    """The part of a config section that changes results: not paths, and not settings this
+    version no longer has (a checkpoint may be older than the schema)."""
     if key == "data" and isinstance(section, dict):
-        return {k: v for k, v in section.items() if k not in ("dir", "cache_dir", "loader_workers")}
+        known = {f.name for f in dataclasses.fields(DataConfig)}
+        return {k: v for k, v in section.items() if k in known and k not in ("dir", "cache_dir")}
     return section
 
 

@@ -28,7 +28,7 @@ RECORD_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "reducer.json")
 # Settings that do not change what a run computes (paths, records, length, device), or that
 # the name already shows.
 _UNNAMED = ("name", "description", "preset", "output_dir", "epochs", "max_steps", "device", "records",
-            "data.dir", "data.cache_dir", "data.loader_workers", "data.eval_batch_size",
+            "data.dir", "data.cache_dir", "data.eval_batch_size",
             "task", "model", "seed", "reducer.name", "reducer.density", "reducer.error_feedback",
             "data.batch_size", "data.global_batch_size")
 _MAX_READABLE = 40
@@ -50,10 +50,7 @@ def differences(cfg: RunConfig) -> dict[str, Any]:
     if cfg.preset:
         from .presets import find_preset
 
-        try:
-            base = load_config(find_preset(cfg.preset)).to_dict()
-        except ConfigError:
-            base = RunConfig().to_dict()
+        base = load_config(find_preset(cfg.preset)).to_dict()
     else:
         base = RunConfig().to_dict()
     mine, theirs = _flat(cfg.to_dict()), _flat(base)
@@ -157,6 +154,7 @@ def environment(world: int, backend: str, device: str, virtual: bool = False) ->
     import torch
 
     import sparsecomm
+    from ..launch.job import launch_record
 
     return {
         "world_size": world,
@@ -172,8 +170,7 @@ def environment(world: int, backend: str, device: str, virtual: bool = False) ->
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "command": " ".join(sys.argv),
-        "launcher": {k: os.environ[k] for k in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TORCHELASTIC_RUN_ID")
-                     if k in os.environ},
+        "launcher": launch_record(),
     }
 
 

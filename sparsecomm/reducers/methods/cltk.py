@@ -1,7 +1,6 @@
 """CLT-k: cyclic local top-k, one leader's selection shared by everyone."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -33,9 +32,6 @@ class CyclicLocalTopK(Reducer):
 
     name = "cltk"
     summary = "cyclic local top-k: leader t mod P selects, its indices are broadcast, values all-reduced"
-
-    def __init__(self, **common: Any) -> None:
-        super().__init__(**common)
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
         x, P = call.x, self.comm.size

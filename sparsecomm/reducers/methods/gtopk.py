@@ -1,7 +1,6 @@
 """gTop-k: a global top-k index set found by a tree merge of the workers' local top-k."""
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
@@ -75,9 +74,6 @@ class GlobalTreeTopK(Reducer):
 
     name = "gtopk"
     summary = "global top-k by a log2(P)-round tree merge of local top-k, exact all-reduce at the result"
-
-    def __init__(self, **common: Any) -> None:
-        super().__init__(**common)
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
         x, d = call.x, call.d

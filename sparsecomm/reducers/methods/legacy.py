@@ -74,7 +74,6 @@ class Legacy(SparseReducer):
         self._epoch: int | None = None
         self._epochs: float | None = None
         self._ks_by_phase: dict[int, list[int]] = {}
-        self._phase = 0
         self._target = 1.0
 
     @staticmethod
@@ -160,7 +159,7 @@ class Legacy(SparseReducer):
     # ------------------------------------------------------------------------ the step
     def _run(self, call: ReduceCall) -> torch.Tensor:
         layout = call.layout
-        phase = self._phase = self.phase()
+        phase = self.phase()
         ks = self._ks(layout, phase)
         self._target = sum(ks) / layout.numel if layout.numel else 1.0
         with call.phase("select"):

@@ -53,6 +53,7 @@ class MergedSparsifier(Reducer):
         self._params: list[torch.nn.Parameter] | None = None
         self._stamps: dict[int, float] = {}
         self._backward: list[float] | None = None
+        self._predicted: float | None = None
         self._history: list[dict[str, Any]] = []
         self._reset_step_state()
 
@@ -196,7 +197,6 @@ class MergedSparsifier(Reducer):
                         torch.zeros(k, dtype=dtype, device=device)], k)
             comm_s.append(_median_time(lambda: self.comm.all_gather(row), device))
             comm_n.append(k)
-        self.comm.reset_counters()  # the measurement is not the step's traffic
         # the same fit on every rank: the slowest rank's times
         times = torch.tensor(select_s + comm_s, dtype=torch.float64, device=device)
         times = self._max_over_ranks(times)
@@ -205,7 +205,7 @@ class MergedSparsifier(Reducer):
         self._cost = {"select": select.as_list(), "comm": comm.as_list(),
                       "measured": {"select_sizes": sizes, "select_s": times[:len(sizes)].tolist(),
                                    "comm_selected": comm_n, "comm_s": times[len(sizes):].tolist()}}
-        self.comm.reset_counters()
+        self.comm.reset_counters()  # the measurement's collectives are not the step's traffic
         return select, comm
 
     def _max_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ class MergedSparsifier(Reducer):
                 "group_tensors_backward_order": [list(self._tensors(g))[::-1] for g in self._groups],
                 "cost_model": {k: v for k, v in self._cost.items() if k != "measured"},
                 "cost_measurements": self._cost.get("measured"),
-                "backward_times_s": self._backward, "predicted_iteration_s": getattr(self, "_predicted", None),
+                "backward_times_s": self._backward, "predicted_iteration_s": self._predicted,
                 "history": self._history}
 
     # ------------------------------------------------------------------------- state
@@ -289,9 +289,6 @@ class OMGS(MergedSparsifier):
     name = "omgs"
     summary = "merged-gradient top-k over layer groups chosen by fitted cost models, overlapping backward"
 
-    def __init__(self, *, groups: Sequence[int] | None = None, overlap: bool = True, **common: Any) -> None:
-        super().__init__(groups=groups, overlap=overlap, **common)
-
 
 @register
 class AGTF(MergedSparsifier):
@@ -300,7 +297,7 @@ class AGTF(MergedSparsifier):
     is shared among layers in proportion to the L2 norms of their compensated gradients (summed
     over ranks) as DEFT shares it (:func:`~sparsecomm.reducers.select.primitives.allocate_k`: each layer
     at least 1 and at most its size); and a group is formed only
-    if the fused selection does not raise the sparsification-noise model (methods.md):
+    if the fused selection does not raise the sparsification-noise model (docs/reducers.md, *Choices*, AGTF):
     ``(sum p / sum k - 1) sum g <= sum (1/rho - 1) g``. A fused group sends the top ``sum k_i``
     of the group. Densities and groups are revised every ``regroup_every`` steps (one small
     all-reduce of the norms); a new grouping takes effect at the next step."""
@@ -313,12 +310,13 @@ class AGTF(MergedSparsifier):
         self.regroup_every = positive_int("regroup_every", regroup_every)
         super().__init__(groups=groups, overlap=overlap, **common)
         self._sq_norms: list[float] | None = None
+        self._k_layers: list[int] | None = None
 
     def options(self) -> dict[str, Any]:
         return {**super().options(), "regroup_every": self.regroup_every}
 
     def _configure_densities(self, layout: Layout) -> None:
-        if getattr(self, "_k_layers", None) is None or len(self._k_layers) != self._L:
+        if self._k_layers is None or len(self._k_layers) != self._L:
             self._k_layers = [target_count(self.density, n) for n in self._sizes_bw]  # until norms are known
         self._k_bw = [float(k) for k in self._k_layers]
 

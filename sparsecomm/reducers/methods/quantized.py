@@ -127,14 +127,6 @@ class QuantizedReducer(Reducer):
             self._generator = torch.Generator(device=layout.device)
             self._generator.manual_seed(stream_seed(self.seed, self.rank))
 
-    def _scale_(self, v: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """Multiply each tensor's segment of the flat ``v`` by its entry of ``values``, in place
-        (one pass over v; no vector of d repeated values)."""
-        for i, (a, b) in enumerate(self.layout.segments):
-            if b > a:
-                v[a:b].mul_(values[i])
-        return v
-
     def _uniform(self, call: ReduceCall) -> torch.Tensor:
         """d uniform numbers on [0, 1) from this worker's stream, drawn into the step's scratch
         buffer when it has their dtype (no per-step allocation)."""
@@ -243,15 +235,6 @@ class QSGD(QuantizedReducer):
 
     def _ranges(self) -> list[tuple[int, int]]:
         return [(a, b) for a, b, _, _ in self._bucket_pieces]
-
-    def _by_bucket(self, v: torch.Tensor, per_bucket: torch.Tensor) -> torch.Tensor:
-        """Multiply each bucket of the flat ``v`` by its entry of ``per_bucket``, in place."""
-        for a, full, size, tail, j in self._plan:
-            if full:
-                v[a:a + full * size].view(full, size).mul_(per_bucket[j:j + full, None])
-            if tail:
-                v[a + full * size:a + full * size + tail].mul_(per_bucket[j + full])
-        return v
 
     def _norms(self, x: torch.Tensor) -> torch.Tensor:
         norms = torch.zeros(self._buckets, dtype=self._cdtype, device=x.device)

@@ -41,9 +41,6 @@ class GlobalTopK(SparseReducer):
     name = "global_topk"
     summary = "top-k over the whole flat vector"
 
-    def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
-        super().__init__(exchange=exchange, **common)
-
     def _run(self, call: ReduceCall) -> torch.Tensor:
         with call.phase("select"):
             idx = topk(call.x, target_count(self.density, call.d), call.layout.index_dtype, call.scratch())
