@@ -15,11 +15,12 @@ import torch
 from .. import reducers
 from ..tasks import build_task
 from .checkpoint import Checkpoints
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..job import Job
 from .optim import LearningRate, build_optimizer, peak_lr
 from .checks import check_optimizer
-from .records import Recorder, check_run_dir, environment, run_name, set_aside
+from ..lock import Held, LockError, RunLock
+from .records import Recorder, RunInUse, check_run_dir, environment, run_lock, run_name, set_aside
 from .workers import ProcessWorker, VirtualWorkers
 
 __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
@@ -35,6 +36,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 _PROJECT_AT = 30
 _PROJECT_SKIP = 5
 
+# While another job holds the run directory and this one waits for it, rank 0 looks again this often.
+_WAIT_POLL_S = 2.0
+
 # A method whose achieved density is off its target by more than this factor, on more than
 # half of the steps, gets a warning in the log and in summary.json.
 _DENSITY_FACTOR = 2.0
@@ -42,6 +46,10 @@ _DENSITY_FACTOR = 2.0
 # Per-step measurements averaged into each training line of metrics.jsonl.
 _MEANS = ("density", "local_density", "bytes_sent", "bytes_wire", "t_data", "t_forward", "t_backward",
           "t_select", "t_comm", "t_step")
+
+
+# What rank 0 found when it tried to take the run directory's lock (the largest wins across ranks).
+_TAKEN, _WAITING, _REFUSED = 0, 1, 2
 
 
 class Stopped(Exception):
@@ -56,24 +64,33 @@ class Trainer:
     """Builds task, model, optimizer and reducer from a configuration and trains, evaluating,
     recording and checkpointing as configured. Resumes from the run directory's latest
     checkpoint unless ``fresh``. With ``job.virtual`` = W, this one process trains W virtual
-    workers (see :mod:`.workers`)."""
+    workers (see :mod:`.workers`).
 
-    def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
+    The run directory is this job's from the start to the end of :meth:`run`: rank 0 holds its
+    lock (:func:`.records.run_lock`) before anything is written or moved. While another live
+    job holds it, :class:`.records.RunInUse` is raised on every rank, after waiting up to
+    ``wait_s`` seconds for that job to end."""
+
+    def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False, wait_s: float = 0.0) -> None:
         # Stop signals are caught from the start: one that arrives while the data loads stops
         # the run after its first step, with a checkpoint, like any other.
         self._signal: int | None = None
         self._handlers = _catch(STOP_SIGNALS, self._on_signal)
+        self._lock: RunLock | None = None
         try:
-            self._build(cfg, job, fresh)
+            self._build(cfg, job, fresh, wait_s)
         except BaseException:
             _release(self._handlers)
+            if self._lock is not None:
+                self._lock.release()
             raise
 
-    def _build(self, cfg: RunConfig, job: Job, fresh: bool) -> None:
+    def _build(self, cfg: RunConfig, job: Job, fresh: bool, wait_s: float) -> None:
         self.cfg = cfg.validate()
         self.job = job
         P = job.workers
         self.run_dir = Path(cfg.output_dir) / run_name(cfg, P, virtual=bool(job.virtual))
+        self._lock = self._claim(wait_s)
         check_run_dir(self.run_dir)
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = build_task(cfg, job)  # a virtual run evaluates on it; its workers train on views of it
@@ -139,6 +156,42 @@ class Trainer:
                      P, "virtual " if job.virtual else "", self.steps_per_epoch, self.total_steps,
                      f", resumed at step {self.step}" if resumed else "")
 
+    def _claim(self, wait_s: float) -> RunLock | None:
+        """Rank 0 takes the run directory's lock, waiting up to ``wait_s`` seconds for a live
+        holder to end (saying so once); every rank learns the outcome, so that all go on or all
+        stop together. Rank 0's lock (None on the other ranks)."""
+        run_dir, job = self.run_dir, self.job
+        lock = run_lock(run_dir) if job.is_main else None
+        deadline = time.monotonic() + wait_s
+        waited = False
+        refusal: ConfigError | None = None
+        while True:
+            verdict = _TAKEN
+            if lock is not None:
+                try:
+                    lock.acquire()
+                except Held as held:
+                    if time.monotonic() < deadline:
+                        if not waited:
+                            log.warning("the run directory %s is in use by another job: %s; waiting up to %g s for "
+                                        "it to end (--wait-for-run)", run_dir, held.holder.describe(), wait_s)
+                        waited, verdict = True, _WAITING
+                    else:
+                        refusal, verdict = RunInUse(run_dir, held.holder, wait_s), _REFUSED
+                except LockError as exc:
+                    refusal, verdict = ConfigError(str(exc)), _REFUSED
+            verdict = int(job.max(float(verdict)))
+            if verdict == _TAKEN:
+                if waited:
+                    log.info("the other job has let go of %s; this one goes on", run_dir)
+                return lock
+            if verdict == _REFUSED:
+                raise refusal or ConfigError(f"rank 0 could not take the run directory {run_dir}")
+            signum = int(job.max(float(self._signal or 0)))
+            if signum:
+                raise Stopped(f"stopped by {signal.Signals(signum).name} while waiting for {run_dir}", signum)
+            time.sleep(_WAIT_POLL_S)
+
     def _check_virtual_data(self, workers: int) -> None:
         """Virtual workers need at least one training example each (one line otherwise)."""
         examples = self.task.train_examples()
@@ -156,13 +209,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------- running
     def run(self) -> dict[str, Any]:
-        """Train to the end (or until stopped) and return the summary."""
+        """Train to the end (or until stopped) and return the summary; the run directory's lock
+        is given back either way."""
         try:
-            self._train()
+            try:
+                self._train()
+            finally:
+                _release(self._handlers)
+                self.recorder.close()
+            return self._summary()
         finally:
-            _release(self._handlers)
-            self.recorder.close()
-        return self._summary()
+            if self._lock is not None:
+                self._lock.release()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None and signum == signal.SIGINT:
