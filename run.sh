@@ -13,6 +13,8 @@
 # run.sh finds out who started it and takes rank, world size, local rank and the rendezvous
 # address from there; the world size always comes from the launcher. Ctrl-C, SIGTERM or SIGUSR1
 # make every worker checkpoint and stop; the same command again resumes.
+# A run directory is one job's at a time: a second start on it stops in one line (exit 2) naming
+# the job that holds it; EXTRA_ARGS=--wait-for-run (or SPARSECOMM_WAIT_FOR_RUN=SECONDS) waits.
 
 # ---------------------------------------------------------------- what to run -------------
 PRESET=${PRESET:-}                  # a file in cnn-lstm/presets or ncf/presets (python -m

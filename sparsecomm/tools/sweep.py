@@ -6,7 +6,8 @@ normal ``./run.sh`` job with its normal run directory: one after another on this
 (``--workers`` local workers each), or with ``--slurm`` one task of a SLURM job array submitted
 through ``pararun``. Every point's settings are checked before anything runs. Finished runs are
 skipped, interrupted ones resume from their checkpoint, so running the same command again
-continues a sweep. Ctrl-C (or SIGTERM, SIGUSR1) is passed on to the current run, which
+continues a sweep; while one sweep runs, the same sweep started again stops with one line (a
+lock in ``OUTPUT_DIR/.sweeps``), and each run directory is one job's anyway. Ctrl-C (or SIGTERM, SIGUSR1) is passed on to the current run, which
 checkpoints; the sweep then stops. The sweep ends with the compare table of its runs.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ import time
 from pathlib import Path
 
 from ..commandline import OneLineParser
-from .grid import Grid, GridError, Point, build, check, parse_density, parse_list, parse_seed, shell_exports, state
+from ..lock import Held, LockError, RunLock
 from ..units import duration
+from .grid import Grid, GridError, Point, build, check, parse_density, parse_list, parse_seed, shell_exports, state
 
 __all__ = ["main"]
 
@@ -357,8 +359,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sweep interrupted before any run started", file=sys.stderr)
         return 130
-    log.info("sweep: %d run(s) of %s, %d worker(s) each, settings checked", len(grid.points), args.preset, workers)
-    return submit(grid, sbatch_options) if args.slurm else run_locally(grid)
+    lock = sweep_lock(grid)
+    try:
+        lock.acquire()
+    except Held as held:
+        print(f"error: this sweep is already running over {_show(grid.output_dir)}: {held.holder.describe()}; let it "
+              f"finish or stop it ({held.holder.how_to_stop()}), then run this command again to go on", file=sys.stderr)
+        return 2
+    except LockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        log.info("sweep: %d run(s) of %s, %d worker(s) each, settings checked", len(grid.points), args.preset,
+                 workers)
+        return submit(grid, sbatch_options) if args.slurm else run_locally(grid)
+    finally:
+        lock.release()
+
+
+def sweep_lock(grid: Grid) -> RunLock:
+    """The lock that makes a grid one sweep's at a time: ``OUTPUT_DIR/.sweeps/<grid key>.lock``."""
+    return RunLock(Path(grid.output_dir) / ".sweeps" / f"{grid.key}.lock", f"sweep {grid.key}")
 
 
 if __name__ == "__main__":

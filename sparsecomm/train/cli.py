@@ -29,8 +29,11 @@ examples:
 
 Ctrl-C, SIGTERM or SIGUSR1 make every worker checkpoint and stop at the same step (exit 128 +
 the signal number); running the same command again resumes. Bad settings stop with one line
-and exit code 2.
+and exit code 2, and so does a run directory another job is using (--wait-for-run waits for it).
 """
+
+# --wait-for-run without a number: how long to wait for another job to let go of the run directory.
+WAIT_DEFAULT_S = 600.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", help="where run directories are created (default ./runs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set optimizer.lr=0.05 (repeatable)")
+    p.add_argument("--wait-for-run", type=_seconds, nargs="?", const=WAIT_DEFAULT_S, metavar="SECONDS",
+                   help="when another job is using the run directory, wait up to SECONDS (default "
+                        f"{WAIT_DEFAULT_S:g}; also SPARSECOMM_WAIT_FOR_RUN) for it to end, then resume, instead of "
+                        "stopping at once (a requeued SLURM job whose old workers are still checkpointing)")
     p.add_argument("--fresh", action="store_true",
                    help="start over instead of resuming; an earlier run's directory is moved aside, not deleted")
     p.add_argument("--print-config", action="store_true", help="check and print the resolved settings, then exit")
@@ -119,6 +126,30 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def wait_for_run(args: argparse.Namespace) -> float:
+    """Seconds to wait for another job to let go of the run directory: ``--wait-for-run``, else
+    ``SPARSECOMM_WAIT_FOR_RUN``, else 0 (stop at once)."""
+    if args.wait_for_run is not None:
+        return args.wait_for_run
+    text = os.environ.get("SPARSECOMM_WAIT_FOR_RUN", "").strip()
+    if not text:
+        return 0.0
+    try:
+        return _seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"SPARSECOMM_WAIT_FOR_RUN {exc}") from None
+
+
 def _workers(text: str) -> int:
     if text == "auto":
         return _gpus() or 2
@@ -171,6 +202,7 @@ def _main(argv: list[str] | None) -> int:
             return _fail(virtual_conflict(virtual, *launch))
         workers = virtual or (_workers(args.workers) if args.check and args.workers is not None else None)
         cfg = check_run(resolve_config(args), workers, virtual=bool(virtual))
+        wait_s = wait_for_run(args)
     except ConfigError as exc:
         return _fail(str(exc))
     if args.print_config:
@@ -181,17 +213,22 @@ def _main(argv: list[str] | None) -> int:
     if args.check:
         from pathlib import Path
 
-        from .records import run_name
+        from .records import RunInUse, run_lock, run_name
 
+        run_dir = None if workers is None else Path(cfg.output_dir) / run_name(cfg, workers, bool(virtual))
+        # Another job on the run directory stops a start in seconds, before any data or worker (the
+        # trainer's lock decides; this only looks). Rank 0 looks, as the trainer's rank 0 decides.
+        holder = run_lock(run_dir).holder() if run_dir is not None and _is_main() and not wait_s else None
+        if holder is not None:
+            return _fail(str(RunInUse(run_dir, holder)))
         gpus = _gpus()
         print(f"preset={cfg.preset or ''}\ntask={cfg.task}\ngpus={gpus}", flush=True)
-        if workers is not None:
-            print(f"workers={workers}\nrun_dir={Path(cfg.output_dir) / run_name(cfg, workers, bool(virtual))}",
-                  flush=True)
+        if run_dir is not None:
+            print(f"workers={workers}\nrun_dir={run_dir}", flush=True)
             if _is_main() and not virtual and (cfg.device == "cpu" or (cfg.device == "auto" and not gpus)):
                 _say_cpu_cost(cfg, workers)
         return 0
-    return _train(cfg, args.fresh, virtual)
+    return _train(cfg, args.fresh, virtual, wait_s)
 
 
 def _say_cpu_cost(cfg: RunConfig, workers: int) -> None:
@@ -202,7 +239,7 @@ def _say_cpu_cost(cfg: RunConfig, workers: int) -> None:
     print(f"note: {cpu_notice(cfg, workers, quick)}", file=sys.stderr, flush=True)
 
 
-def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
+def _train(cfg: RunConfig, fresh: bool, virtual: int = 0, wait_s: float = 0.0) -> int:
     from .checkpoint import CheckpointError
     from ..launch.job import join, leave, lost_ranks
     from .loop import Stopped, Trainer
@@ -214,7 +251,7 @@ def _train(cfg: RunConfig, fresh: bool, virtual: int = 0) -> int:
         return 2
     trainer = None
     try:
-        trainer = Trainer(cfg, job, fresh=fresh)
+        trainer = Trainer(cfg, job, fresh=fresh, wait_s=wait_s)
         trainer.run()
     except Stopped as stop:
         if job.is_main:

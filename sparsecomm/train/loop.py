@@ -16,6 +16,7 @@ import torch
 from .. import reducers
 from ..config import ConfigError, DataConfig, RunConfig
 from ..launch.job import Job
+from ..lock import Held, LockError, RunLock
 from ..progress import progress
 from ..tasks import build_task
 from .checkpoint import Checkpoints
@@ -23,7 +24,7 @@ from .checks import check_optimizer
 from .evaluation import Evaluator
 from .meter import Meter, Moment, Pace
 from .optim import LearningRate, build_optimizer, peak_lr
-from .records import Recorder, check_run_dir, environment, run_name, set_aside
+from .records import Recorder, RunInUse, check_run_dir, environment, run_lock, run_name, set_aside
 from .workers import ProcessWorker, VirtualWorkers
 
 __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 # What SLURM sends before a time limit or preemption (--signal), what schedulers send to stop,
 # and Ctrl-C: each makes every rank checkpoint and stop at the same step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+# While another job holds the run directory and this one waits for it, rank 0 looks again this often.
+_WAIT_POLL_S = 2.0
+
+# What rank 0 found when it tried to take the run directory's lock (the largest wins across ranks).
+_TAKEN, _WAITING, _REFUSED = 0, 1, 2
 
 
 class Stopped(Exception):
@@ -49,25 +56,35 @@ class Trainer:
     checkpoint unless ``fresh``. With ``job.virtual`` = W, this one process trains W virtual
     workers (see :mod:`.workers`).
 
+
     The loop (:meth:`_train`) only orders the parts; each decides from the :class:`Moment`
     after a step whether its turn has come: the meter's training line, the evaluator, the
-    checkpoint, a stop."""
+    checkpoint, a stop.
 
-    def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False) -> None:
+    The run directory is this job's from the start to the end of :meth:`run`: rank 0 holds its
+    lock (:func:`.records.run_lock`) before anything is written or moved. While another live
+    job holds it, :class:`.records.RunInUse` is raised on every rank, after waiting up to
+    ``wait_s`` seconds for that job to end."""
+
+    def __init__(self, cfg: RunConfig, job: Job, fresh: bool = False, wait_s: float = 0.0) -> None:
         # Stop signals are caught from the start: one that arrives while the data loads stops
         # the run after its first step, with a checkpoint, like any other.
         self._signal: int | None = None
         self._handlers = _catch(STOP_SIGNALS, self._on_signal)
+        self._lock: RunLock | None = None
         try:
-            self._build(cfg.validate(), job, fresh)
+            self._build(cfg.validate(), job, fresh, wait_s)
         except BaseException:
             _release(self._handlers)
+            if self._lock is not None:
+                self._lock.release()
             raise
 
     # ------------------------------------------------------------------------ building
-    def _build(self, cfg: RunConfig, job: Job, fresh: bool) -> None:
+    def _build(self, cfg: RunConfig, job: Job, fresh: bool, wait_s: float) -> None:
         self.cfg, self.job = cfg, job
         self.run_dir = Path(cfg.output_dir) / run_name(cfg, job.workers, virtual=bool(job.virtual))
+        self._lock = self._claim(wait_s)
         check_run_dir(self.run_dir)
         self._build_model()
         self._build_workers()
@@ -142,6 +159,42 @@ class Trainer:
                      job.workers, "virtual " if job.virtual else "", self.steps_per_epoch, self.total_steps,
                      f", resumed at step {self.step}" if resumed else "")
 
+    def _claim(self, wait_s: float) -> RunLock | None:
+        """Rank 0 takes the run directory's lock, waiting up to ``wait_s`` seconds for a live
+        holder to end (saying so once); every rank learns the outcome, so that all go on or all
+        stop together. Rank 0's lock (None on the other ranks)."""
+        run_dir, job = self.run_dir, self.job
+        lock = run_lock(run_dir) if job.is_main else None
+        deadline = time.monotonic() + wait_s
+        waited = False
+        refusal: ConfigError | None = None
+        while True:
+            verdict = _TAKEN
+            if lock is not None:
+                try:
+                    lock.acquire()
+                except Held as held:
+                    if time.monotonic() < deadline:
+                        if not waited:
+                            log.warning("the run directory %s is in use by another job: %s; waiting up to %g s for "
+                                        "it to end (--wait-for-run)", run_dir, held.holder.describe(), wait_s)
+                        waited, verdict = True, _WAITING
+                    else:
+                        refusal, verdict = RunInUse(run_dir, held.holder, wait_s), _REFUSED
+                except LockError as exc:
+                    refusal, verdict = ConfigError(str(exc)), _REFUSED
+            verdict = int(job.max(float(verdict)))
+            if verdict == _TAKEN:
+                if waited:
+                    log.info("the other job has let go of %s; this one goes on", run_dir)
+                return lock
+            if verdict == _REFUSED:
+                raise refusal or ConfigError(f"rank 0 could not take the run directory {run_dir}")
+            signum = int(job.max(float(self._signal or 0)))
+            if signum:
+                raise Stopped(f"stopped by {signal.Signals(signum).name} while waiting for {run_dir}", signum)
+            time.sleep(_WAIT_POLL_S)
+
     def _check_virtual_data(self, workers: int) -> None:
         """Virtual workers need at least one training example each (one line otherwise)."""
         examples = self.task.train_examples()
@@ -170,21 +223,25 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or until stopped: :class:`Stopped`, after the summary is written)
-        and return the summary."""
+        and return the summary; the run directory's lock is given back either way."""
         try:
-            if self.complete:
-                if self.job.is_main:
-                    log.info("run %s is complete (step %d of %d): nothing to train; --fresh starts it again, "
-                             "moving this one aside", self.run_dir, self.step, self.total_steps)
-            else:
-                self._train()
-        except Stopped:
-            self._summary()
-            raise
+            try:
+                if self.complete:
+                    if self.job.is_main:
+                        log.info("run %s is complete (step %d of %d): nothing to train; --fresh starts it again, "
+                                 "moving this one aside", self.run_dir, self.step, self.total_steps)
+                else:
+                    self._train()
+            except Stopped:
+                self._summary()
+                raise
+            finally:
+                _release(self._handlers)
+                self.recorder.close()
+            return self._summary()
         finally:
-            _release(self._handlers)
-            self.recorder.close()
-        return self._summary()
+            if self._lock is not None:
+                self._lock.release()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self._signal is not None and signum == signal.SIGINT:

@@ -18,8 +18,10 @@ from typing import Any
 import yaml
 
 from ..config import ConfigError, RunConfig, load_config
+from ..lock import Holder, RunLock
 
-__all__ = ["run_name", "differences", "Recorder", "environment", "RECORD_FILES", "check_run_dir", "set_aside"]
+__all__ = ["run_name", "differences", "Recorder", "environment", "RECORD_FILES", "check_run_dir", "set_aside",
+           "run_lock", "RunInUse"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,28 @@ def check_run_dir(run_dir: Path) -> None:
             kind = "a folder" if path.is_dir() else "a file"
             raise ConfigError(f"{path} is {kind}, where the run keeps its {name}; move it away or choose "
                               f"another --output-dir (OUTPUT_DIR)")
+
+
+def run_lock(run_dir: Path) -> RunLock:
+    """The lock that makes a run directory one job's: ``<output dir>/.locks/<run name>.lock``,
+    beside the run directories rather than inside one, so that it stays put when a run is moved
+    aside (see :mod:`sparsecomm.lock`)."""
+    run_dir = Path(run_dir)
+    return RunLock(run_dir.parent / ".locks" / f"{run_dir.name}.lock", f"run directory {run_dir}")
+
+
+class RunInUse(ConfigError):
+    """A run directory another live job holds; the message is one line: the run, the holder,
+    what to do."""
+
+    def __init__(self, run_dir: Path, holder: Holder, waited_s: float = 0.0) -> None:
+        stop = f"stop it ({holder.how_to_stop()}; it checkpoints first)"
+        if waited_s:
+            todo = f"still after waiting {waited_s:g} s: wait longer (--wait-for-run SECONDS) or {stop}"
+        else:
+            todo = f"let it finish, {stop}, or start this one with --wait-for-run to wait for it and then resume"
+        super().__init__(f"the run directory {run_dir} is in use by another job: {holder.describe()}; {todo}")
+        self.holder = holder
 
 
 def set_aside(run_dir: Path) -> Path | None:
