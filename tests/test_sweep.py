@@ -103,7 +103,7 @@ def local(svm_dir, tmp_path_factory):
         finally:
             proc.kill()
     stages["stopped"] = Stage(proc.returncode, tmp / "1.out", tmp / "1.err")
-    stages["stopped"].dirs = {d.name: (d / "summary.json").exists() for d in run_dirs(out)}
+    stages["stopped"].dirs = {d.name: (d / "summary.json").exists() and summary(d)["complete"] for d in run_dirs(out)}
     for n, name in ((2, "resumed"), (3, "again")):
         with open(tmp / f"{n}.out", "w") as o, open(tmp / f"{n}.err", "w") as e:
             rc = subprocess.run(cmd, cwd=tmp, env=clean_env(), stdout=o, stderr=e, timeout=600).returncode
