@@ -8,10 +8,11 @@ each configuration, times whole iterations (forward, backward, reduce, optimizer
   - ``omgs``            merged groups, each sparsified and sent while backward goes on
   - ``omgs-plain``      the same groups (``overlap=False``), everything after backward
 
-Models: ``mnist_cnn`` (the small MNIST CNN, batch 64 per worker) or ``lstm`` (the 2x200 PTB
-LSTM on random tokens, batch 20, BPTT 20). Reported per configuration (rank 0, medians over the
-timed steps): iteration time, backward time (OMGS's inline selection included), the time inside
-``reduce``, the reducer's select/communicate split and bytes sent. The hidden fraction is
+Models: ``mnist_cnn`` (the small MNIST CNN, batch 64 per worker), ``lstm`` (the 2x200 PTB
+LSTM on random tokens, batch 20, BPTT 20) or ``mlp`` (bench/ddp_overlap.py's MLP, batch 32).
+Reported per configuration (rank 0, medians over the timed steps): iteration time, backward
+time (OMGS's inline selection included), the time inside ``reduce``, the reducer's
+select/communicate split and bytes sent. The hidden fraction is
 ``(T(omgs-plain) - T(omgs)) / t_comm(omgs-plain)``: the share of the plain exchange time that
 overlapping removed from the iteration.
 
@@ -51,7 +52,18 @@ CONFIGS = {"topk": ("topk", {}), "global_topk": ("global_topk", {}), "omgs": ("o
 
 def make_task(model_name: str, rank: int):
     gen = torch.Generator().manual_seed(1000 + rank)
-    if model_name == "mnist_cnn":
+    if model_name == "mlp":  # bench/ddp_overlap.py's model: 784-1024x4-10, 3.96M parameters, batch 32
+        layers = [torch.nn.Flatten(), torch.nn.Linear(784, 1024), torch.nn.ReLU()]
+        for _ in range(3):
+            layers += [torch.nn.Linear(1024, 1024), torch.nn.ReLU()]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(1024, 10))
+        data = [(torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+                for _ in range(4)]
+
+        def loss(batch, state):
+            x, y = batch
+            return F.cross_entropy(model(x), y), state
+    elif model_name == "mnist_cnn":
         model = build_model("mnist_cnn")
         data = [(torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen))
                 for _ in range(4)]
@@ -161,7 +173,7 @@ def worker(rank: int, results: dict, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("mnist_cnn", "lstm"), default="mnist_cnn")
+    p.add_argument("--model", choices=("mnist_cnn", "lstm", "mlp"), default="mnist_cnn")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
