@@ -26,7 +26,6 @@ parameters of an uninterrupted one, bit for bit (tests/test_frameworks.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from lightning.pytorch.strategies import DDPStrategy
 
 from sparsecomm import reducers
 from sparsecomm.ddp import SCOPES, ReducerHookState, reducer_hook
+from teacher import Teacher, digest  # examples/teacher.py
 
 
 class SparsecommHook(Callback):
@@ -71,22 +71,6 @@ class SparsecommHook(Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.state.load_state_dict(checkpoint["sparsecomm_hook"][trainer.global_rank])
-
-
-class Teacher(torch.utils.data.Dataset):
-    """Random 28x28 images labelled by a fixed random linear teacher; item i is a pure function of i."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.teacher = nn.Linear(784, 10).requires_grad_(False)
-        torch.nn.init.normal_(self.teacher.weight, generator=torch.Generator().manual_seed(7))
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(1, 28, 28, generator=torch.Generator().manual_seed(1000 + i))
-        return x, self.teacher(x.flatten()).argmax()
 
 
 class Classifier(L.LightningModule):
@@ -137,11 +121,9 @@ def main() -> None:
     if args.save:
         trainer.save_checkpoint(args.save)  # on every rank: each adds its hook state, rank 0 writes
     if trainer.is_global_zero:
-        params = torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
-        digest = hashlib.sha256(params.numpy().tobytes()).hexdigest()[:16]
         print(f"{args.method} in {state.scope} scope, {trainer.world_size} processes, epoch {trainer.current_epoch}: "
               f"loss {float(trainer.callback_metrics['loss']):.4f}, density {state.stats.get('density', 0):.4f}, "
-              f"parameters {digest}")
+              f"parameters {digest(model.parameters())}")
 
 
 if __name__ == "__main__":

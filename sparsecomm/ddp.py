@@ -317,8 +317,8 @@ class ReducerHookState:
         of this step, as the last step had them."""
         keys = [k for i in sorted(self._by_index) if i >= first and (end is None or i < end)
                 for k in self._by_index[i]]
-        live = dict((u.positions, u) for u in self.engine._units.values())
-        return [live[k] for k in keys if k in live]
+        units = [self.engine.live_unit(k) for k in keys]
+        return [u for u in units if u is not None]
 
     def _refuse(self, units: list[Any]) -> None:
         assert self._refusing is not None

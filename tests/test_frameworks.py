@@ -1,7 +1,8 @@
-"""The frameworks' examples on 2 CPU processes: PyTorch Lightning's DDPStrategy with a sparsecomm
-method as its communication hook (examples/lightning_hook.py), a checkpoint holding every
-rank's hook state, and an exact resume. Skipped, with the reason, where the package is absent
-(``pip install -e .[lightning]``)."""
+"""The frameworks' examples on 2 CPU processes: PyTorch Lightning's DDPStrategy
+(examples/lightning_hook.py) and Hugging Face Accelerate (examples/accelerate_hook.py) with a
+sparsecomm method as DDP's communication hook, checkpoints holding every rank's hook state, and
+an exact resume. Each skipped, with the reason, where its package is absent
+(``pip install -e .[lightning]``, ``.[accelerate]``)."""
 import os
 import re
 import subprocess
@@ -13,10 +14,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], cwd: Path) -> str:
+def _run(args: list[str], cwd: Path, example: str = "lightning_hook.py") -> str:
+    """Run an example (Lightning starts its second process itself; the others run under torchrun)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "examples" / "lightning_hook.py"), *args], cwd=cwd, env=env,
+    start = [sys.executable] if example == "lightning_hook.py" else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    done = subprocess.run([*start, str(ROOT / "examples" / example), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -36,5 +40,17 @@ def test_lightning_trains_with_the_hook_and_resumes_exactly(tmp_path, method, sc
     assert f"{method} in {scope} scope, 2 processes, epoch 4" in straight
     first = _run(common + ["--epochs", "2", "--save", str(tmp_path / "half.ckpt")], tmp_path)
     resumed = _run(common + ["--epochs", "4", "--resume", str(tmp_path / "half.ckpt")], tmp_path)
+    assert _digest(first) != _digest(straight), "no training after the checkpoint"
+    assert _digest(resumed) == _digest(straight), (straight, resumed)
+
+
+def test_accelerate_trains_with_the_hook_and_resumes_exactly(tmp_path):
+    pytest.importorskip("accelerate", reason="Hugging Face Accelerate is not installed (pip install -e .[accelerate])")
+    common = ["--method", "topk", "--scope", "bucket", "--examples", "256"]
+    run = lambda *more: _run(common + list(more), tmp_path, "accelerate_hook.py")  # noqa: E731
+    straight = run("--epochs", "2")
+    assert "topk in bucket scope, 2 processes, epoch 2" in straight
+    first = run("--epochs", "1", "--save", str(tmp_path / "half"))
+    resumed = run("--epochs", "1", "--load", str(tmp_path / "half"))
     assert _digest(first) != _digest(straight), "no training after the checkpoint"
     assert _digest(resumed) == _digest(straight), (straight, resumed)

@@ -206,6 +206,10 @@ class BucketReducer:
         (None until its first use)."""
         return [(u.positions, u.reducer) for u in self._units.values()]
 
+    def live_unit(self, positions: Sequence[int]) -> _Unit | None:
+        """The live unit of exactly these positions (in this order), or None."""
+        return self._units.get(tuple(positions))
+
     @property
     def last_units(self) -> list[tuple[tuple[int, ...], Reducer]]:
         """The units the last finished step reduced, in the order it reduced them."""
