@@ -255,14 +255,14 @@ def test_bad_virtual_worker_counts_are_one_line_errors(data_dir, tmp_path, capsy
     assert _cli(data_dir, tmp_path, "--virtual-workers", "200") == 2
     assert "--virtual-workers 200 exceeds the 128 training examples of 'mnist'" in caplog.text
     caplog.clear()
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, value in (("TORCHELASTIC_RUN_ID", "x"), ("RANK", "0"), ("WORLD_SIZE", "2")):  # as torchrun sets them
+        monkeypatch.setenv(name, value)
     assert _cli(data_dir, tmp_path, "--virtual-workers", "8") == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"error: --virtual-workers 8 simulates 8 workers in one process, but this process is one "
                         r"of 2 started by torchrun: .*drop --virtual-workers", err), err
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
-    monkeypatch.delenv("WORLD_SIZE")
+    for name in ("TORCHELASTIC_RUN_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name)
     monkeypatch.setattr(workers_module, "available_memory", lambda device: 50_000_000)
     assert _cli(data_dir, tmp_path, "--virtual-workers", "64", "--reducer", "exdyna") == 2
     [line] = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]

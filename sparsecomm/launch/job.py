@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .launcher import detect
+
 __all__ = ["Job", "join", "leave", "lost_ranks", "multiprocess_launch", "virtual_conflict"]
 
 log = logging.getLogger(__name__)
@@ -87,39 +89,23 @@ def _env_int(name: str, default: int | None = None) -> int | None:
         raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
 
 
-@dataclass(frozen=True)
-class Launcher:
-    """A tool that starts the processes of a job, as the environment it gives them shows: the
-    variable only it sets (None: any), the process count, and the variable a run's records keep
-    to identify the launch."""
-
-    name: str
-    marker: str | None
-    size: str
-    recorded: str | None
-
-
-LAUNCHERS = (Launcher("torchrun", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"),
-             Launcher("SLURM", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_JOB_ID"),
-             Launcher("Open MPI", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
-             Launcher("MPI", "PMI_RANK", "PMI_SIZE", "PMI_SIZE"),
-             Launcher("a launcher (run.sh or torchrun)", None, "WORLD_SIZE", None))
-
-
 def multiprocess_launch() -> tuple[str, int] | None:
     """(launcher, process count) when the environment says this process is one of several
     started together, else None."""
-    for launcher in LAUNCHERS:
-        if launcher.marker is None or os.environ.get(launcher.marker) is not None:
-            count = _env_int(launcher.size, 1)
-            if count is not None and count > 1:
-                return launcher.name, count
-    return None
+    launcher = detect(os.environ, os.getppid())
+    if launcher is None or not launcher.world.isdigit() or int(launcher.world) < 2:
+        return None
+    return launcher.name, int(launcher.world)
 
 
 def launch_record() -> dict[str, str]:
-    """What a run's records keep of the launcher that started it (its job id or process count)."""
-    return {l.recorded: os.environ[l.recorded] for l in LAUNCHERS if l.recorded and l.recorded in os.environ}
+    """What a run's records keep of the launcher that started it: its name, this process's rank,
+    the world size, and the key of its job where it names one."""
+    launcher = detect(os.environ, os.getppid())
+    if launcher is None:
+        return {}
+    return {"name": launcher.name, "rank": launcher.rank, "world_size": launcher.world,
+            **({"job": launcher.job_key} if launcher.job_key else {})}
 
 
 _watchdog = None

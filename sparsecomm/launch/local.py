@@ -21,10 +21,11 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from .host import free_port
 
 __all__ = ["main", "Workers"]
 
@@ -33,12 +34,6 @@ log = logging.getLogger("sparsecomm.launch.local")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 GRACE_S = 20.0  # after a failure, how long the other workers get to stop on SIGTERM
 _POLL_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         print(f"error: --nproc must be a positive integer, got {args.nproc}", file=sys.stderr)
         return 2
-    port = args.port or int(os.environ.get("MASTER_PORT") or 0) or free_port()
+    port = args.port or int(os.environ.get("MASTER_PORT") or 0) or free_port("127.0.0.1")
     rest = args.args[1:] if args.args[:1] == ["--"] else args.args
     workers = Workers([sys.executable, "-m", args.module, *rest], args.nproc, port)
     return workers.wait()

@@ -11,7 +11,8 @@ __all__ = ["report"]
 
 def report(summary: dict[str, Any], where: str) -> str:
     """``summary.json`` for a person: the headline metric (final and best), the density
-    achieved against the target, the bytes one worker sent, and the time split of a step."""
+    achieved against the target, the bytes one worker sent, and the time split of a step (its
+    warnings are logged when the summary is written)."""
     steps, total = summary["steps"], summary.get("total_steps")
     state = "done" if summary.get("complete") else "stopped before the end"
     head = (f"{state}: {summary['run']} at step {steps:,}" + (f" of {total:,}" if total else "")
@@ -26,8 +27,6 @@ def report(summary: dict[str, Any], where: str) -> str:
     if split:
         parts = ", ".join(f"{PART_NAMES[k]} {seconds(v)}" for k, v in split.items())
         lines.append(f"  {'per step':<10} {seconds(sum(split.values()))}: {parts}")
-    for warning in summary.get("warnings", []):
-        lines.append(f"  warning: {warning}")
     return "\n".join(lines)
 
 
