@@ -24,7 +24,8 @@ vocabulary): the step's cost does not depend on the values. Reported (rank 0, me
 timed steps): iteration, forward, backward (for DDP this includes the hooks' exposed waits),
 optimizer step, the sparsecomm hook's own ``t_select + t_comm`` (wall time, beside backward in
 bucket scope), and the bytes this host put on its link per step (``eth0``'s tx counter in the
-host's namespace: payload plus TCP/IP headers, the same meter for every configuration).
+host's namespace over each round's steps of a configuration, closed by a barrier: payload plus
+TCP/IP headers and the barriers' few bytes, the same meter for every configuration).
 
 Hidden share: for a configuration X that overlaps (``ddp``, ``METHOD/bucket``) and its
 non-overlapped twin M (``exact/model`` for ``ddp``, ``METHOD/model`` for ``METHOD/bucket``),
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -57,9 +59,8 @@ import network  # noqa: E402  (bench/network.py: the hosts' processes)
 import results_files  # noqa: E402
 
 PORT = 29650
-CONFIGS = ("local,ddp,exact/model,torch-fp16,torch-bf16,torch-powersgd,fp16/bucket,fp16/model,"
-           "fp16+allreduce/bucket,bf16/bucket,powersgd/bucket,powersgd/model,topk/bucket,topk/model,"
-           "exdyna/bucket,exdyna/model")
+CONFIGS = ("local,ddp,exact/model,torch-fp16,torch-bf16,torch-powersgd,fp16/bucket,fp16/model,bf16/bucket,"
+           "powersgd/bucket,powersgd/model,topk/bucket,topk/model,exdyna/bucket,exdyna/model")
 # model name, its options, and a synthetic batch maker: (batch, generator) -> (input, target)
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "mnist_cnn": ("mnist_cnn", {}),
@@ -116,7 +117,8 @@ def _build(model: str, label: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
     name, options = SHAPES[model]
     torch.manual_seed(0)
-    net = DDP(build_model(name, **options), bucket_cap_mb=args.bucket_mb)
+    caps = {} if args.bucket_mb is None else {"bucket_cap_mb": args.bucket_mb}
+    net = DDP(build_model(name, **options), **caps)
     state = None
     if "/" in label:
         method, scope = label.split("/")
@@ -161,10 +163,12 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[
         for label in labels:
             net, state = runs[label]
             opt = optims[label]
-            for step in range(args.steps if round_ else max(args.steps, 3)):
+            steps = args.steps if round_ else max(args.steps, 3)
+            dist.barrier()
+            tx = _tx_bytes()
+            for step in range(steps):
                 x, y = batches[step % len(batches)]
                 dist.barrier()
-                tx = _tx_bytes()
                 t0 = time.perf_counter()
                 # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
                 with net.no_sync() if label == "local" else contextlib.nullcontext():
@@ -175,17 +179,19 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[
                 t2 = time.perf_counter()
                 opt.step()
                 t3 = time.perf_counter()
-                sent = _tx_bytes() - tx
                 if round_:
                     row = times[label]
                     row["t_iter"].append(t3 - t0)
                     row["t_forward"].append(t1 - t0)
                     row["t_backward"].append(t2 - t1)
                     row["t_step"].append(t3 - t2)
-                    row["tx_bytes"].append(sent)
                     if state is not None:
                         s = state.stats
                         row["t_reduce"].append(s.get("t_select", 0.0) + s.get("t_comm", 0.0))
+            # after a barrier every byte of these steps has reached the peer, so has left eth0
+            dist.barrier()
+            if round_:
+                times[label]["tx_bytes"].append((_tx_bytes() - tx) / steps)
         if dist.get_rank() == 0:
             print(f"  {model}: round {round_} done", flush=True)
     from ddp_overlap import summary  # bench/ddp_overlap.py
@@ -234,9 +240,10 @@ def run(args: argparse.Namespace) -> int:
                 netlab.up(hosts, rate)
                 result = scratch / f"h{hosts}-{rate}.json"
                 command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
-                           "--configs", args.configs, "--density", str(args.density), "--bucket-mb",
-                           str(args.bucket_mb), "--steps", str(args.steps), "--rounds", str(args.rounds),
-                           "--result", str(result)]
+                           "--configs", args.configs, "--density", str(args.density), "--steps",
+                           str(args.steps), "--rounds", str(args.rounds), "--result", str(result)]
+                if args.bucket_mb is not None:
+                    command += ["--bucket-mb", str(args.bucket_mb)]
                 print(f"== {hosts} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
                 network.run_hosts(hosts, command, {}, args.timeout, port=PORT)
                 for model, rows in json.loads(result.read_text()).items():
@@ -272,9 +279,52 @@ def table(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIRS = [("fp16/bucket", "torch-fp16"), ("fp16+allreduce/bucket", "torch-fp16"), ("bf16/bucket", "torch-bf16"),
+         ("powersgd/bucket", "torch-powersgd"), ("powersgd/model", "torch-powersgd")]
+
+
+def markdown(cells: list[dict]) -> str:
+    """Per model and host count: step ms (backward ms) per configuration and rate, MB this host
+    sent per step, the hidden share; then ours against torch's hook of the same kind, and the
+    fastest configuration at each rate."""
+    lines = []
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["hosts"]), []).append(c)
+    for (model, hosts), group in groups.items():
+        rates = [c["rate"] for c in group]
+        lines += [f"**{model}, {hosts} hosts** (step ms, of which backward ms; MB sent per host per step; "
+                  f"hidden share)", "",
+                  "| configuration | " + " | ".join(rates) + " | MB sent | " + " | ".join(f"hidden {r}" for r in rates)
+                  + " |", "| --- |" + " ---: |" * (2 * len(rates) + 1)]
+        for label in group[0]["rows"]:
+            rows = [c["rows"][label] for c in group]
+            hid = [hidden(c["rows"], label) for c in group]
+            lines.append(f"| {label} | " + " | ".join(f"{r['t_iter'] * 1e3:.0f} ({r['t_backward'] * 1e3:.0f})"
+                                                        for r in rows)
+                         + f" | {statistics.median(r['tx_bytes'] for r in rows) / 1e6:.3g} | "
+                         + " | ".join("" if h is None else f"{h:.2f}" for h in hid) + " |")
+        lines.append("")
+        for ours, theirs in PAIRS:
+            if ours in group[0]["rows"] and theirs in group[0]["rows"]:
+                ratios = [c["rows"][ours]["t_iter"] / c["rows"][theirs]["t_iter"] for c in group]
+                lines.append(f"- {ours} / {theirs}: " + ", ".join(f"{r} {x:.2f}x" for r, x in zip(rates, ratios)))
+        for c in group:
+            timed = {k: v["t_iter"] for k, v in c["rows"].items() if k != "local"}
+            best = min(timed, key=timed.get)
+            best_torch = min((k for k in timed if k == "ddp" or k.startswith("torch-")), key=timed.get)
+            best_ours = min((k for k in timed if "/" in k), key=timed.get)
+            lines.append(f"- {c['rate']}: fastest {best} ({timed[best] * 1e3:.0f} ms); ours {best_ours} "
+                         f"{timed[best_ours] * 1e3:.0f} ms against torch's {best_torch} {timed[best_torch] * 1e3:.0f} ms "
+                         f"({timed[best_ours] / timed[best_torch]:.2f}x); no exchange "
+                         f"{c['rows']['local']['t_iter'] * 1e3:.0f} ms")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def show(args: argparse.Namespace) -> int:
     cells = [c for f in args.results for c in json.loads(Path(f).read_text())["cells"]]
-    print(table(cells))
+    print(markdown(cells) if args.markdown else table(cells))
     return 0
 
 
@@ -293,11 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     for q in (r, w):
         q.add_argument("--configs", default=CONFIGS)
         q.add_argument("--density", type=float, default=0.01)
-        q.add_argument("--bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb (25: DDP's default)")
+        q.add_argument("--bucket-mb", type=float, default=None,
+                       help="DDP's bucket_cap_mb (none: DDP's default, a first bucket of 1 MB, then 25 MB; a value "
+                            "given, even 25, makes every bucket that size)")
         q.add_argument("--steps", type=int, default=3)
         q.add_argument("--rounds", type=int, default=3)
     t = verbs.add_parser("table")
     t.add_argument("results", nargs="+")
+    t.add_argument("--markdown", action="store_true", help="docs/benchmarks.md's tables and ratios")
     args = p.parse_args(argv)
     return {"run": run, "worker": worker, "table": show}[args.verb](args)
 
