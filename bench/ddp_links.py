@@ -9,7 +9,10 @@ links and, for each model, wraps it in DistributedDataParallel once per configur
   - ``ddp``                 DDP's default: its fp32 all-reduce, overlapped with backward by DDP
   - ``torch-fp16``, ``torch-bf16``  ``default_hooks.fp16_compress_hook`` / ``bf16_compress_hook``
   - ``torch-powersgd``      ``powerSGD_hook.powerSGD_hook``, rank 2, ``start_powerSGD_iter=2``
-                            (the warm-up round is past it), torch's other defaults
+                            (the warm-up round is past it), torch's other defaults, in one DDP
+                            bucket: with more, gloo aborts on a collective mismatch (the hook's
+                            continuations start collectives from gloo's threads, in an order
+                            that differs between ranks)
   - ``METHOD/SCOPE``        ``sparsecomm.ddp.reducer_hook`` with ``ReducerHookState(METHOD,
                             density=--density, scope=SCOPE)``; ``METHOD+allreduce`` adds
                             ``exchange="allreduce"`` (the 16-bit casts summed by all-reduce, as
@@ -118,6 +121,11 @@ def _build(model: str, label: str, args: argparse.Namespace) -> tuple[Any, Any]:
     name, options = SHAPES[model]
     torch.manual_seed(0)
     caps = {} if args.bucket_mb is None else {"bucket_cap_mb": args.bucket_mb}
+    if label == "torch-powersgd":
+        # one bucket: with two or more, the hook's continuations start the buckets' collectives
+        # from gloo's threads in an order that differs between ranks, and gloo aborts
+        # ("Received data size doesn't match expected size ... collective mismatch")
+        caps = {"bucket_cap_mb": 1024.0}
     net = DDP(build_model(name, **options), **caps)
     state = None
     if "/" in label:
