@@ -178,6 +178,7 @@ class SoloCommunicator(Communicator):
 
 
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor")
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor")
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -202,7 +203,7 @@ class ProcessGroupCommunicator(Communicator):
         dist.broadcast(tensor, src=self._global_ranks[src], group=self.group)
 
     def _reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
-        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
+        _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         ops = []
