@@ -51,7 +51,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from . import reducers
 from .reducers import Communicator, LayoutMismatchError, ProcessGroupCommunicator, Reducer
 
-__all__ = ["register_reducer", "FSDPReducerState", "ModuleReduceScatter", "STATE_FORMAT"]
+__all__ = ["register_reducer", "shard_children", "FSDPReducerState", "ModuleReduceScatter", "STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,25 @@ def register_reducer(model: nn.Module, method: str, density: float = 0.001, *, e
     state = FSDPReducerState(method, density, error_feedback=error_feedback, seed=seed, **options)
     state._attach(model)
     return state
+
+
+def shard_children(model: nn.Module, mesh: Any = None, **fsdp_options: Any) -> nn.Module:
+    """``fully_shard`` on each direct child of ``model`` that holds parameters none of its
+    siblings shares (tied weights stay with the root), then on ``model``: one FSDP unit per
+    child, the root's unit holding the rest. ``mesh``: a 1-D device mesh (None: FSDP's
+    default, the world on this device type); ``fsdp_options``: ``fully_shard``'s keywords."""
+    from torch.distributed.fsdp import fully_shard
+
+    holders: dict[int, int] = {}
+    for child in model.children():
+        for p in child.parameters():
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    for child in model.children():
+        params = list(child.parameters())
+        if params and all(holders[id(p)] == 1 for p in params):
+            fully_shard(child, mesh=mesh, **fsdp_options)
+    fully_shard(model, mesh=mesh, **fsdp_options)
+    return model
 
 
 class ModuleReduceScatter(ReduceScatter):
