@@ -34,7 +34,7 @@ from sparsecomm.fsdp import register_reducer, shard_children  # noqa: E402
 from sparsecomm.models import build_model  # noqa: E402
 
 MODELS = {"resnet20": {"num_classes": 10}, "resnet18": {"num_classes": 10},
-          "lstm_lm": {"ntoken": 10000, "emsize": 200, "nhid": 200, "nlayers": 2, "tie_weights": False}}
+          "lstm_lm": {"vocab_size": 10000, "emsize": 200, "nhid": 200, "nlayers": 2, "tie_weights": False}}
 
 
 def model_and_loss(name: str, seed: int = 0) -> tuple[nn.Module, callable]:
@@ -44,7 +44,7 @@ def model_and_loss(name: str, seed: int = 0) -> tuple[nn.Module, callable]:
         x = torch.randint(0, 10000, (35, 8), generator=torch.Generator().manual_seed(seed + 1))
 
         def loss(m: nn.Module) -> torch.Tensor:
-            out = m(x, m.init_hidden(8))
+            out = m(x)
             out = out[0] if isinstance(out, tuple) else out
             return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), x.reshape(-1))
     else:
