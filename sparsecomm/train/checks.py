@@ -10,7 +10,7 @@ from ..tasks import task_class
 from ..config import ConfigError, RunConfig
 from .records import check_run_dir, run_name
 
-__all__ = ["check_run", "check_optimizer"]
+__all__ = ["check_run", "check_optimizer", "check_sharded"]
 
 
 def check_optimizer(cfg: RunConfig, reducer: reducers.Reducer) -> None:
@@ -23,6 +23,15 @@ def check_optimizer(cfg: RunConfig, reducer: reducers.Reducer) -> None:
         raise ConfigError(f"reducer {cfg.reducer.name!r} applies momentum itself, so the optimizer must be plain SGD, "
                           f"got {got}: set optimizer.momentum=0 (and optimizer.nesterov=false, optimizer.name=sgd), "
                           f"or turn the reducer's momentum off with reducer.options={{momentum: 0}}")
+
+
+def check_sharded(workers: int, virtual: bool) -> None:
+    """``parallel=fsdp`` needs real processes, two at least (one line naming the way out)."""
+    if virtual:
+        raise ConfigError("parallel=fsdp shards the model over real processes; virtual workers share one model "
+                          "(drop --virtual-workers or set parallel=replicated)")
+    if workers < 2:
+        raise ConfigError(f"parallel=fsdp needs at least 2 processes (FSDP reduces nothing on one), got {workers}")
 
 
 def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False) -> RunConfig:
@@ -41,6 +50,8 @@ def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False)
         check_optimizer(cfg, reducer)
         if workers is not None:
             cfg.batch_per_worker(workers)
+            if cfg.parallel == "fsdp":
+                check_sharded(workers, virtual)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
