@@ -74,20 +74,31 @@ def register_reducer(model: nn.Module, method: str, density: float = 0.001, *, e
 def shard_children(model: nn.Module, mesh: Any = None, **fsdp_options: Any) -> nn.Module:
     """``fully_shard`` on each direct child of ``model`` that holds parameters none of its
     siblings shares (tied weights stay with the root), then on ``model``: one FSDP unit per
-    child, the root's unit holding the rest. ``mesh``: a 1-D device mesh (None: FSDP's
-    default, the world on this device type); ``fsdp_options``: ``fully_shard``'s keywords."""
+    child, the root's unit holding the rest. A container without a forward of its own
+    (``nn.ModuleList``, ``nn.ModuleDict``) is not a unit: its children are, by the same rule.
+    ``mesh``: a 1-D device mesh (None: FSDP's default, the world on this device type);
+    ``fsdp_options``: ``fully_shard``'s keywords."""
     from torch.distributed.fsdp import fully_shard
 
-    holders: dict[int, int] = {}
-    for child in model.children():
-        for p in child.parameters():
-            holders[id(p)] = holders.get(id(p), 0) + 1
-    for child in model.children():
-        params = list(child.parameters())
-        if params and all(holders[id(p)] == 1 for p in params):
-            fully_shard(child, mesh=mesh, **fsdp_options)
+    for unit in _units(model):
+        fully_shard(unit, mesh=mesh, **fsdp_options)
     fully_shard(model, mesh=mesh, **fsdp_options)
     return model
+
+
+def _units(parent: nn.Module) -> list[nn.Module]:
+    """The children of ``parent`` that can be FSDP units (see :func:`shard_children`)."""
+    holders: dict[int, int] = {}
+    for child in parent.children():
+        for p in child.parameters():
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    units = []
+    for child in parent.children():
+        params = list(child.parameters())
+        if not params or any(holders[id(p)] > 1 for p in params):
+            continue
+        units += _units(child) if type(child).forward is nn.Module.forward else [child]
+    return units
 
 
 class ModuleReduceScatter(ReduceScatter):
