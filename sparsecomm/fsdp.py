@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 STATE_FORMAT = "sparsecomm.fsdp_reducer/1"
 
 _SUMMED = ("bytes_sent", "bytes_wire", "t_select", "t_comm")
+_WEIGHTED = ("density", "local_density", "target_density")
 
 
 def register_reducer(model: nn.Module, method: str, density: float = 0.001, *, error_feedback: bool = True,
@@ -140,7 +141,7 @@ class ModuleReduceScatter(ReduceScatter):
             self.comm.reduce_scatter_(output_tensor, input_tensor)
             if scale == 1:
                 output_tensor.div_(world)
-            self.exact_stats = {"density": 1.0, "local_density": 1.0, "target_density": 1.0, "skipped": False,
+            self.exact_stats = {"step": self.exact_stats.get("step", -1) + 1, "density": 1.0, "local_density": 1.0, "target_density": 1.0, "skipped": False,
                                 "bytes_sent": self.comm.bytes_sent, "bytes_wire": self.comm.bytes_wire,
                                 "residual_norm": 0.0}
             return None
@@ -180,8 +181,9 @@ class ModuleReduceScatter(ReduceScatter):
                 output_tensor[col + held:col + width].zero_()
             col += width
 
-    def stats(self) -> dict[str, Any]:
-        return self.exact_stats if self.reducer is None else self.reducer.stats
+    def stat(self, key: str, default: Any = None) -> Any:
+        """One of the last call's measurements (the reducer's, or those of ``exact``)."""
+        return self.exact_stats.get(key, default) if self.reducer is None else self.reducer.stat(key, default)
 
 
 class FSDPReducerState:
@@ -211,23 +213,33 @@ class FSDPReducerState:
     @property
     def stats(self) -> dict[str, Any]:
         """The last backward's measurements over all modules: bytes and times summed, densities
-        weighted by each module's size, ``residual_norm`` over all residuals, ``modules``."""
-        per = {name: (rs.numel, rs.stats()) for name, rs in self.modules.items()}
-        per = {name: (d, s) for name, (d, s) in per.items() if s}
-        if not per:
+        weighted by each module's size, ``residual_norm`` over all residuals, ``skipped`` if
+        any module skipped, ``modules`` (how many reduced); empty before the first backward."""
+        if not self.stat("modules"):
             return {}
-        total = sum(d for d, _ in per.values()) or 1
-        out: dict[str, Any] = {k: sum(s.get(k, 0.0) for _, s in per.values()) for k in _SUMMED}
-        for k in ("density", "local_density", "target_density"):
-            out[k] = sum(d * s.get(k, 0.0) for d, s in per.values()) / total
-        out["residual_norm"] = sum(float(s.get("residual_norm", 0.0)) ** 2 for _, s in per.values()) ** 0.5
-        out["skipped"] = any(s.get("skipped", False) for _, s in per.values())
-        out["modules"] = len(per)
-        return out
+        return {key: self.stat(key) for key in (*_SUMMED, *_WEIGHTED, "residual_norm", "skipped", "modules")}
+
+    def stat(self, key: str, default: Any = None) -> Any:
+        """One of :attr:`stats`, computing only that one (``residual_norm`` costs a pass over
+        every residual; the others are free)."""
+        done = [rs for rs in self.modules.values() if rs.stat("step", None) is not None]
+        if key == "modules":
+            return len(done)
+        if not done:
+            return default
+        if key in _SUMMED:
+            return sum(rs.stat(key, 0.0) for rs in done)
+        if key in _WEIGHTED:
+            return sum(rs.numel * rs.stat(key, 0.0) for rs in done) / (sum(rs.numel for rs in done) or 1)
+        if key == "residual_norm":
+            return sum(float(rs.stat(key, 0.0)) ** 2 for rs in done) ** 0.5
+        if key == "skipped":
+            return any(rs.stat(key, False) for rs in done)
+        return default
 
     @property
     def skipped(self) -> bool:
-        return any(rs.reducer is not None and bool(rs.reducer.stat("skipped", False)) for rs in self.modules.values())
+        return bool(self.stat("skipped", False))
 
     def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
         """Pass the training context to every module's reducer (see ``Reducer.begin_epoch``)."""

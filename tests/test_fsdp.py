@@ -20,7 +20,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor], what: str, tolerance: fl
         assert gap <= tolerance, f"{what}, step {t}: max difference {gap:.3g}"
 
 
-@pytest.mark.parametrize("world,reshard", [(2, True), (3, False)])
+@pytest.mark.parametrize("world,reshard", [(2, True), (3, False), (4, True)])
 def test_exact_equals_fsdps_reduce_scatter(clusters, world, reshard):
     for got in clusters(world).run(sc.exact_vs_default, 5, reshard):
         assert float((got["exact"] - got["default"]).abs().max()) <= 1e-6

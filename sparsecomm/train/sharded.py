@@ -50,11 +50,11 @@ class ShardedReducer:
         return self.state.stats
 
     def stat(self, key: str, default: Any = None) -> Any:
-        return self.state.stats.get(key, default)
+        return self.state.stat(key, default)
 
     @property
     def target_density(self) -> float:
-        return float(self.state.stats.get("target_density", self.state.density))
+        return float(self.state.stat("target_density", self.state.density))
 
     def attach(self, model: nn.Module) -> None:
         """Nothing: a method's own hooks (OMGS's and AGTF's overlap) are not set under FSDP."""
