@@ -91,9 +91,11 @@ def exact_vs_default(steps: int = 5, reshard: bool = True, reduce_dtype: torch.d
     return {"default": full(default.parameters()), "exact": full(ours.parameters()), "stats": state.stats}
 
 
-def methods_vs_reducer(names: list[str], steps: int = 3, reshard: bool = True) -> dict[str, Any]:
+def methods_vs_reducer(names: list[str], steps: int = 3, reshard: bool = True,
+                       reduce_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """For each method, each step: the averaged gradients FSDP leaves (gathered), and this
-    project's reducer run on an unsharded copy's gradients, one reducer per FSDP unit; and the
+    project's reducer run on an unsharded copy's gradients (cast to ``reduce_dtype`` and back,
+    as FSDP casts them), one reducer per FSDP unit; and the
     conservation identity of error feedback per unit (sum over ranks of g + m_before minus
     P avg + sum of m_after, largest absolute difference)."""
     me, world = dist.get_rank(), dist.get_world_size()
@@ -101,7 +103,7 @@ def methods_vs_reducer(names: list[str], steps: int = 3, reshard: bool = True) -
     for name in names:
         options = DETERMINISTIC.get(name, {})
         plain = make_model()
-        model = shard(copy.deepcopy(plain), reshard)
+        model = shard(copy.deepcopy(plain), reshard, MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
         state = register_reducer(model, name, density=DENSITY, seed=0, **options)
         refs = {unit: reducers.build(name, density=DENSITY, seed=0, **options) for unit in units(plain)}
         got, want, gap = [], [], 0.0
@@ -113,9 +115,11 @@ def methods_vs_reducer(names: list[str], steps: int = 3, reshard: bool = True) -
             plain.zero_grad()
             loss_of(plain, me, t).backward()
             for unit, params in units(plain).items():
-                grads = [p.grad for p in params]
+                grads = [p.grad if reduce_dtype is None else p.grad.to(reduce_dtype) for p in params]
                 local = [g.clone() for g in grads]
                 refs[unit].reduce(grads, out=grads)
+                for p, g in zip(params, grads):
+                    p.grad.copy_(g)
                 reducer = state.modules[unit].reducer
                 if reducer is not None and reducer.conserves and reducer.workspace.feedback.enabled:
                     gap = max(gap, _conservation_gap(local, before[unit], grads, reducer.residual, world))

@@ -78,6 +78,16 @@ def test_mixed_precision_reduce_dtype_is_honoured(clusters, dtype, tolerance):
         assert float((got["exact"] - got["default"]).abs().max()) <= tolerance
 
 
+def test_methods_average_in_the_bfloat16_reduce_dtype(clusters):
+    """The reducer gets the gradients in the reduce dtype, as FSDP casts them: bit-equal to the
+    method's reducer on the unsharded gradients cast to bfloat16."""
+    results = clusters(2).run(sc.methods_vs_reducer, ["topk", "exdyna", "powersgd"], 3, True, torch.bfloat16)
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            _same(got["fsdp"], got["reducer"], f"{name} (bfloat16) on rank {rank}")
+            _same(got["fsdp"], results[0][name]["fsdp"], f"{name} (bfloat16): rank {rank} against rank 0")
+
+
 # ------------------------------------------------------------------------------ refusals
 def test_hsdp_is_refused(clusters):
     for got in clusters(2).run(sc.hsdp):
