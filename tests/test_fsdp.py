@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fsdp_scenarios as sc
+from reducer_reference import Simulation
 from sparsecomm import reducers
 from sparsecomm.fsdp import FSDPReducerState, register_reducer
 
@@ -37,6 +38,38 @@ def test_core_methods_average_as_their_reducer_per_unit(clusters, world, reshard
             _same(got["fsdp"], results[0][name]["fsdp"], f"{name}: rank {rank} against rank 0")
             assert got["conservation"] <= 1e-5, f"{name}: conservation off by {got['conservation']:.3g}"
     assert {"topk", "exdyna"} <= {n for n in CORE if results[0][n]["density"] < 0.5}, "the methods must compress"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_methods_equal_their_single_process_reference_per_unit(clusters, world):
+    """Each unit's average against the method's single-process reference
+    (tests/reducer_reference.py) fed every rank's gradient of that unit."""
+    names = ["topk", "exdyna", "global_topk", "fp16"]
+    steps = 3
+    got = clusters(world).run(sc.methods_vs_reducer, names, steps)[0]
+    plain = sc.make_model()
+    grads = []  # step -> rank -> unit -> gradients
+    for t in range(steps):
+        by_rank = []
+        for r in range(world):
+            plain.zero_grad()
+            sc.loss_of(plain, r, t).backward()
+            by_rank.append({u: [p.grad.clone() for p in ps] for u, ps in sc.units(plain).items()})
+        grads.append(by_rank)
+    order = [id(p) for p in plain.parameters()]
+    for name in names:
+        sims = {u: Simulation(name, world, [list(p.shape) for p in ps], sc.DENSITY) for u, ps in sc.units(plain).items()}
+        for t in range(steps):
+            avg = {}
+            for u, ps in sc.units(plain).items():
+                flat, _ = sims[u].step([grads[t][r][u] for r in range(world)])
+                at = 0
+                for p in ps:
+                    avg[id(p)] = flat[at:at + p.numel()]
+                    at += p.numel()
+            want = torch.cat([avg[i] for i in order])
+            torch.testing.assert_close(got[name]["fsdp"][t], want, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name}, step {t}, {world} ranks: {m}")
 
 
 def test_every_method_averages_as_its_reducer_per_unit(clusters):
