@@ -1,8 +1,9 @@
 """Any sparsecomm method as the reduce-scatter of FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
-    from sparsecomm.fsdp import register_reducer
-    fully_shard(block) for each block; fully_shard(model)
+    from sparsecomm.fsdp import register_reducer, shard_children
+    shard_children(model, mesh)              # or fully_shard on each block, then on the model
     state = register_reducer(model, "exdyna", density=0.01)   # any method of reducers.available()
+    ... train; state.stats, state.skipped; torch.save(state.state_dict(), f"reducers-{rank}.pt")
 
 FSDP2 calls its reduce-scatter once per FSDP module (a parameter group: the parameters that
 ``fully_shard`` on that module manages and no inner ``fully_shard`` took) per backward, with
@@ -34,8 +35,8 @@ average and keeps its rows).
 
 Refused in one line at registration: modules with a 2-D mesh (HSDP) or a replicate mesh,
 parameters sharded on a dimension other than 0, several parameter groups on one module.
-Refused in one line at the first backward: a reduce op other than AVG and SUM (a gradient
-divide factor).
+Refused in one line at the first backward, on every rank before any collective: a reduce op
+other than AVG and SUM (``PREMUL_SUM``: a gradient divide factor).
 """
 from __future__ import annotations
 
@@ -188,11 +189,13 @@ class ModuleReduceScatter(ReduceScatter):
 
 class FSDPReducerState:
     """The reduce-scatters :func:`register_reducer` set on a model's FSDP modules, by module
-    name (``modules``), and what a training loop reads from them: ``stats`` (the last
-    backward's measurements, summed or averaged over modules), ``skipped`` (some module's
+    name (``modules``: the qualified name under the model, ``"(root)"`` for the model), and
+    what a training loop reads from them: ``stats`` and ``stat`` (the last backward's
+    measurements, summed or size-weighted over modules), ``skipped`` (some module's
     ``nonfinite="skip"`` zeroed its gradient: skip the optimizer step), ``begin_epoch``,
-    ``describe``, and ``state_dict`` / ``load_state_dict`` (this rank's residuals and method
-    states, refusing another rank's, another method's or another model's)."""
+    ``describe``, ``residual_bytes``, and ``state_dict`` / ``load_state_dict`` (this rank's
+    residuals and method states, refusing another rank's, another method's or another
+    model's)."""
 
     def __init__(self, method: str, density: float = 0.001, *, error_feedback: bool = True, seed: int = 0,
                  **options: Any) -> None:

@@ -224,3 +224,21 @@ def foreign_states() -> dict[str, Any]:
         except ValueError as exc:
             errors[what] = str(exc)
     return errors
+
+
+def nonfinite(policy: str, steps: int = 3) -> dict[str, Any]:
+    """A NaN loss on rank 1 at step 1: ``skip`` zeroes that step's gradients on every rank and
+    says so in ``state.skipped``; ``raise`` raises on every rank."""
+    me = dist.get_rank()
+    model = shard(make_model())
+    state = register_reducer(model, "exdyna", density=DENSITY, nonfinite=policy)
+    seen = []
+
+    def run() -> None:
+        for t in range(steps):
+            model.zero_grad()
+            loss = loss_of(model, me, t)
+            (loss * float("nan") if (me, t) == (1, 1) else loss).backward()
+            seen.append({"skipped": state.skipped, "zero": not full(p.grad for p in model.parameters()).any()})
+
+    return {**outcome_in_step(run), "steps": seen}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fsdp_scenarios as sc
+from nonfinite_outcomes import assert_skip_then_raise
 from reducer_reference import Simulation
 from sparsecomm import reducers
 from sparsecomm.fsdp import FSDPReducerState, register_reducer
@@ -122,6 +123,11 @@ def test_methods_average_in_the_bfloat16_reduce_dtype(clusters):
 
 
 # ------------------------------------------------------------------------------ refusals
+def test_nonfinite_skip_and_raise(clusters):
+    assert_skip_then_raise(clusters(2), sc.nonfinite)
+
+
+
 def test_hsdp_is_refused(clusters):
     for got in clusters(2).run(sc.hsdp):
         assert got["group_alive"]
