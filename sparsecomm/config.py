@@ -61,6 +61,8 @@ class ReducerConfig:
     density: float = 0.001
     error_feedback: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    scope: str = "auto"               # auto | bucket | model: bucket by bucket during backward, or the whole model after it
+    bucket_mb: float = 25.0           # bucket scope: buckets of about this many MB, cut from the last layers as DDP does
 
 
 @dataclass

@@ -47,7 +47,7 @@ def final_state(run_dir):
 def test_sharded_run_records_and_resumes_bit_identical(clusters, data_dir, tmp_path, task, reducer):
     c = clusters(2)
     straight = c.run(ts.train, overrides(task, data_dir, tmp_path / "straight", reducer, epochs=1.5))
-    assert all(s["complete"] and s["parallel"] == "fsdp" for s in straight)
+    assert all(s["complete"] and s["parallel"] == "fsdp" and s["scope"] == "module" for s in straight)
     assert straight[0]["final"], "the sharded model was evaluated"
     assert straight[0]["total_bytes_sent"] > 0, "the method reduced"
     if reducer != "powersgd":
@@ -74,6 +74,15 @@ def test_sharded_needs_two_real_processes(data_dir, tmp_path):
         check_run(cfg, workers=4, virtual=True)
     with pytest.raises(ConfigError, match="parallel=fsdp needs at least 2 processes .* got 1"):
         Trainer(cfg, join("cpu"))
+
+
+@pytest.mark.parametrize("scope", ["bucket", "model"])
+def test_a_scope_of_its_own_is_refused_when_sharded(data_dir, tmp_path, scope):
+    """Under FSDP each unit is reduced as its reduce-scatter: neither DDP-like buckets nor one
+    reduce of the whole model after backward exists there."""
+    cfg = load_config(None, overrides("mnist", data_dir, tmp_path, reducer="topk", extra=[f"reducer.scope={scope}"]))
+    with pytest.raises(ConfigError, match=f"reducer.scope={scope}: under parallel=fsdp each FSDP unit is reduced"):
+        check_run(cfg)
 
 
 def test_unknown_parallel_is_named(data_dir, tmp_path):

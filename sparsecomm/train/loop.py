@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from .. import reducers
-from ..config import ConfigError, DataConfig, RunConfig
+from ..reducers.buckets import BucketReducer
+from ..config import ConfigError, DataConfig, ReducerConfig, RunConfig
 from ..launch.job import Job
 from ..lock import Held, LockError, RunLock
 from ..progress import progress
 from ..tasks import build_task
 from .checkpoint import Checkpoints
-from .checks import check_optimizer, check_sharded
+from .checks import check_optimizer, check_sharded, reducer_scope
 from .evaluation import Evaluator
 from .meter import Meter, Moment, Pace
 from .optim import LearningRate, build_optimizer, peak_lr
@@ -133,10 +134,16 @@ class Trainer:
     def _build_workers(self) -> None:
         cfg, job = self.cfg, self.job
         rc = cfg.reducer
+        # bucket scope: groups of parameters reduced as backward produces them (on a worker
+        # thread; one after another for virtual workers, which run their backwards in turn)
+        self.scope = reducer_scope(cfg)
 
-        def build_reducer(group: Any) -> reducers.Reducer:
-            return reducers.build(rc.name, density=rc.density, error_feedback=rc.error_feedback, group=group,
-                                  seed=cfg.seed, sync_timing=cfg.records.profile, **rc.options)
+        def build_reducer(group: Any) -> Any:
+            settings = dict(density=rc.density, error_feedback=rc.error_feedback, group=group, seed=cfg.seed,
+                            sync_timing=cfg.records.profile, **rc.options)
+            if self.scope == "bucket":
+                return BucketReducer(rc.name, bucket_mb=rc.bucket_mb, overlap=not job.virtual, **settings)
+            return reducers.build(rc.name, **settings)
 
         if self.sharded:
             self.workers: Any = ShardedWorker(cfg, job, self.task, self.model, build_reducer)
@@ -160,7 +167,8 @@ class Trainer:
         self.recorder = Recorder(self.run_dir, job.is_main, cfg.records.tensorboard)
         backend = "virtual" if job.virtual else (
             "nccl" if job.device.type == "cuda" and job.world > 1 else ("gloo" if job.world > 1 else "none"))
-        self.recorder.write_config(cfg, environment(job.workers, backend, str(job.device), virtual=bool(job.virtual)))
+        env = environment(job.workers, backend, str(job.device), virtual=bool(job.virtual))
+        self.recorder.write_config(cfg, {**env, "reducer_scope": self.scope})
         self.recorder.open(self.step if resumed else None)
         if job.is_main:
             log.info("run %s: %s, %d %sworkers, %d steps per epoch, %d steps in all%s", self.run_dir, cfg.task,
@@ -372,7 +380,7 @@ class Trainer:
         """Write which method this is, its options and what it decided or fitted (``reducer.json``),
         whenever that changes."""
         reducer = self.workers.reducer
-        info = {"method": reducer.name, **reducer.options(), **self.workers.describe()}
+        info = {"method": reducer.name, "scope": self.scope, **reducer.options(), **self.workers.describe()}
         if self.job.is_main and info != self._described:
             (self.run_dir / "reducer.json").write_text(json.dumps({"step": self.step, **info}, indent=1) + "\n")
             self._described = info
@@ -386,7 +394,7 @@ class Trainer:
     def _summary(self) -> dict[str, Any]:
         summary = {
             "run": self.run_dir.name,
-            "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name,
+            "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name, "scope": self.scope,
             "target_density": self.cfg.reducer.density, "workers": self.job.workers,
             "virtual": bool(self.job.virtual), "parallel": self.cfg.parallel,
             "steps": self.step, "total_steps": self.total_steps, "epochs": self.step / self.steps_per_epoch,
@@ -463,6 +471,8 @@ def _identity(section: Any, key: str) -> Any:
     if key == "data" and isinstance(section, dict):
         known = {f.name for f in dataclasses.fields(DataConfig)}
         return {k: v for k, v in section.items() if k in known and k not in ("dir", "cache_dir")}
+    if key == "reducer" and isinstance(section, dict):  # settings added since: their defaults
+        return {**dataclasses.asdict(ReducerConfig()), **section}
     return section
 
 

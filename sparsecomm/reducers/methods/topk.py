@@ -18,6 +18,7 @@ class TopK(SparseReducer):
     the k_t = max(1, floor(c * numel_t)) largest |x|."""
 
     name = "topk"
+    per_tensor = True  # k_t and the top-k of each tensor are its own
     summary = "layer-wise top-k: the k_t largest |x| of every tensor"
 
     def __init__(self, *, exchange: str = "gather", **common: Any) -> None:
@@ -39,6 +40,7 @@ class GlobalTopK(SparseReducer):
     """Global top-k: the k = max(1, floor(c * d)) largest |x| of the flat vector."""
 
     name = "global_topk"
+    per_tensor = False  # one k over d, the largest |x| of all tensors together
     summary = "top-k over the whole flat vector"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
