@@ -480,3 +480,20 @@ def test_a_refused_check_ends_the_quiet_ranks_later(monkeypatch, capsys):
     assert _main(monkeypatch, env) == 2 and slept == [start.QUIET_RANK_WAIT_S]
     assert _main(monkeypatch, {**env, "OMPI_COMM_WORLD_RANK": "0"}) == 2 and slept == [start.QUIET_RANK_WAIT_S]
     assert capsys.readouterr().err == ""
+
+
+def test_the_cpu_notice_names_a_quick_job_with_the_mirror_the_user_gave(monkeypatch):
+    """The quick job the CPU notice suggests keeps SPARSECOMM_DATA_URL: offline, its data comes
+    from the same mirror (copied as printed, the command without it failed to fetch MNIST)."""
+    from sparsecomm.config import load_config
+    from sparsecomm.train import estimate
+    from sparsecomm.train.presets import find_preset
+
+    monkeypatch.setattr(estimate, "estimate_on_cpu", lambda cfg, workers: estimate.CpuEstimate(
+        100 if cfg.preset == estimate.QUICK_PRESET else 10**6, 1.0))
+    slow, quick = (load_config(find_preset(p), preset_name=p) for p in ("resnet18-cifar10", estimate.QUICK_PRESET))
+    monkeypatch.delenv("SPARSECOMM_DATA_URL", raising=False)
+    assert estimate.cpu_notice(slow, 2, quick).endswith("in minutes on this CPU: PRESET=mnist-cnn ./run.sh (about 1 min 40 s)")
+    monkeypatch.setenv("SPARSECOMM_DATA_URL", "/data/my mirror")
+    assert "on this CPU: SPARSECOMM_DATA_URL='/data/my mirror' PRESET=mnist-cnn ./run.sh (about" in \
+        estimate.cpu_notice(slow, 2, quick)
