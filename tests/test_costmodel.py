@@ -103,8 +103,9 @@ def setup(tmp_path_factory):
     return root, links
 
 
-def test_predict_prints_every_cell(setup, capsys, tmp_path):
+def test_predict_prints_every_cell(setup, capsys, caplog, tmp_path):
     root, links = setup
+    caplog.set_level("INFO", logger="sparsecomm.tools.predict")
     out = tmp_path / "rows.json"
     rc = predictor.main(["--preset", "logreg", "--workers", "2,3", "--bandwidth", "100mbit,10gbit", "--reducers",
                          "exact,topk,exdyna", "--density", "0.1", "--links", str(links), "--data-dir", str(root),
@@ -120,6 +121,12 @@ def test_predict_prints_every_cell(setup, capsys, tmp_path):
     fast = {r["method"]: r["comm"] for r in rows if r["workers"] == 3 and r["rate"] == "10gbit"}
     assert all(slow[m] > fast[m] for m in slow)
     assert "speedup" in capsys.readouterr().out
+    said = [r.getMessage() for r in caplog.records]  # where it is, as it goes: no long silence
+    assert [m.split(" in ")[0] for m in said if m.startswith("P=")] == [
+        "P=2 (1 of 2): 2 workers' gradients", "P=2: exact on 2 virtual workers, 3 steps",
+        "P=2: topk on 2 virtual workers, 3 steps", "P=2: exdyna on 2 virtual workers, 3 steps",
+        "P=3 (2 of 2): 3 workers' gradients", "P=3: exact on 3 virtual workers, 3 steps",
+        "P=3: topk on 3 virtual workers, 3 steps", "P=3: exdyna on 3 virtual workers, 3 steps"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -35,7 +35,7 @@ from .. import reducers
 from ..reducers.buckets import DEFAULT_BUCKET_MB, SCOPES, resolve_scope
 from . import costmodel
 from ..commandline import OneLineParser
-from ..units import si
+from ..units import duration, si
 from ..config import load_config
 from ..launch.job import Job
 from .netlab import parse_rate
@@ -119,12 +119,18 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
     preset = cfg.preset
     c = cfg.reducer.density if density is None else density
     rows = []
-    for P in workers:
+    for n, P in enumerate(workers, 1):
+        started = time.perf_counter()
         grads, shapes, compute = worker_gradients(task, cfg.seed, P)
+        # Each worker count takes a while (P forward and backward passes, then every method on P
+        # virtual workers): say where it is, so that a long silence is not taken for a hang.
+        log.info("P=%d (%d of %d): %d workers' gradients in %s", P, n, len(workers), P,
+                 duration(time.perf_counter() - started))
         given = None if device is None else device["presets"][preset]
         if given is not None:
             compute = compute.scaled_to(given["compute_ms"] / 1e3)
         for method in methods:
+            started = time.perf_counter()
             ran = TORCH_HOOKS.get(method, method)
             density_ = 1.0 if ran == "exact" else c
             ran_scope = "bucket" if method in TORCH_HOOKS else resolve_scope(scope, ran)
@@ -146,6 +152,8 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
 
                 def seconds(rate: float, buckets=buckets) -> dict[str, float]:
                     return costmodel.overlapped_step_seconds(compute.forward, compute.backward, buckets, links, rate)
+            log.info("P=%d: %s on %d virtual workers, %d steps in %s", P, method, P, steps,
+                     duration(time.perf_counter() - started))
             for rate in rates:
                 t = seconds(parse_rate(rate) or 0.0)
                 t.setdefault("exposed", t["select"] + t["comm"])

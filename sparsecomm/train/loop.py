@@ -246,6 +246,12 @@ class Trainer:
                     if self.job.is_main:
                         log.info("run %s is complete (step %d of %d): nothing to train; --fresh starts it again, "
                                  "moving this one aside", self.run_dir, self.step, self.total_steps)
+                elif self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+                    # Training would take one step past the checkpoint before it looked at max_steps.
+                    if self.job.is_main:
+                        log.info("run %s is at step %d of %d, already at max_steps=%d: nothing to train; raise "
+                                 "max_steps (or leave it out) to go on", self.run_dir, self.step, self.total_steps,
+                                 self.cfg.max_steps)
                 else:
                     self._train()
             except Stopped:
