@@ -119,9 +119,13 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
     preset = cfg.preset
     c = cfg.reducer.density if density is None else density
     rows = []
+    first: Compute | None = None
     for n, P in enumerate(workers, 1):
         started = time.perf_counter()
         grads, shapes, compute = worker_gradients(task, cfg.seed, P)
+        # one worker's forward and backward do not depend on P: the first timing serves every
+        # worker count (timed again, a loaded machine made P = 8, 64, 256 differ by 2.5x)
+        compute = first = first or compute
         # Each worker count takes a while (P forward and backward passes, then every method on P
         # virtual workers): say where it is, so that a long silence is not taken for a hang.
         log.info("P=%d (%d of %d): %d workers' gradients in %s", P, n, len(workers), P,
