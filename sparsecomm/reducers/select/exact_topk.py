@@ -115,6 +115,7 @@ class _Plan:
     chosen: list[int]  # the tiles with k > 0: rows of the sample
     positions: torch.Tensor  # (rows, s) sampled positions, padding at position 0
     padding: torch.Tensor  # (rows, s) True where a row has no more samples
+    sampled: torch.Tensor  # the positions without the padding, row after row
     ranks: list[int]  # per row: which largest sampled |x| is the bound
     whole: list[bool]  # per row: the range was sampled whole (its bound is exact)
 
@@ -171,7 +172,8 @@ class TopKSearch:
                 positions[row] = self.samples[key]
                 ranks.append(_sample_rank(k, size, s))
                 whole.append(False)
-        self._plan = plan = _Plan(n, tiles, chosen, positions.to(device), padding.to(device), ranks, whole)
+        self._plan = plan = _Plan(n, tiles, chosen, positions.to(device), padding.to(device),
+                                  positions[~padding].to(device), ranks, whole)
         return plan
 
     def __call__(self, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,
@@ -181,8 +183,11 @@ class TopKSearch:
         plan = self._plan_for(n, g.device)
         backend = self.backend or ("triton" if g.device.type == "cuda" else "c")
         # 1. the bounds, from the sample (|g + m| there is |x| there, bit for bit)
-        sampled = g[plan.positions] if m is None else torch.add(m[plan.positions], g[plan.positions])
-        sampled = sampled.abs_().masked_fill_(plan.padding, -1.0)  # padding ranks below every |x|
+        values = torch.index_select(g, 0, plan.sampled)  # index_select: 40x faster than g[2-D positions]
+        if m is not None:
+            values = torch.add(torch.index_select(m, 0, plan.sampled), values)
+        sampled = torch.full(plan.padding.shape, -1.0, dtype=g.dtype, device=g.device)  # -1: below every |x|
+        sampled.masked_scatter_(plan.padding.logical_not(), values.abs_())
         order = torch.topk(sampled, max(plan.ranks), dim=1).values if plan.chosen else sampled
         ranks = torch.tensor(plan.ranks, device=g.device).sub_(1).view(-1, 1)
         bounds = order.gather(1, ranks).view(-1).tolist() if plan.chosen else []
