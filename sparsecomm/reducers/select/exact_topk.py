@@ -241,14 +241,15 @@ class TopKSearch:
 
     @staticmethod
     def _capacity(plan: _Plan, row: int, rank: int | None = None) -> int:
-        """Room for a range's candidates: k plus room for ties when its bound is exact, else
-        1.5 times the expected count above the sample's ``rank``-th largest, plus 64."""
+        """Room for a range's candidates: k plus room for ties when its bound is exact, else the
+        expected count above the sample's ``rank``-th largest, (b - a) rank / s, plus five of
+        its relative deviations 1 / sqrt(rank), plus 64 (more costs a second read of the range)."""
         a, b, k = plan.tiles[plan.chosen[row]]
         if plan.whole[row] and rank is None:
             return min(b - a, k + 16)
         s = plan.positions.shape[1]
         rank = plan.ranks[row] if rank is None else rank
-        return min(b - a, math.ceil(1.5 * (b - a) * rank / s) + 64)
+        return min(b - a, math.ceil((b - a) * rank / s * (1 + 5 / math.sqrt(rank))) + 64)
 
     @staticmethod
     def _lower(plan: _Plan, sampled: torch.Tensor, row: int, rank: int) -> tuple[int, float]:
