@@ -53,8 +53,11 @@ def top_of(a: torch.Tensor, k: int, finite: bool = False) -> torch.Tensor:
         return torch.empty(0, dtype=torch.int64, device=a.device)
     if 8 * k > n:  # a selection of the (n - k + 1)-th smallest; NaN counts as the largest
         kth = torch.kthvalue(a, n - k + 1).values
-    else:  # the smallest of the k largest; NaN only if all k are NaN
-        kth = torch.topk(torch.topk(a, k, sorted=False).values, 1, largest=False).values[0]
+    else:  # the k + 1 largest, NaN first: no tie across the k-th, and torch.topk's k are the rule's
+        top = torch.topk(a, k + 1, sorted=True)
+        kth, after = top.values[k - 1], top.values[k]
+        if bool((kth > after) | (torch.isnan(kth) & ~torch.isnan(after))):
+            return torch.sort(top.indices[:k]).values
     keep = torch.gt(a, kth)
     if not finite:
         nan = torch.isnan(a)
