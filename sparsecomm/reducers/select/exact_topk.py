@@ -94,11 +94,12 @@ def reference(x: torch.Tensor, ranges: Sequence[tuple[int, int]], ks: Sequence[i
 
 def sample_size(sizes: Sequence[int], ks: Sequence[int]) -> int:
     """Positions sampled per range: about ``HITS`` of them expected above the k-th largest at the
-    ranges' overall density, within [1024, 65536]."""
+    ranges' overall density, rounded up to a power of two (methods whose counts move from step
+    to step then keep their samples), within [1024, 65536]."""
     n, k = sum(sizes), sum(ks)
     if k <= 0:
         return SAMPLE_MIN
-    return min(SAMPLE_MAX, max(SAMPLE_MIN, math.ceil(HITS * n / k)))
+    return min(SAMPLE_MAX, max(SAMPLE_MIN, 1 << math.ceil(math.log2(HITS * n / k))))
 
 
 def _sample_rank(k: int, n: int, s: int) -> int:
@@ -194,15 +195,14 @@ class TopKSearch:
         order = torch.topk(sampled, max(plan.ranks), dim=1).values if plan.chosen else sampled
         ranks = torch.tensor(plan.ranks, device=g.device).sub_(1).view(-1, 1)
         bounds = order.gather(1, ranks).view(-1).tolist() if plan.chosen else []
-        thresholds = [math.nan] * len(plan.tiles)
+        thresholds, caps = [math.nan] * len(plan.tiles), [0] * len(plan.tiles)
         for row, i in enumerate(plan.chosen):
-            thresholds[i] = bounds[row]
-        caps = [self._capacity(plan, row) for row in range(len(plan.chosen))]
-        # 2. the fused pass over every tile
-        all_caps = [0] * len(plan.tiles)
-        for row, i in enumerate(plan.chosen):
-            all_caps[i] = caps[row]
-        found, finite = _pass(backend, g, m, x, plan.tiles, thresholds, all_caps, index_dtype)
+            thresholds[i], caps[i] = bounds[row], self._capacity(plan, row)
+        # 2. the fused pass over every tile (only over those that select when nothing is written)
+        read = plan.chosen if m is None and x is None else range(len(plan.tiles))
+        got, finite = _pass(backend, g, m, x, [plan.tiles[i] for i in read], [thresholds[i] for i in read],
+                            [caps[i] for i in read], index_dtype)
+        found = dict(zip(read, got))
         if not finite:
             idx = reference(xs, [(a, b) for a, b, _ in self.rows], [k for _, _, k in self.rows], index_dtype)
             return xs, Selected(idx, xs[idx], False)
@@ -275,6 +275,8 @@ def _pass(backend: str, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor
         slots.append(slots[-1] + c)
     idx = torch.empty(slots[-1] + 1, dtype=index_dtype, device=g.device)
     val = torch.empty(slots[-1] + 1, dtype=g.dtype, device=g.device)
+    if not tiles:
+        return [], True
     if backend == "triton":
         from . import fused_triton
         states = []
@@ -311,8 +313,7 @@ class TopKSelection:
         self.selection = choice("selection", selection, SELECTIONS)
         self.seed = seed
         self.fused = False
-        self._search: TopKSearch | None = None
-        self._key: tuple | None = None
+        self._searches: dict[tuple, TopKSearch] = {}  # the last few (ranges, ks): a leader's and a follower's
         self._samples: dict = {}
 
     def configure(self, layout) -> None:
@@ -328,7 +329,10 @@ class TopKSelection:
             with call.phase("select"):
                 return reference(call.x, ranges, ks, call.layout.index_dtype, call.scratch()), None
         key = (tuple(ranges), tuple(ks))
-        if self._search is None or key != self._key:
-            self._search, self._key = TopKSearch(ranges, ks, self.seed, samples=self._samples), key
-        found = call.select_in_pass(self._search)
+        search = self._searches.get(key)
+        if search is None:
+            if len(self._searches) >= 4:  # counts that move every step (DEFT, AGTF) keep only their samples
+                self._searches.clear()
+            search = self._searches[key] = TopKSearch(ranges, ks, self.seed, samples=self._samples)
+        found = call.select_in_pass(search)
         return found.indices, found.values
