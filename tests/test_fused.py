@@ -15,7 +15,7 @@ import fused_scenarios as fs
 from sparsecomm import reducers
 from sparsecomm.reducers.select import fused
 
-METHODS = ("exdyna", "micro", "thresh", "sage", "topk", "global_topk", "gtopk", "cltk", "legacy")
+METHODS = ("exdyna", "micro", "thresh", "sage", "topk", "global_topk", "gtopk", "cltk", "legacy", "deft")
 VARIANT = {"exdyna": {"warm_start": False}, "micro": {"warm_start": False}, "sage": {"warm_start": False},
            "thresh": {"exchange": "union"}, "topk": {"exchange": "union"}, "global_topk": {"exchange": "union"},
            "legacy": {"exchange": "union", "group_compressions": [0.2, 0.02]}}
