@@ -151,6 +151,14 @@ def test_triton_search_matches_the_reference_under_the_interpreter():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_a_search_that_selects_nothing_still_builds_x_and_reports_its_finiteness():
+    """A CLT-k follower's pass: no range selects, x = g + m is written, a NaN is reported."""
+    g, m = torch.randn(5000), torch.randn(5000)
+    g[4321] = float("nan")
+    x, found = exact_topk.TopKSearch([(0, 5000)], [0], backend="c")(g, m, torch.empty(5000), torch.int32)
+    assert same(x, m + g) and found.indices.numel() == 0 and not bool(found.finite)
+
+
 def test_overlapping_ranges_are_refused():
     with pytest.raises(ValueError, match="top-k ranges overlap at position 5"):
         exact_topk.reference(torch.randn(10), [(0, 6), (5, 10)], [1, 1], torch.int32)

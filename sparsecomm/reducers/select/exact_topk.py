@@ -239,7 +239,7 @@ class TopKSearch:
         self.last = {"candidates": candidates, "repassed": repassed / n if n else 0.0}
         if not parts_i:
             return xs, Selected(torch.empty(0, dtype=index_dtype, device=g.device),
-                                torch.empty(0, dtype=g.dtype, device=g.device), True)
+                                torch.empty(0, dtype=g.dtype, device=g.device), finite)
         return xs, Selected(torch.cat(parts_i), torch.cat(parts_v), finite)
 
     @staticmethod
