@@ -117,9 +117,9 @@ class _Plan:
     n: int
     tiles: list[tuple[int, int, int]]  # (a, b, k), covering [0, n)
     chosen: list[int]  # the tiles with k > 0: rows of the sample
-    positions: torch.Tensor  # (rows, s) sampled positions, padding at position 0
-    padding: torch.Tensor  # (rows, s) True where a row has no more samples
-    sampled: torch.Tensor  # the positions without the padding, row after row
+    s: int  # positions sampled per range (a range no longer than s: all of it)
+    padding: torch.Tensor  # (rows, s) True past a row's last sampled position
+    sampled: torch.Tensor  # the sampled positions, row after row
     ranks: list[int]  # per row: which largest sampled |x| is the bound
     whole: list[bool]  # per row: the range was sampled whole (its bound is exact)
 
@@ -143,7 +143,7 @@ class TopKSearch:
 
     def _plan_for(self, n: int, device: torch.device) -> _Plan:
         plan = self._plan
-        if plan is not None and plan.n == n and plan.positions.device == device:
+        if plan is not None and plan.n == n and plan.sampled.device == device:
             return plan
         if self.rows and self.rows[-1][1] > n:
             raise ValueError(f"top-k range ends at {self.rows[-1][1]}, past the vector's {n} values")
@@ -157,7 +157,7 @@ class TopKSearch:
             tiles.append((at, n, 0))
         s = sample_size([b - a for a, b, _ in self.rows], [k for _, _, k in self.rows])
         chosen = [i for i, (_, _, k) in enumerate(tiles) if k > 0]
-        positions = torch.zeros(len(chosen), s, dtype=torch.int64)
+        positions = torch.zeros(len(chosen), s, dtype=torch.int64)  # padding at position 0
         padding = torch.zeros(len(chosen), s, dtype=torch.bool)
         ranks, whole = [], []
         for row, i in enumerate(chosen):
@@ -176,8 +176,8 @@ class TopKSearch:
                 positions[row] = self.samples[key]
                 ranks.append(_sample_rank(k, size, s))
                 whole.append(False)
-        self._plan = plan = _Plan(n, tiles, chosen, positions.to(device), padding.to(device),
-                                  positions[~padding].to(device), ranks, whole)
+        self._plan = plan = _Plan(n, tiles, chosen, s, padding.to(device), positions[~padding].to(device),
+                                  ranks, whole)
         return plan
 
     def __call__(self, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,
@@ -250,7 +250,7 @@ class TopKSearch:
         a, b, k = plan.tiles[plan.chosen[row]]
         if plan.whole[row] and rank is None:
             return min(b - a, k + 16)
-        s = plan.positions.shape[1]
+        s = plan.s
         rank = plan.ranks[row] if rank is None else rank
         return min(b - a, math.ceil((b - a) * rank / s * (1 + 5 / math.sqrt(rank))) + 64)
 
@@ -258,7 +258,7 @@ class TopKSearch:
     def _lower(plan: _Plan, sampled: torch.Tensor, row: int, rank: int) -> tuple[int, float]:
         """(rank, bound) for a range where too few passed: a deeper rank of its sample
         (4 rank + 16), then zero (everything passes) once the sample is used up."""
-        s = plan.positions.shape[1]
+        s = plan.s
         if plan.whole[row] or rank >= s:
             return s, 0.0
         deeper = min(s, 4 * rank + 16)
