@@ -17,7 +17,8 @@ leaves the choice among equal values unspecified, and its CPU and CUDA kernels d
   2. the fused pass of :mod:`.fused` over the whole vector: ``x = g + m`` written,
      finiteness checked, the positions with ``|x|`` at or above their range's bound compacted
      (a C loop on CPU, Triton on CUDA);
-  3. the rule applied to those candidates (about 3k of them);
+  3. the rule applied to those candidates (about 3k of them; on CPU a quickselect in the C
+     library, in place);
   4. where fewer than k passed (the sample put the bound too high: rare), that range alone is
      read again from ``x`` with a lower bound from the sample, in the end zero.
 
@@ -227,11 +228,17 @@ class TopKSearch:
                 repassed += plan.tiles[i][1] - plan.tiles[i][0]
         # 3. the rule over the candidates
         parts_i, parts_v, candidates = [], [], 0
+        most = max((found[i][2] for i in plan.chosen), default=0)
+        scratch = torch.empty(most, dtype=g.dtype) if backend == "c" else None
         for i in plan.chosen:
             k = plan.tiles[i][2]
             idx, val, count = found[i]
             candidates += count
-            if count > k:
+            if count > k and scratch is not None:  # the C loop's buffers: the rule in place
+                from . import fused_cpu
+                fused_cpu.keep_top(idx, val, k, scratch)
+                idx, val = idx[:k], val[:k]
+            elif count > k:
                 keep = top_of(val.abs(), k, finite=True)
                 idx, val = idx[keep], val[keep]
             parts_i.append(idx)

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "compensate_select", "compensate_select_ranges"]
+__all__ = ["available", "unavailable_reason", "compensate_select", "compensate_select_ranges", "keep_top"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -96,6 +96,37 @@ void NAME(const T *g, const T *m, T *x, int64_t nr, const int64_t *lo, const int
   }                                                                                             \
   *bad = any != 0;                                                                              \
 }
+/* The exact top-k's rule over one range's c finite candidates (positions ascending): the k of
+   largest |val|, equal ones in their order, kept in place and in order (the first k slots).
+   mag: scratch for c values, where a quickselect (Hoare partition) finds the k-th largest. */
+#define DEFINE_KEEP(NAME, T, I, ABS)                                                             \
+void NAME(I *restrict idx, T *restrict val, int64_t c, int64_t k, T *restrict mag) {            \
+  if (k >= c) return;                                                                           \
+  for (int64_t j = 0; j < c; j++) mag[j] = ABS(val[j]);                                         \
+  int64_t lo = 0, hi = c - 1, want = k - 1;                                                     \
+  while (lo < hi) {                                                                             \
+    T pivot = mag[lo + (hi - lo) / 2];                                                          \
+    int64_t i = lo, j = hi;                                                                     \
+    while (i <= j) {                                                                            \
+      while (mag[i] > pivot) i++;                                                               \
+      while (mag[j] < pivot) j--;                                                               \
+      if (i <= j) { T t = mag[i]; mag[i] = mag[j]; mag[j] = t; i++; j--; }                      \
+    }                                                                                           \
+    if (want <= j) hi = j; else if (want >= i) lo = i; else break;                              \
+  }                                                                                             \
+  T kth = mag[want];                                                                            \
+  int64_t above = 0, out = 0;                                                                   \
+  for (int64_t j = 0; j < c; j++) above += ABS(val[j]) > kth;                                   \
+  int64_t ties = k - above;                                                                     \
+  for (int64_t j = 0; j < c && out < k; j++) {                                                  \
+    T a = ABS(val[j]);                                                                          \
+    if (a > kth || (a == kth && ties-- > 0)) { idx[out] = idx[j]; val[out] = val[j]; out++; }   \
+  }                                                                                             \
+}
+DEFINE_KEEP(sc_keep_f32_i32, float, int32_t, fabsf)
+DEFINE_KEEP(sc_keep_f32_i64, float, int64_t, fabsf)
+DEFINE_KEEP(sc_keep_f64_i32, double, int32_t, fabs)
+DEFINE_KEEP(sc_keep_f64_i64, double, int64_t, fabs)
 DEFINE_RANGES(sc_ranges_f32_i32, sc_select_f32_i32, float, int32_t)
 DEFINE_RANGES(sc_ranges_f32_i64, sc_select_f32_i64, float, int64_t)
 DEFINE_RANGES(sc_ranges_f64_i32, sc_select_f64_i32, double, int32_t)
@@ -157,6 +188,9 @@ def _build() -> ctypes.CDLL:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctype, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                            ctypes.POINTER(ctypes.c_int32)]
+            fn = getattr(lib, f"sc_keep_{dname}_{iname}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
             fn = getattr(lib, f"sc_ranges_{dname}_{iname}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 8 + \
@@ -229,3 +263,14 @@ def compensate_select_ranges(g: torch.Tensor, m: torch.Tensor | None, x: torch.T
     fn(g.data_ptr(), _ptr(m), _ptr(x), bounds.shape[0], lo.data_ptr(), hi.data_ptr(), thresholds.data_ptr(),
        idx.data_ptr(), val.data_ptr(), slots.data_ptr(), caps.data_ptr(), counts.data_ptr(), ctypes.byref(bad))
     return counts, bad.value == 0
+
+
+def keep_top(idx: torch.Tensor, val: torch.Tensor, k: int, scratch: torch.Tensor) -> None:
+    """The exact top-k's rule over one range's finite candidates (contiguous ``idx``/``val``,
+    positions ascending), in place: their first ``k`` slots become the k of largest ``|val|``
+    (equal ones, the first), in order. ``scratch``: at least ``val.numel()`` values of val's dtype."""
+    lib = _load()
+    assert lib is not None, _error
+    dname, _ = _DTYPES[val.dtype]
+    getattr(lib, f"sc_keep_{dname}_{_INDEX[idx.dtype]}")(idx.data_ptr(), val.data_ptr(), val.numel(), k,
+                                                         scratch.data_ptr())
