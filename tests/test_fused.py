@@ -122,7 +122,7 @@ def test_fused_asked_for_where_it_cannot_run_is_an_error(monkeypatch):
             r.reduce([torch.randn(100)])
         auto = reducers.build(name)
         auto.reduce([torch.randn(100)])
-        assert auto.describe() == {"selection": "torch"}
+        assert auto.describe()["selection"] == "torch"
     with pytest.raises(ValueError, match="cannot run here: fused selection handles float32 and float64"):
         monkeypatch.undo()
         reducers.build("exdyna", selection="fused").reduce([torch.randn(100).half()])
