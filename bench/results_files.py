@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def keep_earlier(out: str | Path) -> Path | None:
@@ -18,3 +21,17 @@ def keep_earlier(out: str | Path) -> Path | None:
     out.rename(aside)
     print(f"{out}: an earlier run's results, kept as {aside}", flush=True)
     return aside
+
+
+def write(out: str | Path, settings: dict[str, Any], results: Any, **more: Any) -> None:
+    """Write a run's results to ``out`` as JSON (an earlier file there is set aside first): the
+    command line, ``settings``, ``results``, torch's version and ``more``; say so on stdout."""
+    import torch
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    keep_earlier(out)
+    with open(out, "w") as f:
+        json.dump({"command": " ".join([sys.executable] + sys.argv), "settings": settings, "results": results,
+                   **more, "torch": str(torch.__version__)}, f, indent=1)
+    print(f"wrote {out}")

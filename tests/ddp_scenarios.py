@@ -1,5 +1,6 @@
 """Functions the cluster's workers run for test_ddp.py: DDP models with the reducer hook next to
-this project's own reducer and training loop, on the same model and the same data.
+this project's own reducer and training loop, on the same model and the same data, in model
+scope (the whole model at once) and in bucket scope (bucket by bucket, overlapped).
 
 The model is a small MLP (6 tensors, 2,324 parameters); with ``BUCKET_MB`` DDP cuts it into one
 bucket at the first iteration and two after its rebuild, so every scenario crosses both
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_cluster import outcome_in_step
 from sparsecomm import reducers
 from sparsecomm.ddp import ReducerHookState, reducer_hook
 
@@ -60,16 +63,18 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
 
-def hooked(model: nn.Module, name: str, options: dict | None = None, **ddp_kwargs: Any) -> tuple[DDP, ReducerHookState]:
+def hooked(model: nn.Module, name: str, options: dict | None = None, scope: str = "model",
+           **ddp_kwargs: Any) -> tuple[DDP, ReducerHookState]:
     net = DDP(model, bucket_cap_mb=BUCKET_MB, **ddp_kwargs)
-    state = ReducerHookState(name, density=DENSITY, seed=0, **(options or {}))
+    state = ReducerHookState(name, density=DENSITY, seed=0, scope=scope, **(options or {}))
     net.register_comm_hook(state, reducer_hook)
     return net, state
 
 
 def methods_vs_reducer(names: list[str], steps: int = 3) -> dict[str, Any]:
-    """For each method: the gradients DDP with the hook leaves, and this project's reducer's
-    average of the same local gradients (an un-wrapped copy of the model) in model order."""
+    """For each method: the gradients DDP with the hook leaves in model scope, and this
+    project's reducer's average of the same local gradients (an un-wrapped copy of the model)
+    in model order."""
     me = dist.get_rank()
     out = {}
     for name in names:
@@ -136,12 +141,12 @@ def _hook_steps(net: DDP, state: ReducerHookState, opt: torch.optim.Optimizer, f
             opt.step()
 
 
-def train_hook(name: str, steps: int, options: dict | None = None, spare: bool = False,
+def train_hook(name: str, steps: int, options: dict | None = None, spare: bool = False, scope: str = "model",
                **ddp_kwargs: Any) -> torch.Tensor:
     """The same training with DDP and the hook; checks that the hook learned the parameter
     order of ``model.parameters()`` (the test models' shapes are all distinct)."""
     model = make_model(spare=spare)
-    net, state = hooked(model, name, options, **ddp_kwargs)
+    net, state = hooked(model, name, options, scope, **ddp_kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     _hook_steps(net, state, opt, 0, steps)
     learned = state.state_dict()["parameter_shapes"]
@@ -149,12 +154,14 @@ def train_hook(name: str, steps: int, options: dict | None = None, spare: bool =
     return flat(model.parameters())
 
 
-def train_hook_resumed(name: str, cut: int, total: int, options: dict | None = None) -> torch.Tensor:
+def train_hook_resumed(name: str, cut: int, total: int, options: dict | None = None,
+                       scope: str = "model") -> torch.Tensor:
     """Train ``cut`` steps with the hook, save model, optimizer and hook state (torch.save, then
     torch.load with weights_only=True), restore into a fresh model (other initial weights), a
-    fresh DDP and a fresh hook state, and train to ``total``."""
+    fresh DDP (whose first backward has DDP's first bucketing again) and a fresh hook state,
+    and train to ``total``."""
     model = make_model()
-    net, state = hooked(model, name, options)
+    net, state = hooked(model, name, options, scope)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     _hook_steps(net, state, opt, 0, cut)
     buf = io.BytesIO()
@@ -166,19 +173,19 @@ def train_hook_resumed(name: str, cut: int, total: int, options: dict | None = N
     model.load_state_dict(saved["model"])
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     opt.load_state_dict(saved["opt"])
-    net, state = hooked(model, name, options)
+    net, state = hooked(model, name, options, scope)
     state.load_state_dict(saved["hook"])
     _hook_steps(net, state, opt, cut, total)
     return flat(model.parameters())
 
 
-def no_sync_vs_reducer(name: str, steps: int = 3, micro: int = 2) -> dict[str, list[torch.Tensor]]:
+def no_sync_vs_reducer(name: str, steps: int = 3, micro: int = 2, scope: str = "model") -> dict[str, list[torch.Tensor]]:
     """Gradient accumulation: ``micro`` backward passes, all but the last under ``no_sync()``,
     against this project's reducer fed the accumulated gradients."""
     me = dist.get_rank()
     model = make_model()
     plain = copy.deepcopy(model)
-    net, _ = hooked(model, name)
+    net, _ = hooked(model, name, scope=scope)
     reducer = reducers.build(name, density=DENSITY, seed=0)
     out: dict[str, list[torch.Tensor]] = {"hook": [], "reducer": []}
     for t in range(steps):
@@ -198,25 +205,12 @@ def no_sync_vs_reducer(name: str, steps: int = 3, micro: int = 2) -> dict[str, l
 
 
 # ------------------------------------------------------------------------ what must fail
-def _outcome(fn) -> dict[str, Any]:
-    """Run ``fn``; report its exception, then prove the group is still in step (no rank left
-    inside a collective): an all-reduce of the rank that every rank must join."""
-    try:
-        fn()
-        error = None
-    except Exception as exc:  # reported to the test
-        error = (type(exc).__name__, str(exc))
-    x = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(x)
-    return {"error": error, "group_alive": float(x) == dist.get_world_size() * (dist.get_world_size() + 1) / 2}
-
-
-def nonfinite(policy: str, steps: int = 3) -> dict[str, Any]:
+def nonfinite(policy: str, steps: int = 3, name: str = "exdyna", scope: str = "model") -> dict[str, Any]:
     """A NaN loss on rank 1 at step 1: ``skip`` zeroes that step's gradients on every rank and
     says so in ``state.skipped``; ``raise`` raises on every rank."""
     me = dist.get_rank()
     model = make_model()
-    net, state = hooked(model, "exdyna", {"nonfinite": policy})
+    net, state = hooked(model, name, {"nonfinite": policy}, scope)
     seen = []
 
     def run() -> None:
@@ -226,13 +220,13 @@ def nonfinite(policy: str, steps: int = 3) -> dict[str, Any]:
             (loss * float("nan") if (me, t) == (1, 1) else loss).backward()
             seen.append({"skipped": state.skipped, "zero": all(not p.grad.any() for p in model.parameters())})
 
-    return {**_outcome(run), "steps": seen}
+    return {**outcome_in_step(run), "steps": seen}
 
 
 def sparse_gradients() -> dict[str, Any]:
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
     net, _ = hooked(model, "exdyna")
-    return _outcome(lambda: net(torch.tensor([[1, 2, 3]])).sum().backward())
+    return outcome_in_step(lambda: net(torch.tensor([[1, 2, 3]])).sum().backward())
 
 
 class _TwoDtypes(nn.Module):
@@ -246,18 +240,146 @@ class _TwoDtypes(nn.Module):
 
 def mixed_dtypes() -> dict[str, Any]:
     net, _ = hooked(_TwoDtypes(), "topk")
-    return _outcome(lambda: net(torch.randn(2, 12)).sum().backward())
+    return outcome_in_step(lambda: net(torch.randn(2, 12)).sum().backward())
 
 
-def other_model(ranks: list[int]) -> dict[str, Any]:
+def other_model(ranks: list[int], name: str = "exdyna", scope: str = "model") -> dict[str, Any]:
     """One hook state on model A for two steps; then ``ranks`` move it to model B (same shapes,
     never seen by the state) while the other ranks stay on A."""
     me = dist.get_rank()
     a = make_model()
-    net_a, state = hooked(a, "exdyna")
+    net_a, state = hooked(a, name, scope=scope)
     for t in range(2):
         loss_of(net_a, me, t).backward()
     net_b = DDP(make_model(), bucket_cap_mb=BUCKET_MB)  # every rank builds B (DDP's constructor is a collective)
     net_b.register_comm_hook(state, reducer_hook)
     net = net_b if me in ranks else net_a
-    return _outcome(lambda: loss_of(net, me, 2).backward())
+    return outcome_in_step(lambda: loss_of(net, me, 2).backward())
+
+
+# ------------------------------------------------------------------------- bucket scope
+def buckets_vs_references(names: list[str], steps: int = 3) -> dict[str, Any]:
+    """For each method in bucket scope, with ``find_unused_parameters`` (DDP's first buckets,
+    several, are kept: no rebuild): per step, the averages the hook leaves, this worker's local
+    gradients (an un-wrapped copy of the model), its residuals by parameter, and the average of
+    a reducer of the method built here for each bucket (the bucket's seed) and fed that
+    bucket's local gradients; and the buckets (positions, seed, describe)."""
+    me = dist.get_rank()
+    out = {}
+    for name in names:
+        model = make_model()
+        plain = copy.deepcopy(model)
+        net, state = hooked(model, name, scope="bucket", find_unused_parameters=True)
+        own: dict[tuple[int, ...], reducers.Reducer] = {}
+        record: dict[str, Any] = {"hook": [], "local": [], "residual": [], "own": []}
+        for t in range(steps):
+            net.zero_grad()
+            loss_of(net, me, t).backward()
+            record["hook"].append(flat(p.grad for p in model.parameters()))
+            plain.zero_grad()
+            loss_of(plain, me, t).backward()
+            local = [p.grad.clone() for p in plain.parameters()]
+            record["local"].append(flat(local))
+            record["residual"].append(flat(state.engine.residual) if state.engine.residual else None)
+            mine = flat(local).clone() * 0
+            offsets = [0]
+            for g in local:
+                offsets.append(offsets[-1] + g.numel())
+            for positions, reducer in state.engine.last_units:
+                if positions not in own:
+                    own[positions] = reducers.build(name, density=DENSITY, seed=reducer.seed)
+                grads = [local[p].clone() for p in positions]
+                own[positions].reduce(grads, out=grads)
+                for p, g in zip(positions, grads):
+                    mine[offsets[p]:offsets[p + 1]] = g.reshape(-1)
+            record["own"].append(mine)
+        record["buckets"] = [{"positions": list(positions), "seed": reducer.seed, "describe": reducer.describe()}
+                             for positions, reducer in state.engine.last_units]
+        record["shapes"] = [list(p.shape) for p in model.parameters()]
+        record["scope"] = state.scope
+        out[name] = record
+    return out
+
+
+def bucket_vs_model(names: list[str], steps: int = 4, **ddp_kwargs: Any) -> dict[str, Any]:
+    """Each method's averages in bucket scope and in model scope, step by step, across DDP's
+    rebuild of its buckets after the first iteration."""
+    me = dist.get_rank()
+    out = {}
+    for name in names:
+        got: dict[str, Any] = {}
+        for scope in ("bucket", "model"):
+            model = make_model()
+            net, state = hooked(model, name, scope=scope, **ddp_kwargs)
+            avgs = []
+            for t in range(steps):
+                net.zero_grad()
+                loss_of(net, me, t).backward()
+                avgs.append(flat(p.grad for p in model.parameters()))
+            got[scope] = avgs
+            got[scope + "_units"] = [positions for positions, _ in state.engine.last_units]
+        out[name] = got
+    return out
+
+
+def auto_scope_training(names: list[str], steps: int = 20) -> dict[str, Any]:
+    """Each method trains ``steps`` SGD steps in its auto scope; at the last step the inputs of
+    the conservation identity: this worker's x = g + m (g from an un-wrapped copy of the model
+    at the same weights), its new residual and the average."""
+    me = dist.get_rank()
+    out = {}
+    for name in names:
+        model = make_model()
+        net, state = hooked(model, name, scope="auto")
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.0 if name == "dgc" else MOMENTUM)
+        state.begin_epoch(0, LR, 1.0)
+        for t in range(steps - 1):
+            opt.zero_grad()
+            loss_of(net, me, t).backward()
+            if not state.skipped:
+                opt.step()
+        plain = copy.deepcopy(model)
+        plain.zero_grad()
+        loss_of(plain, me, steps - 1).backward()
+        before = state.engine.residual
+        g = flat(p.grad for p in plain.parameters())
+        x = g + flat(before) if before else g
+        opt.zero_grad()
+        loss_of(net, me, steps - 1).backward()
+        avg = flat(p.grad for p in model.parameters())
+        after = state.engine.residual
+        out[name] = {"scope": state.scope, "params": flat(model.parameters()), "x": x, "avg": avg,
+                     "residual": flat(after) if after else torch.zeros_like(x),
+                     "conserves": state.engine.conserves, "density": state.stats["density"],
+                     "buckets": len(state.engine.last_units)}
+    return out
+
+
+def wrong_rank_state(how: str) -> dict[str, Any]:
+    """Every rank trains 2 steps and saves its hook state; then every rank loads rank 0's into a
+    fresh state, by ``load_state_dict`` (``how="load"``: a collective, refused on every rank at
+    once) or by unpickling rank 0's state (``how="pickle"``: no collective; refused on every
+    rank at the next step's first bucket). Then one more backward."""
+    me = dist.get_rank()
+    model = make_model()
+    net, state = hooked(model, "topk", scope="bucket")
+    for t in range(2):
+        loss_of(net, me, t).backward()
+    saved = state.state_dict()
+    pickled = pickle.dumps(state)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (saved, pickled))
+    net2 = DDP(make_model(), bucket_cap_mb=BUCKET_MB)
+    phases: dict[str, Any] = {}
+
+    def load() -> None:
+        if how == "load":
+            fresh = ReducerHookState("topk", density=DENSITY, seed=0, scope="bucket")
+            fresh.load_state_dict(everyone[0][0])
+        else:
+            fresh = pickle.loads(everyone[0][1])
+        net2.register_comm_hook(fresh, reducer_hook)
+        phases["loaded"] = True
+        loss_of(net2, me, 2).backward()
+
+    return {**outcome_in_step(load), **phases}

@@ -10,9 +10,9 @@ from .base import Reducer, ReduceCall
 from .comm.communicator import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
 from .comm.exchange import LayoutMismatchError, NonFiniteGradientError
 from .layout import Layout, bind_flat_gradients
-from .registry import available, build, lookup, method_options, register
+from .registry import available, build, is_per_tensor, lookup, method_options, register
 from . import methods  # noqa: F401  (registers every method)
 
-__all__ = ["available", "build", "lookup", "method_options", "register", "Reducer", "ReduceCall", "Communicator",
+__all__ = ["available", "build", "is_per_tensor", "lookup", "method_options", "register", "Reducer", "ReduceCall", "Communicator",
            "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator", "LayoutMismatchError",
            "NonFiniteGradientError", "Layout", "bind_flat_gradients"]

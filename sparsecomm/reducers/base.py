@@ -321,6 +321,15 @@ class Reducer(abc.ABC):
     # True where the method applies momentum itself (DGC's momentum correction): the
     # optimizer must then be plain SGD, or the momentum is applied twice
     applies_momentum: bool = False
+    # Whether the method's result on a tensor depends on that tensor alone (its gradient, its
+    # residual, its own state, the step's context), never on the other tensors reduced with
+    # it. Such a method reduces a model bucket by bucket with the same meaning (scope
+    # "bucket": the DDP hook's and the training loop's overlap, sparsecomm.reducers.buckets);
+    # one that selects over the whole vector (a k, a threshold or partitions of d) would then
+    # treat each bucket as its model. Every method declares it in its own class body, as a
+    # class attribute or as a property of its options (registry.register refuses a class that
+    # does not; tests/test_buckets.py checks every registered method).
+    per_tensor: ClassVar[bool]
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
                  seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:
@@ -334,6 +343,7 @@ class Reducer(abc.ABC):
         self.workspace = Workspace(self.comm, feedback, PhaseTimer(sync_timing), nonfinite)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
+        self._pending_tensors: list[dict[str, Any] | None] | None = None  # seed_tensor_states
         self._opened: ReduceCall | None = None  # a call opened before its reduce (open_call)
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
@@ -425,6 +435,41 @@ class Reducer(abc.ABC):
             return []
         return self._layout.split(feedback.residual)
 
+    def setup(self, layout: Layout) -> None:
+        """Fix the gradients' layout now, before any reduce (the first reduce does it
+        otherwise), e.g. to read :meth:`tensor_states` of a restored state. Does nothing once
+        the layout is known."""
+        if self._layout is None:
+            self._setup(layout)
+
+    def tensor_states(self) -> list[dict[str, torch.Tensor]]:
+        """What this reducer keeps for each tensor, in layout order: its residual
+        (``"residual"``, flat, when error feedback is on) and the method's own state of that
+        tensor (:meth:`_tensor_state`: e.g. PowerSGD's Q, DGC's momentum). Copies. State that
+        belongs to the whole vector (thresholds, partitions, random streams, counters) is not
+        here. Empty before the layout is known."""
+        layout = self._layout
+        if layout is None:
+            return []
+        feedback = self.workspace.feedback
+        residual = feedback.residual if feedback.enabled else None
+        states = []
+        for i, (a, b) in enumerate(layout.segments):
+            state = {} if residual is None else {"residual": residual[a:b].detach().clone()}
+            state.update(self._tensor_state(i))
+            states.append(state)
+        return states
+
+    def seed_tensor_states(self, states: Sequence[dict[str, torch.Tensor] | None]) -> None:
+        """Start each tensor from ``states`` (one per tensor, as :meth:`tensor_states` gives
+        them; None or a missing key: that part starts afresh) instead of a zero residual and
+        fresh method state. Only before the layout is known; applied when it is (after a
+        restored state, if any). Used to move per-tensor state between reducers of other
+        tensor groupings (:mod:`~sparsecomm.reducers.buckets`)."""
+        if self._layout is not None:
+            raise RuntimeError("seed_tensor_states() must come before the first reduce (or setup)")
+        self._pending_tensors = list(states)
+
     @property
     def stats(self) -> dict[str, Any]:
         """The last step's measurements as plain Python numbers (docs/reducers.md, *Metrics*)."""
@@ -501,6 +546,14 @@ class Reducer(abc.ABC):
     def _load_method_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def _tensor_state(self, i: int) -> dict[str, torch.Tensor]:
+        """The method's own state of tensor ``i`` (copies), for :meth:`tensor_states`."""
+        return {}
+
+    def _load_tensor_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        """Start tensor ``i`` from ``state`` (what :meth:`_tensor_state` gave for a tensor of
+        the same shape); keys the method does not keep are ignored."""
+
     # ------------------------------------------------------------------------ internals
     def _setup(self, layout: Layout) -> None:
         pending, self._pending_state = self._pending_state, None
@@ -519,7 +572,25 @@ class Reducer(abc.ABC):
         self._configure(layout)
         if pending is not None:
             self._load_method_state(pending["method_state"])
+        seeds, self._pending_tensors = self._pending_tensors, None
+        if seeds is not None:
+            self._seed(layout, seeds)
         log.debug("reducer %s set up for %s on rank %d/%d", self.name, layout.describe(), self.rank, self.world_size)
+
+    def _seed(self, layout: Layout, seeds: list[dict[str, Any] | None]) -> None:
+        if len(seeds) != len(layout.shapes):
+            raise ValueError(f"seed_tensor_states: {len(seeds)} states for {len(layout.shapes)} tensors")
+        feedback = self.workspace.feedback
+        for i, ((a, b), state) in enumerate(zip(layout.segments, seeds)):
+            if not state:
+                continue
+            residual = state.get("residual")
+            if residual is not None and feedback.enabled:
+                if residual.numel() != b - a:
+                    raise ValueError(f"seed_tensor_states: tensor {i} has {b - a} elements, its residual "
+                                     f"{residual.numel()}")
+                feedback.residual[a:b].copy_(residual.reshape(-1))
+            self._load_tensor_state(i, state)
 
     def _end_step(self) -> None:
         """Called when ``reduce`` ends, however it ends (methods with per-step state reset it)."""

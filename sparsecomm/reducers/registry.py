@@ -6,7 +6,7 @@ from typing import Any
 
 from .base import Reducer
 
-__all__ = ["register", "available", "build", "lookup", "method_options", "COMMON_OPTIONS"]
+__all__ = ["register", "available", "build", "lookup", "method_options", "COMMON_OPTIONS", "is_per_tensor"]
 
 _REGISTRY: dict[str, type[Reducer]] = {}
 
@@ -19,6 +19,10 @@ def register(cls: type[Reducer]) -> type[Reducer]:
     """Class decorator: make ``cls`` buildable under ``cls.name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if "per_tensor" not in vars(cls):
+        raise TypeError(f"{cls.__name__} ({cls.name!r}) does not declare per_tensor in its class body: True when "
+                        f"its result on a tensor depends on that tensor alone, False when it selects over the "
+                        f"whole vector (see Reducer.per_tensor)")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"reducer name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
     _REGISTRY[cls.name] = cls
@@ -72,3 +76,18 @@ def build(name: str, density: float = 0.001, error_feedback: bool = True, group:
         if key not in allowed:
             raise ValueError(f"unknown option {key!r} for reducer {name!r}; allowed: {', '.join(allowed)}")
     return cls(density=density, error_feedback=error_feedback, group=group, seed=seed, **options)
+
+
+def is_per_tensor(name: str, **options: Any) -> bool:
+    """Whether method ``name`` with ``options`` has a result on each tensor that depends on that
+    tensor alone (``Reducer.per_tensor``; some methods decide by their options)."""
+    cls = lookup(name)
+    declared = vars(cls)["per_tensor"] if "per_tensor" in vars(cls) else cls.per_tensor
+    if isinstance(declared, property):
+        return bool(build(name, group=_solo(), **options).per_tensor)
+    return bool(declared)
+
+
+def _solo() -> Any:
+    from .comm.communicator import SoloCommunicator
+    return SoloCommunicator()

@@ -48,6 +48,8 @@ class Accordion(SparseReducer):
     """
 
     name = "accordion"
+    # each tensor's regime follows its own norm and the learning rate; its k_t is its own
+    per_tensor = True
     summary = "layer-wise top-k at k_high or k_low per tensor, switched every few epochs by regime (Accordion)"
     uses_density = False
 

@@ -100,6 +100,7 @@ class FP16(CastReducer):
     significant bits, largest finite value 65504."""
 
     name = "fp16"
+    per_tensor = True  # every coordinate cast on its own
     summary = "every coordinate cast to float16, rounding error kept by error feedback"
     wire = torch.float16
 
@@ -110,5 +111,6 @@ class BF16(CastReducer):
     range, 8 significant bits (PyTorch's ``bf16_compress_hook``, without error feedback)."""
 
     name = "bf16"
+    per_tensor = True  # every coordinate cast on its own
     summary = "every coordinate cast to bfloat16, rounding error kept by error feedback"
     wire = torch.bfloat16

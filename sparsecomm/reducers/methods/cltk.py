@@ -33,6 +33,7 @@ class CyclicLocalTopK(TopKSelecting):
     """
 
     name = "cltk"
+    per_tensor = False  # the leader's top-k over the whole vector
     summary = "cyclic local top-k: leader t mod P selects, its indices are broadcast, values all-reduced"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:

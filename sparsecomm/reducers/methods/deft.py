@@ -100,6 +100,7 @@ class Deft(TopKSelecting):
     """
 
     name = "deft"
+    per_tensor = False  # k shared among the tensors by their norms, tensors bin-packed onto workers
     summary = "layer-wise top-k, layers bin-packed onto rotating workers by cost, union all-reduce"
 
     def __init__(self, **common: Any) -> None:

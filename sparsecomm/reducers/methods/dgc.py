@@ -77,6 +77,12 @@ class DGC(Reducer):
                 "warmup_coeff": self.warmup_coeff, "clip_norm": self.clip_norm}
 
     @property
+    def per_tensor(self) -> bool:  # type: ignore[override]
+        """Thresholds, momentum and masking are per tensor; the local clipping (``clip_norm``)
+        scales every tensor by the norm of all of them."""
+        return self.clip_norm is None
+
+    @property
     def conserves(self) -> bool:
         """The plain conservation identity holds only without momentum (see the class)."""
         return self.momentum == 0.0
@@ -237,3 +243,14 @@ class DGC(Reducer):
         self._generator.set_state(state["generator"])
         self._epoch = state["epoch"]
         self._lr = state["lr"]
+
+    def _tensor_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Tensor ``i``'s momentum u (its velocity v is the residual)."""
+        a, b = self.layout.segments[i]
+        return {"momentum": self._u[a:b].detach().clone()}
+
+    def _load_tensor_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        u = state.get("momentum")
+        a, b = self.layout.segments[i]
+        if u is not None and u.numel() == b - a:
+            self._u[a:b].copy_(u.reshape(-1))

@@ -13,6 +13,7 @@ class Exact(Reducer):
     """Dense all-reduce of the whole gradient: one flat collective per step, no residual."""
 
     name = "exact"
+    per_tensor = True  # every coordinate is averaged on its own
     summary = "dense all-reduce baseline (every coordinate, one flat collective)"
     compensates = False
     uses_density = False

@@ -74,6 +74,7 @@ class GlobalTreeTopK(TopKSelecting):
     """
 
     name = "gtopk"
+    per_tensor = False  # a global top-k merged over the workers
     summary = "global top-k by a log2(P)-round tree merge of local top-k, exact all-reduce at the result"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:

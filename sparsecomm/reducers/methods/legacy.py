@@ -56,6 +56,7 @@ class Legacy(TopKSelecting, SparseReducer):
     """
 
     name = "legacy"
+    per_tensor = True  # each tensor's density follows its own size and the phase
     summary = "layer-wise top-k with densities by tensor-size group and training phase (LEGACY)"
     uses_density = False
 

@@ -287,6 +287,7 @@ class OMGS(MergedSparsifier):
     per group; overlap with backward when attached."""
 
     name = "omgs"
+    per_tensor = False  # top-k over groups of layers merged by a model of the whole backward pass
     summary = "merged-gradient top-k over layer groups chosen by fitted cost models, overlapping backward"
 
 
@@ -303,6 +304,7 @@ class AGTF(MergedSparsifier):
     all-reduce of the norms); a new grouping takes effect at the next step."""
 
     name = "agtf"
+    per_tensor = False  # the budget shared among layers by their norms, layers merged into groups
     summary = "OMGS grouping with per-layer densities and a fusion rule that never raises the noise model"
 
     def __init__(self, *, groups: Sequence[int] | None = None, overlap: bool = True, regroup_every: int = 100,

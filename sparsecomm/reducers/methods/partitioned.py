@@ -138,6 +138,7 @@ class Micro(PartitionedThreshold):
     threshold selection, union all-reduce."""
 
     name = "micro"
+    per_tensor = False  # one threshold, partitions of the whole vector
     summary = "threshold selection in P equal rotating exclusive partitions"
 
     def _partitioning(self, d: int) -> Partitions:
@@ -151,6 +152,7 @@ class ExDyna(PartitionedThreshold):
     rotating exclusive ownership, online threshold scaling, union all-reduce."""
 
     name = "exdyna"
+    per_tensor = False  # one threshold, block partitions of the whole vector
     summary = "threshold selection in dynamically balanced rotating block partitions"
 
     def __init__(self, *, num_blocks: int = 1024, block_align: int = 32, warm_start: bool = True,

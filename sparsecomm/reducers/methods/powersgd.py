@@ -132,6 +132,7 @@ class PowerSGD(Reducer):
     """
 
     name = "powersgd"
+    per_tensor = True  # each matrix is approximated on its own (its own Q); 1-d tensors sent whole
     summary = "rank-r power-iteration approximation per matrix, warm-started (PowerSGD)"
     uses_density = False
     wide_residual = True
@@ -145,6 +146,7 @@ class PowerSGD(Reducer):
         super().__init__(**common)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._matrices: list[_Matrix] = []
+        self._matrix_of: dict[int, _Matrix] = {}
         self._consumed = False  # the current Q has been used by a step (warm_start=False redraws)
 
     def options(self) -> dict[str, Any]:
@@ -181,6 +183,7 @@ class PowerSGD(Reducer):
         for i, a, b, n, m, r in found:  # tensor order
             self._matrices.append(_Matrix(i, a, b, n, m, r, placed[i], q_at))
             q_at += m * r
+        self._matrix_of = {mat.tensor: mat for mat in self._matrices}
         self._dense_at = p_at
         self._dense_idx = (torch.cat(dense) if dense else torch.empty(0, dtype=torch.int64)).to(device)
         self._p = torch.zeros(p_at + self._dense_idx.numel(), dtype=self._fdtype, device=device)
@@ -312,3 +315,13 @@ class PowerSGD(Reducer):
         self._q.copy_(state["q"].to(self._q.device))
         self._consumed = bool(state["consumed"])
         self._generator.set_state(state["generator"])
+
+    def _tensor_state(self, i: int) -> dict[str, torch.Tensor]:
+        """A compressed matrix's kept Q (as Q^T, ``[r, m]``); nothing for an uncompressed tensor."""
+        mat = self._matrix_of.get(i)
+        return {} if mat is None else {"q": self._qv(mat).detach().clone()}
+
+    def _load_tensor_state(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        mat, q = self._matrix_of.get(i), state.get("q")
+        if mat is not None and q is not None and tuple(q.shape) == (mat.r, mat.m):
+            self._qv(mat).copy_(q.to(self._q.device, self._q.dtype))

@@ -193,6 +193,7 @@ class QSGD(QuantizedReducer):
     s through float rounding of the norm; it is clamped to s."""
 
     name = "qsgd"
+    per_tensor = True  # norms of buckets inside a tensor; codes per coordinate
     summary = "stochastic rounding to s levels of each bucket's norm, packed codes (QSGD; unbiased, no residual)"
     random_rounding = True
     compensates = False
@@ -296,6 +297,7 @@ class TernGrad(QuantizedReducer):
     as is the rounding noise (no residual, see the module)."""
 
     name = "terngrad"
+    per_tensor = True  # clipping and the shared scaler are per tensor
     summary = "stochastic ternary levels {-s, 0, s}, shared per-tensor scaler, clipping (TernGrad; no residual)"
     random_rounding = True
     compensates = False
@@ -366,6 +368,7 @@ class EFSignSGD(QuantizedReducer):
     scale 0 and sends zeros."""
 
     name = "efsignsgd"
+    per_tensor = True  # each tensor's scale is its own
     summary = "per-tensor scaled sign (||x||_1/n) with error feedback, 1 bit per coordinate (EF-SignSGD)"
 
     def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
@@ -403,6 +406,7 @@ class SignSGD(QuantizedReducer):
     votes. Stats: ``tie_fraction``, the fraction of coordinates whose vote was 0."""
 
     name = "signsgd"
+    per_tensor = True  # a vote per coordinate, each tensor's scale its own
     summary = "sign of the workers' 1-bit sign votes (majority vote; not an average, no residual)"
     compensates = False
     conserves = False  # a vote, not an average: the conservation identity does not apply

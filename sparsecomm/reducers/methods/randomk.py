@@ -19,6 +19,8 @@ class RandomK(Reducer):
     CPU, so CPU and GPU runs with the same seed pick the same positions."""
 
     name = "randomk"
+    # k = c d positions drawn over the whole vector: how many land in a tensor depends on the others
+    per_tensor = False
     summary = "k random positions, the same on every worker; all-reduce of their values"
 
     def __init__(self, **common: Any) -> None:

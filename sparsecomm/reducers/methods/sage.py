@@ -49,6 +49,7 @@ class Sage(SparseReducer):
     CANDIDATES = 0.8  # the fused pass keeps |x| >= CANDIDATES * lambda (a guide for speed only)
 
     name = "sage"
+    per_tensor = False  # one threshold for the whole vector, controlled by its density and a sample of it
     summary = "hard threshold rescaled every step to track the target density (synced across workers)"
 
     def __init__(self, *, exchange: str = "gather", sample_error: float = 0.05, warm_start: bool = True,

@@ -42,6 +42,13 @@ class HardThreshold(SparseReducer):
         self._flat = 0.0
         self._search = ThresholdSearch(self.density)
 
+    @property
+    def per_tensor(self) -> bool:  # type: ignore[override]
+        """An explicit threshold, or one per tensor from its own k_t (``scope="layer"``), judges
+        each coordinate by its tensor alone; the default lambda comes from k = c d, the whole
+        vector's length."""
+        return self.threshold is not None or self.scope == "layer"
+
     def options(self) -> dict[str, Any]:
         return {**super().options(), "threshold": self.threshold, "scope": self.scope, "selection": self.selection}
 

@@ -17,6 +17,7 @@ class TopK(TopKSelecting, SparseReducer):
     the k_t = max(1, floor(c * numel_t)) largest |x| (equal |x|: the lower position first)."""
 
     name = "topk"
+    per_tensor = True  # k_t and the top-k of each tensor are its own
     summary = "layer-wise top-k: the k_t largest |x| of every tensor"
 
     def _configure(self, layout: Layout) -> None:
@@ -35,6 +36,7 @@ class GlobalTopK(TopKSelecting, SparseReducer):
     the lower position first)."""
 
     name = "global_topk"
+    per_tensor = False  # one k over d, the largest |x| of all tensors together
     summary = "top-k over the whole flat vector"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
