@@ -102,33 +102,43 @@ def speed(device: torch.device, reps: int) -> dict:
     return out
 
 
+def device_for(prog: str, name: str) -> torch.device:
+    """The device named ``cuda`` or ``cpu`` (one thread), or exit 2 with one line when the fused
+    path cannot run there."""
+    if name == "cpu":
+        torch.set_num_threads(1)
+    elif not torch.cuda.is_available():
+        print(f"{prog}: no CUDA device here; this check is for a machine with a GPU", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device(name)
+    reason = fused.unavailable_reason(device, torch.float32, torch.int32)
+    if reason is not None:
+        print(f"{prog}: the fused path cannot run here: {reason}", file=sys.stderr)
+        sys.exit(2)
+    return device
+
+
+def finish(device: torch.device, failures: list[str], speed_of, out: str) -> None:
+    """Say the correctness, time (``speed_of()``), write ``out`` and exit 1 on a failure."""
+    print("correctness: " + ("all cases bit-identical" if not failures else f"{len(failures)} FAILED: "
+                             + "; ".join(failures)), flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, one thread"
+    result = {"device": name, "torch": torch.__version__, "failures": failures, "speed": speed_of()}
+    results_files.keep_earlier(out)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    sys.exit(1 if failures else 0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", default="bench/results/fused.json")
     args = p.parse_args()
-    if args.device == "cpu":
-        torch.set_num_threads(1)
-    elif not torch.cuda.is_available():
-        print("fused_check: no CUDA device here; this check is for a machine with a GPU", file=sys.stderr)
-        sys.exit(2)
-    device = torch.device(args.device)
-    reason = fused.unavailable_reason(device, torch.float32, torch.int32)
-    if reason is not None:
-        print(f"fused_check: the fused path cannot run here: {reason}", file=sys.stderr)
-        sys.exit(2)
-    failures = correctness(device)
-    print("correctness: " + ("all cases bit-identical" if not failures else f"{len(failures)} FAILED: "
-                             + "; ".join(failures)), flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, one thread"
-    result = {"device": name, "torch": torch.__version__,
-              "failures": failures, "speed": speed(device, args.reps)}
-    results_files.keep_earlier(args.out)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
-    sys.exit(1 if failures else 0)
+    device = device_for("fused_check", args.device)
+    finish(device, correctness(device), lambda: speed(device, args.reps), args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ __all__ = ["RunConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig", "Redu
            "load_config", "apply_overrides", "ConfigError"]
 
 
+PARALLEL = ("replicated", "fsdp")  # how the model is spread over the ranks (docs/reducers.md, FSDP2)
+
+
 class ConfigError(ValueError):
     """A preset or override that does not fit the configuration schema."""
 
@@ -84,6 +87,7 @@ class RunConfig:
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in total
     seed: int = 0
     clip_norm: float | None = None    # clip the averaged gradient to this L2 norm
+    parallel: str = "replicated"      # replicated: every rank holds the model | fsdp: fully_shard, the method as its reduce-scatter
     device: str = "auto"              # auto | cpu | cuda
     output_dir: str = "runs"
     name: str | None = None           # run directory name (default: derived from the settings)
@@ -128,6 +132,8 @@ class RunConfig:
             problems.append(f"schedule.decay must be one of ['step', 'cosine'], got {self.schedule.decay!r}")
         if self.schedule.decay == "cosine" and self.schedule.milestones:
             problems.append("schedule.milestones are for decay 'step'; a cosine schedule has none")
+        if self.parallel not in PARALLEL:
+            problems.append(f"parallel must be one of {list(PARALLEL)}, got {self.parallel!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device must be one of ['auto', 'cpu', 'cuda'], got {self.device!r}")
         if self.clip_norm is not None and not self.clip_norm > 0:

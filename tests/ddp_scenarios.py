@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from dist_cluster import outcome_in_step
 from sparsecomm import reducers
 from sparsecomm.ddp import ReducerHookState, reducer_hook
 
@@ -204,19 +205,6 @@ def no_sync_vs_reducer(name: str, steps: int = 3, micro: int = 2, scope: str = "
 
 
 # ------------------------------------------------------------------------ what must fail
-def _outcome(fn) -> dict[str, Any]:
-    """Run ``fn``; report its exception, then prove the group is still in step (no rank left
-    inside a collective): an all-reduce of the rank that every rank must join."""
-    try:
-        fn()
-        error = None
-    except Exception as exc:  # reported to the test
-        error = (type(exc).__name__, str(exc))
-    x = torch.tensor([float(dist.get_rank() + 1)])
-    dist.all_reduce(x)
-    return {"error": error, "group_alive": float(x) == dist.get_world_size() * (dist.get_world_size() + 1) / 2}
-
-
 def nonfinite(policy: str, steps: int = 3, name: str = "exdyna", scope: str = "model") -> dict[str, Any]:
     """A NaN loss on rank 1 at step 1: ``skip`` zeroes that step's gradients on every rank and
     says so in ``state.skipped``; ``raise`` raises on every rank."""
@@ -232,13 +220,13 @@ def nonfinite(policy: str, steps: int = 3, name: str = "exdyna", scope: str = "m
             (loss * float("nan") if (me, t) == (1, 1) else loss).backward()
             seen.append({"skipped": state.skipped, "zero": all(not p.grad.any() for p in model.parameters())})
 
-    return {**_outcome(run), "steps": seen}
+    return {**outcome_in_step(run), "steps": seen}
 
 
 def sparse_gradients() -> dict[str, Any]:
     model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
     net, _ = hooked(model, "exdyna")
-    return _outcome(lambda: net(torch.tensor([[1, 2, 3]])).sum().backward())
+    return outcome_in_step(lambda: net(torch.tensor([[1, 2, 3]])).sum().backward())
 
 
 class _TwoDtypes(nn.Module):
@@ -252,7 +240,7 @@ class _TwoDtypes(nn.Module):
 
 def mixed_dtypes() -> dict[str, Any]:
     net, _ = hooked(_TwoDtypes(), "topk")
-    return _outcome(lambda: net(torch.randn(2, 12)).sum().backward())
+    return outcome_in_step(lambda: net(torch.randn(2, 12)).sum().backward())
 
 
 def other_model(ranks: list[int], name: str = "exdyna", scope: str = "model") -> dict[str, Any]:
@@ -266,7 +254,7 @@ def other_model(ranks: list[int], name: str = "exdyna", scope: str = "model") ->
     net_b = DDP(make_model(), bucket_cap_mb=BUCKET_MB)  # every rank builds B (DDP's constructor is a collective)
     net_b.register_comm_hook(state, reducer_hook)
     net = net_b if me in ranks else net_a
-    return _outcome(lambda: loss_of(net, me, 2).backward())
+    return outcome_in_step(lambda: loss_of(net, me, 2).backward())
 
 
 # ------------------------------------------------------------------------- bucket scope
@@ -394,4 +382,4 @@ def wrong_rank_state(how: str) -> dict[str, Any]:
         phases["loaded"] = True
         loss_of(net2, me, 2).backward()
 
-    return {**_outcome(load), **phases}
+    return {**outcome_in_step(load), **phases}

@@ -78,6 +78,23 @@ def _worker(rank: int, size: int, port: int, inbox: Any, outbox: Any) -> None:
     dist.destroy_process_group()
 
 
+def outcome_in_step(fn: Callable[[], Any]) -> dict[str, Any]:
+    """For a worker function that must fail alike on every rank: run ``fn``, report its
+    exception (type and message, or None), then prove the group is still in step (no rank left
+    inside a collective): an all-reduce of the rank that every rank must join."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        fn()
+        error = None
+    except Exception as exc:  # reported to the test
+        error = (type(exc).__name__, str(exc))
+    x = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(x)
+    return {"error": error, "group_alive": float(x) == dist.get_world_size() * (dist.get_world_size() + 1) / 2}
+
+
 class Cluster:
     """``size`` spawned processes, each rank of one gloo group, running jobs on request."""
 

@@ -103,12 +103,13 @@ def setup(tmp_path_factory):
     return root, links
 
 
-def test_predict_prints_every_cell(setup, capsys, tmp_path):
+def test_predict_prints_every_cell(setup, capsys, caplog, tmp_path):
     root, links = setup
+    caplog.set_level("INFO", logger="sparsecomm.tools.predict")
     out = tmp_path / "rows.json"
     rc = predictor.main(["--preset", "logreg", "--workers", "2,3", "--bandwidth", "100mbit,10gbit", "--reducers",
                          "exact,topk,exdyna", "--density", "0.1", "--links", str(links), "--data-dir", str(root),
-                         "--set", "task_options.path=tiny.svm", "--out", str(out)])
+                         "--set", "task_options.path=tiny.svm", "--out", str(out), "--scope", "model"])
     assert rc == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 2 * 3
@@ -120,11 +121,19 @@ def test_predict_prints_every_cell(setup, capsys, tmp_path):
     fast = {r["method"]: r["comm"] for r in rows if r["workers"] == 3 and r["rate"] == "10gbit"}
     assert all(slow[m] > fast[m] for m in slow)
     assert "speedup" in capsys.readouterr().out
+    said = [r.getMessage() for r in caplog.records]  # where it is, as it goes: no long silence
+    assert [m.split(" in ")[0] for m in said if m.startswith("P=")] == [
+        "P=2 (1 of 2): 2 workers' gradients", "P=2: exact on 2 virtual workers, 3 steps",
+        "P=2: topk on 2 virtual workers, 3 steps", "P=2: exdyna on 2 virtual workers, 3 steps",
+        "P=3 (2 of 2): 3 workers' gradients", "P=3: exact on 3 virtual workers, 3 steps",
+        "P=3: topk on 3 virtual workers, 3 steps", "P=3: exdyna on 3 virtual workers, 3 steps"]
 
 
 @pytest.mark.parametrize("args,message", [
     (["--preset", "nope"], "unknown preset 'nope'; known: "),
     (["--preset", "logreg", "--reducers", "exact,zip"], "unknown reducer 'zip'; registered: "),
+    (["--preset", "logreg", "--scope", "layer"], "--scope must be one of auto, bucket, model, got 'layer'"),
+    (["--preset", "logreg", "--bucket-mb", "0"], "--bucket-mb must be a positive number of MB, got 0.0"),
     (["--preset", "logreg", "--bandwidth", "10 gigs"], "rate '10 gigs' is not a rate; use a number with kbit"),
     (["--preset", "logreg", "--bandwidth", "unlimited"], "--bandwidth needs finite rates"),
     (["--preset", "logreg", "--workers", "8,0"], "--workers takes positive integers"),
@@ -149,11 +158,75 @@ def test_another_devices_times_replace_the_measured_ones(setup, capsys, tmp_path
     assert predictor.main([*common, "--reducers", "exact,topk", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads(out.read_text())}
     assert rows["topk"]["compute"] == rows["exact"]["compute"] == 0.005
-    assert rows["topk"]["select"] == 0.002 and rows["exact"]["select"] == 0.0
+    assert rows["topk"]["select"] == pytest.approx(0.002) and rows["exact"]["select"] == 0.0
     capsys.readouterr()
     assert predictor.main([*common, "--reducers", "exact,sage"]) == 2
     assert capsys.readouterr().err.strip().startswith(f"error: {device} has no selection time for sage on logreg; "
                                                       f"it has: topk")
+
+
+def _bucket(ready, seconds, size=10):
+    """A bucket whose one all-reduce takes ``seconds`` on links of alpha 0, rate 8 bit/s."""
+    return costmodel.Bucket(ready, costmodel.Profile("exact", 2, [[costmodel.Collective("all_reduce", 0)]], 0.0, 1.0,
+                                                     0.0, 0.0), size), seconds
+
+
+def test_overlapped_buckets_wait_for_backward_and_for_the_link(monkeypatch):
+    """Each bucket starts when backward has made it and the bucket before it is done; what runs
+    past backward's end is exposed."""
+    times = {}
+    monkeypatch.setattr(costmodel.Profile, "comm_seconds", lambda self, links, rate: times[id(self)])
+
+    def buckets(*specs):
+        out = []
+        for ready, seconds in specs:
+            b, t = _bucket(ready, seconds)
+            times[id(b.profile)] = t
+            out.append(b)
+        return out
+
+    links = _links()
+    # ready at 0.5 and 1.0 of a 1 s backward, 0.3 s each: 0.5-0.8, then 1.0-1.3
+    t = costmodel.overlapped_step_seconds(0.2, 1.0, buckets((0.5, 0.3), (1.0, 0.3)), links, 1e9)
+    assert t["exposed"] == pytest.approx(0.3) and t["hidden"] == pytest.approx(0.5)
+    assert t["step"] == pytest.approx(1.5) and t["comm"] == pytest.approx(0.6) and t["compute"] == pytest.approx(1.2)
+    # ready early, but the link is busy: 0.1-0.7, then 0.7-1.3
+    t = costmodel.overlapped_step_seconds(0.0, 1.0, buckets((0.1, 0.6), (0.2, 0.6)), links, 1e9)
+    assert t["exposed"] == pytest.approx(0.3) and t["hidden"] == pytest.approx(0.75)
+    # all hidden
+    t = costmodel.overlapped_step_seconds(0.0, 1.0, buckets((0.1, 0.2), (0.5, 0.2)), links, 1e9)
+    assert t["exposed"] == 0.0 and t["hidden"] == 1.0 and t["step"] == 1.0
+
+
+def test_bucket_profiles_cut_the_gradient_as_ddp_does():
+    """The buckets cover every element once, in the order backward makes them ready, and PyTorch's
+    16-bit hooks are the same all-reduces at half the bytes."""
+    d = sum(s.numel() for s in SHAPES)
+    ready = [0.9, 0.5, 0.1]  # backward reaches the last parameter first
+    buckets = costmodel.bucket_profiles("exact", _grads(3), SHAPES, ready, 1.0, bucket_mb=2e-4)
+    assert sum(b.size for b in buckets) == d and len(buckets) > 1
+    assert [b.ready for b in buckets] == sorted(b.ready for b in buckets)
+    for b in buckets:
+        assert costmodel.Collective("all_reduce", 4 * b.size) in b.profile.steps[-1]
+        half = costmodel.halved(b.profile, "torch-fp16")
+        assert [c.nbytes for c in half.steps[-1]] == [c.nbytes // 2 for c in b.profile.steps[-1]]
+        assert half.t_select == 0.0
+
+
+def test_predict_overlaps_buckets_and_prices_torchs_hooks(setup, tmp_path):
+    root, links = setup
+    out = tmp_path / "rows.json"
+    assert predictor.main(["--preset", "logreg", "--workers", "3", "--bandwidth", "100mbit", "--reducers",
+                           "exact,topk,exdyna,torch-fp16,torch-powersgd", "--density", "0.1", "--links", str(links),
+                           "--data-dir", str(root), "--set", "task_options.path=tiny.svm", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())}
+    assert {m: r["scope"] for m, r in rows.items()} == {"exact": "bucket", "topk": "bucket", "exdyna": "model",
+                                                       "torch-fp16": "bucket", "torch-powersgd": "bucket"}
+    for r in rows.values():
+        assert r["step"] == pytest.approx(r["compute"] + r["exposed"])
+        assert 0 <= r["exposed"] <= r["select"] + r["comm"] + 1e-12 and 0 <= r["hidden"] <= 1
+    assert rows["exdyna"]["hidden"] == 0.0
+    assert rows["torch-fp16"]["bytes_sent"] == pytest.approx(rows["exact"]["bytes_sent"] / 2)
 
 
 def test_a_fitted_efficiency_never_exceeds_the_rate():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ddp_scenarios as sc
+from nonfinite_outcomes import assert_skip_then_raise
 from reducer_reference import APPROXIMATE, Simulation
 from sparsecomm import reducers
 from sparsecomm.ddp import ReducerHookState
@@ -79,14 +80,7 @@ def test_no_sync_accumulation(clusters):
 
 # ------------------------------------------------------------------------------ errors
 def test_nonfinite_skip_and_raise(clusters):
-    cluster = clusters(2)
-    for got in cluster.run(sc.nonfinite, "skip"):
-        assert got["error"] is None and got["group_alive"]
-        assert [s["skipped"] for s in got["steps"]] == [False, True, False]
-        assert [s["zero"] for s in got["steps"]] == [False, True, False]
-    for got in cluster.run(sc.nonfinite, "raise"):
-        assert got["group_alive"] and len(got["steps"]) == 1
-        assert got["error"] is not None and got["error"][0] == "NonFiniteGradientError", got
+    assert_skip_then_raise(clusters(2), sc.nonfinite)
 
 
 @pytest.mark.parametrize("ranks", [[0, 1], [1]])

@@ -1,7 +1,9 @@
 """The fused selection pass (sparsecomm.reducers.select.fused): the compiled CPU loop and the Triton
 kernel (under TRITON_INTERPRET=1, on CPU tensors) against the torch reference, bit for bit;
-the four threshold methods give the same results with selection="torch" and "fused" across
-real gloo process groups of 1 to 4 workers; states move between the two."""
+the four threshold methods and the top-k methods (whose fused path is
+sparsecomm.reducers.select.exact_topk, tested in tests/test_exact_topk.py) give the same results
+with selection="torch" and "fused" across real gloo process groups of 1 to 4 workers; states
+move between the two."""
 import os
 import subprocess
 import sys
@@ -13,7 +15,10 @@ import fused_scenarios as fs
 from sparsecomm import reducers
 from sparsecomm.reducers.select import fused
 
-METHODS = ("exdyna", "micro", "thresh", "sage")
+METHODS = ("exdyna", "micro", "thresh", "sage", "topk", "global_topk", "gtopk", "cltk", "legacy", "deft")
+VARIANT = {"exdyna": {"warm_start": False}, "micro": {"warm_start": False}, "sage": {"warm_start": False},
+           "thresh": {"exchange": "union"}, "topk": {"exchange": "union"}, "global_topk": {"exchange": "union"},
+           "legacy": {"exchange": "union", "group_compressions": [0.2, 0.02]}}
 CPU = torch.device("cpu")
 HAS_TRITON = fused.triton_importable()
 
@@ -117,7 +122,7 @@ def test_fused_asked_for_where_it_cannot_run_is_an_error(monkeypatch):
             r.reduce([torch.randn(100)])
         auto = reducers.build(name)
         auto.reduce([torch.randn(100)])
-        assert auto.describe() == {"selection": "torch"}
+        assert auto.describe()["selection"] == "torch"
     with pytest.raises(ValueError, match="cannot run here: fused selection handles float32 and float64"):
         monkeypatch.undo()
         reducers.build("exdyna", selection="fused").reduce([torch.randn(100).half()])
@@ -131,7 +136,7 @@ def compare(results, label):
     for rank, res in enumerate(results):
         for layout in ("flat", "tensors"):
             torch_rows, fused_rows = res["torch", layout]["rows"], res["fused", layout]["rows"]
-            assert res["fused", layout]["describe"] == {"selection": "fused"}
+            assert res["fused", layout]["describe"]["selection"] == "fused"
             for t, ((a0, m0, s0), (a1, m1, s1)) in enumerate(zip(torch_rows, fused_rows)):
                 where = f"{label} rank {rank} {layout} step {t}"
                 assert same(a0, a1), where + ": average"
@@ -153,8 +158,8 @@ def test_torch_and_fused_agree_when_nothing_or_everything_passes_and_on_nan(clus
     compare(c.run(fs.both_paths, name, steps=3, scale=100.0), f"{name} everything passes")
     compare(c.run(fs.both_paths, name, steps=4, nan_at=(1, 1)), f"{name} NaN on rank 1, step 1 (skipped)")
     compare(c.run(fs.both_paths, name, steps=3, error_feedback=False), f"{name} without error feedback")
-    compare(c.run(fs.both_paths, name, steps=3, options={"warm_start": False} if name != "thresh" else
-                  {"exchange": "union"}), f"{name} variant")
+    if name in VARIANT:
+        compare(c.run(fs.both_paths, name, steps=3, options=VARIANT[name]), f"{name} variant")
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -444,7 +444,7 @@ def test_ranks_by_hand_need_the_address(quiet_job, tmp_path):
 
 
 def _main(monkeypatch, env):
-    for name in ("RANK", "WORLD_SIZE", "NPROC", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE"):
+    for name in ("RANK", "WORLD_SIZE", "NPROC", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "DENSITY", "EPOCHS", "SEED"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -457,6 +457,18 @@ def test_main_says_a_bad_setting_in_one_line(monkeypatch, capsys, quiet_job):
     assert _main(monkeypatch, {"RANK": "3", "WORLD_SIZE": "2", "DATA_DIR": "/d", "OUTPUT_DIR": "/o"}) == 2
     assert capsys.readouterr().err == ("run.sh [rank 3]: error: rank 3 is out of range for world size 2 "
                                        "(from environment)\n")
+    for name, value, says in [("DENSITY", "abc", "DENSITY must be a number in (0, 1], got 'abc'"),
+                              ("DENSITY", "2", "DENSITY must be a number in (0, 1], got '2'"),
+                              ("EPOCHS", "0", "EPOCHS must be a positive number (fractions allowed), got '0'"),
+                              ("SEED", "x", "SEED must be an integer, got 'x'")]:
+        # run.sh's variable by its name, not the trainer's option it stands for (--density)
+        assert _main(monkeypatch, {name: value, "DATA_DIR": "/d", "OUTPUT_DIR": "/o"}) == 2
+        assert capsys.readouterr().err == f"run.sh: error: {says}\n"
+    # under a launcher, rank 0 alone says it (every rank would say the same); the others wait, then end
+    slept = []
+    monkeypatch.setattr(start.time, "sleep", slept.append)
+    assert _main(monkeypatch, {"RANK": "1", "WORLD_SIZE": "2", "DENSITY": "abc", "DATA_DIR": "/d", "OUTPUT_DIR": "/o"}) == 2
+    assert capsys.readouterr().err == "" and slept == [start.QUIET_RANK_WAIT_S]
     assert quiet_job == []
 
 
@@ -468,3 +480,20 @@ def test_a_refused_check_ends_the_quiet_ranks_later(monkeypatch, capsys):
     assert _main(monkeypatch, env) == 2 and slept == [start.QUIET_RANK_WAIT_S]
     assert _main(monkeypatch, {**env, "OMPI_COMM_WORLD_RANK": "0"}) == 2 and slept == [start.QUIET_RANK_WAIT_S]
     assert capsys.readouterr().err == ""
+
+
+def test_the_cpu_notice_names_a_quick_job_with_the_mirror_the_user_gave(monkeypatch):
+    """The quick job the CPU notice suggests keeps SPARSECOMM_DATA_URL: offline, its data comes
+    from the same mirror (copied as printed, the command without it failed to fetch MNIST)."""
+    from sparsecomm.config import load_config
+    from sparsecomm.train import estimate
+    from sparsecomm.train.presets import find_preset
+
+    monkeypatch.setattr(estimate, "estimate_on_cpu", lambda cfg, workers: estimate.CpuEstimate(
+        100 if cfg.preset == estimate.QUICK_PRESET else 10**6, 1.0))
+    slow, quick = (load_config(find_preset(p), preset_name=p) for p in ("resnet18-cifar10", estimate.QUICK_PRESET))
+    monkeypatch.delenv("SPARSECOMM_DATA_URL", raising=False)
+    assert estimate.cpu_notice(slow, 2, quick).endswith("in minutes on this CPU: PRESET=mnist-cnn ./run.sh (about 1 min 40 s)")
+    monkeypatch.setenv("SPARSECOMM_DATA_URL", "/data/my mirror")
+    assert "on this CPU: SPARSECOMM_DATA_URL='/data/my mirror' PRESET=mnist-cnn ./run.sh (about" in \
+        estimate.cpu_notice(slow, 2, quick)

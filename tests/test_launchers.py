@@ -371,7 +371,7 @@ BAD = {
     "unknown reducer": (dict(REDUCER="exdina"), "unknown reducer 'exdina'; available: accordion"),
     "unknown reducer option": (dict(EXTRA_ARGS=JOB + " --set 'reducer.options={foo: 1}'"),
                                "unknown option 'foo' for reducer 'exdyna'; allowed: "),
-    "density": (dict(DENSITY=2), "density must be a number in (0, 1], got 2.0"),
+    "density": (dict(DENSITY=2), "run.sh: error: DENSITY must be a number in (0, 1], got '2'"),
     "unknown setting": (dict(EXTRA_ARGS=JOB + " --set optimizer.momentun=0.9"), "unknown setting 'optimizer.momentun'"),
     "unknown preset": (dict(PRESET="resnet18-imagenet"), "unknown preset 'resnet18-imagenet'; available: "),
     "model against task": (dict(PRESET="", DATASET="ml-100k", MODEL="resnet18"),

@@ -11,8 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparsecomm"
 # package part -> the parts it must not import
 ABOVE_THE_LIBRARY = ("train", "tasks", "tools", "launch")
 FORBIDDEN = {
-    "reducers": (*ABOVE_THE_LIBRARY, "data", "models", "ddp"), "models": (*ABOVE_THE_LIBRARY, "reducers", "data"),
-    "data": (*ABOVE_THE_LIBRARY, "reducers", "models"), "ddp.py": ABOVE_THE_LIBRARY,
+    "reducers": (*ABOVE_THE_LIBRARY, "data", "models", "ddp", "fsdp"), "models": (*ABOVE_THE_LIBRARY, "reducers", "data"),
+    "data": (*ABOVE_THE_LIBRARY, "reducers", "models"), "ddp.py": ABOVE_THE_LIBRARY, "fsdp.py": ABOVE_THE_LIBRARY,
     "launch": ("train", "tasks", "tools", "reducers"), "tasks": ("train", "tools"), "train": ("tools",),
     "config.py": (*ABOVE_THE_LIBRARY, "reducers"),
 }

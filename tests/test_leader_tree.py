@@ -11,8 +11,8 @@ from reducer_reference import Simulation
 from reference_leader_tree import deft_bins, deft_k, deft_units
 from sparsecomm import reducers
 from sparsecomm.reducers.methods import deft as deft_mod
-from sparsecomm.reducers.methods import cltk as leader_mod
 from sparsecomm.reducers.methods.deft import COMMON, pack_units, split_units
+from sparsecomm.reducers.select.exact_topk import TopKSelection
 from sparsecomm.reducers.select.primitives import allocate_k
 from sparsecomm.reducers.methods.gtopk import merge_top
 from sparsecomm.reducers.select.primitives import target_count
@@ -24,15 +24,16 @@ DENSITY = 0.05
 
 # ------------------------------------------------------------- functions the workers run
 def counted_cltk(steps: int) -> dict:
-    """cltk with its top-k wrapped in a counter: how often this rank selected, per step."""
+    """cltk with its top-k selection wrapped in a counter: how often this rank asked for a
+    positive k, per step (a follower's selection asks for none: its pass only builds x)."""
     calls = []
-    original = leader_mod.topk
+    original = TopKSelection.__call__
 
-    def counting(*args, **kwargs):
-        calls[-1] += 1
-        return original(*args, **kwargs)
+    def counting(self, call, ranges, ks):
+        calls[-1] += sum(ks) > 0
+        return original(self, call, ranges, ks)
 
-    leader_mod.topk = counting
+    TopKSelection.__call__ = counting
     try:
         r = reducers.build("cltk", density=DENSITY)
         out = {"calls": [], "stats": []}
@@ -43,7 +44,7 @@ def counted_cltk(steps: int) -> dict:
             out["stats"].append(r.stats)
         return out
     finally:
-        leader_mod.topk = original
+        TopKSelection.__call__ = original
 
 
 def big_bias_grads(rank: int, step: int) -> list[torch.Tensor]:

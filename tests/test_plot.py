@@ -81,6 +81,9 @@ def test_labels_for_workers_lr_options_and_look_alikes():
                                  "topk c=0.01 noef, P=4, lr=0.1, blocks=4"]
     # settings alike, hosts and output folders aside: the directory name tells them apart
     assert labels([synthetic("a"), synthetic("b")]) == ["topk c=0.01 [a]", "topk c=0.01 [b]"]
+    # where the last command stopped is not a setting of the run ("max_steps=None" beside "max_steps=60")
+    assert labels([synthetic("a", seed=0, max_steps=None), synthetic("b", seed=1, max_steps=60)]) == \
+        ["topk c=0.01, seed=0", "topk c=0.01, seed=1"]
 
 
 def test_ticks_carry_units(runs):

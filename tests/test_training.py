@@ -98,8 +98,9 @@ def test_a_run_shorter_than_log_every_still_gets_its_training_line(data_dir, tmp
 
 def test_a_run_stopped_at_max_steps_reports_and_is_not_complete(data_dir, tmp_path):
     """A stop at max_steps writes a training line (even between log_every lines), evaluates and
-    writes its summary, which says it is not complete; a later command with a schedule that
-    ends before the checkpoint is refused in one line; one that ends there trains nothing."""
+    writes its summary, which says it is not complete; the same command again (or one with an
+    earlier max_steps) trains nothing; a later command with a schedule that ends before the
+    checkpoint is refused in one line; one that ends there trains nothing."""
     ov = overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=2)
     trainer, summary = run_solo(ov + ["max_steps=3"])
     assert summary is None and trainer.step == 3
@@ -108,6 +109,10 @@ def test_a_run_stopped_at_max_steps_reports_and_is_not_complete(data_dir, tmp_pa
     saved = json.loads((trainer.run_dir / "summary.json").read_text())
     assert saved["complete"] is False and saved["steps"] == 3 and saved["final"]["train"]["accuracy"] >= 0
     assert saved["total_steps"] == 2 * trainer.steps_per_epoch and saved["time_split"]["t_forward"] > 0
+    for stop in (3, 2):  # the same command again, or an earlier stop: nothing trained, the records as they were
+        again, summary = run_solo(ov + [f"max_steps={stop}"])
+        assert again.step == 3 and summary["steps"] == 3 and summary["complete"] is False
+        assert len((trainer.run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     short = 2 / trainer.steps_per_epoch  # 2 steps: ends before the checkpoint at step 3
     with pytest.raises(ConfigError, match=r"is at step 3, past the end of this schedule \(step 2: epochs"):
         run_solo(overrides("logreg", data_dir, tmp_path, extra=["records.log_every=1000"], epochs=short))

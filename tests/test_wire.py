@@ -67,7 +67,7 @@ def test_options_are_checked_listed_and_kept():
         assert reducers.build(name, values="bf16", indices="delta").options()["indices"] == "delta"
     assert "values" not in reducers.method_options("randomk")
     # the default format leaves options() (saved states, run records) as they were
-    assert reducers.build("topk").options() == {"exchange": "gather"}
+    assert reducers.build("topk").options() == {"exchange": "gather", "selection": "auto"}
     with pytest.raises(ValueError, match="does not match"):
         reducers.build("topk").load_state_dict(reducers.build("topk", values="fp16").state_dict())
 

@@ -36,6 +36,30 @@ class Variables:
         """The variables run.sh exported (PRESET, MODEL, ..., DATA_DIR, OUTPUT_DIR)."""
         return cls(**{f.name: env.get(f.name.upper()) or "" for f in fields(cls)})
 
+    def check(self) -> None:
+        """Raise :class:`~sparsecomm.launch.launcher.LaunchError` naming the variable when DENSITY,
+        EPOCHS or SEED is not a number of its kind (the trainer would name its option instead,
+        --density, which a run.sh user never typed)."""
+        from .launcher import LaunchError
+
+        def number(text: str) -> float | None:
+            try:
+                value = float(text)
+            except ValueError:
+                return None
+            return value if value == value and abs(value) != float("inf") else None
+
+        density, epochs = number(self.density), number(self.epochs)
+        if self.density and not (density is not None and 0 < density <= 1):
+            raise LaunchError(f"DENSITY must be a number in (0, 1], got '{self.density}'")
+        if self.epochs and not (epochs is not None and epochs > 0):
+            raise LaunchError(f"EPOCHS must be a positive number (fractions allowed), got '{self.epochs}'")
+        if self.seed:
+            try:
+                int(self.seed)
+            except ValueError:
+                raise LaunchError(f"SEED must be an integer, got '{self.seed}'") from None
+
     @property
     def named_preset(self) -> str:
         """The preset the variables name: PRESET, else :data:`DEFAULT_PRESET` when neither

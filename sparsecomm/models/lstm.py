@@ -57,9 +57,10 @@ class LSTMLanguageModel(nn.Module):
 
     def init_hidden(self, batch_size: int) -> Hidden:
         """Zero (h, c), each [nlayers, batch_size, nhid], on the model's device and dtype."""
-        weight = self.decoder.bias
+        weight = self.decoder.bias  # plain zeros even when it is a sharded parameter (FSDP's DTensor)
         shape = (self.nlayers, batch_size, self.nhid)
-        return weight.new_zeros(shape), weight.new_zeros(shape)
+        return (torch.zeros(shape, dtype=weight.dtype, device=weight.device),
+                torch.zeros(shape, dtype=weight.dtype, device=weight.device))
 
     @staticmethod
     def detach_hidden(hidden: torch.Tensor | tuple) -> torch.Tensor | tuple:

@@ -184,13 +184,18 @@ class ReduceCall:
                      search: Any = None) -> Any:
         """Positions in ``[start, end)`` with ``|x| >= threshold`` (sorted; none for None) and x
         there, as a :class:`~sparsecomm.reducers.select.fused.Selected`, found in one fused pass
-        (:mod:`~sparsecomm.reducers.select.fused`). While ``x`` is not built yet and the
-        gradients are one flat vector, that pass also builds it (``x = g + m``) and checks its
-        finiteness; otherwise it reads ``x``. ``search``: a
+        (:mod:`~sparsecomm.reducers.select.fused`, through :meth:`select_in_pass`). ``search``: a
         :class:`~sparsecomm.reducers.select.fused.FusedSearch` (its capacity guess); a fresh one
         by default."""
         from .select.fused import FusedSearch
         search = search or FusedSearch()
+        return self.select_in_pass(lambda g, m, x, index_dtype: search(g, m, x, threshold, start, end, index_dtype))
+
+    def select_in_pass(self, search: Any) -> Any:
+        """What ``search(g, m, x, index_dtype) -> (x, Selected)`` finds in one pass with
+        :func:`~sparsecomm.reducers.select.fused.compensate_select`'s ``g, m, x`` contract. While
+        ``x`` is not built yet and the gradients are one flat vector, that pass also builds it
+        (``x = g + m``) and checks its finiteness; otherwise it reads ``x``."""
         index_dtype = self.layout.index_dtype
         pending = self._pending
         if pending is not None and pending.flat is not None:
@@ -198,13 +203,13 @@ class ReduceCall:
             if buffer is None or buffer.dtype == pending.flat.dtype:
                 self._pending = None
                 with self.phase("select"):
-                    x, found = search(pending.flat, m, buffer, threshold, start, end, index_dtype)
+                    x, found = search(pending.flat, m, buffer, index_dtype)
                 self._x, self._finite = x, found.finite
                 self._built.update(range(len(self.layout.shapes)))
                 return found
         x = self.x
         with self.phase("select"):
-            return search(x, None, None, threshold, start, end, index_dtype)[1]
+            return search(x, None, None, index_dtype)[1]
 
     def output(self) -> torch.Tensor:
         """A zeroed flat vector to build the average in: the caller's own output buffer when it

@@ -30,6 +30,13 @@ class LogisticRegressionTask(Task):
     higher_is_better = False
     metric_split = "train"
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        super().check(cfg)
+        if cfg.parallel == "fsdp" and cfg.task_options.get("l2"):
+            raise ValueError("task logreg's l2 penalty reads the parameters outside forward, which FSDP shards (its "
+                             "gradient would skip the method): set task_options.l2=0 or parallel=replicated")
+
     def __init__(self, cfg, job) -> None:
         super().__init__(cfg, job)
         self.l2 = float(self.option("l2", 0.0))

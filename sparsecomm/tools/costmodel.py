@@ -17,9 +17,20 @@ byte whatever the rate):
 (``bench/network.py run``) and kept in a JSON file (:class:`Links`). Which collectives a method makes at P workers, of what sizes,
 and how much it selects come from running the method itself, unchanged, on P virtual workers
 fed real gradients (:func:`profile`): a method's traffic is never re-derived by hand. What the
-model leaves out: overlap of communication with backward, contention between workers sharing
-a host's link, and the latency of the network itself beyond alpha (this machine's emulated
-links add none; give ``alpha`` of the target network where it matters).
+model leaves out contention between workers sharing a host's link, and the latency of the
+network itself beyond alpha (this machine's emulated links add none; give ``alpha`` of the
+target network where it matters).
+
+Overlap with backward (bucket scope, DDP's own all-reduce, PyTorch's hooks): the gradients are
+cut into buckets from the last layer as DDP cuts them (:func:`~sparsecomm.reducers.buckets.cut_buckets`),
+each bucket's method is profiled on that bucket alone (:func:`bucket_profiles`), and
+:func:`overlapped_step_seconds` schedules the buckets on one link: a bucket starts when backward
+has produced its last gradient (the share of backward measured on the model itself, see
+``ready``) and the previous bucket has finished; what runs past the end of backward is the
+exposed time, the rest is hidden. PyTorch's ``fp16_compress_hook`` and ``bf16_compress_hook``
+are DDP's all-reduce at half the bytes (:func:`halved`); its ``powerSGD_hook`` is priced by this
+project's ``powersgd`` in bucket scope (the same algorithm, rank 2: an all-reduce of the
+P factors and one of the Q factors per bucket, the vectors uncompressed).
 """
 from __future__ import annotations
 
@@ -33,9 +44,11 @@ import numpy as np
 import torch
 
 from .. import reducers
+from ..reducers.buckets import DEFAULT_BUCKET_MB, cut_buckets
 from ..reducers.comm.virtual import VirtualCommunicator, VirtualWorld
 
-__all__ = ["Cost", "Links", "Collective", "Profile", "collective_seconds", "fit", "profile", "step_seconds"]
+__all__ = ["Cost", "Links", "Collective", "Profile", "Bucket", "collective_seconds", "fit", "profile",
+           "bucket_profiles", "halved", "step_seconds", "overlapped_step_seconds"]
 
 KINDS = ("all_reduce", "all_gather", "broadcast", "exchange")
 
@@ -250,3 +263,56 @@ def step_seconds(compute: float, prof: Profile, links: Links, rate_bps: float,
     t_select = prof.t_select if select is None else select
     t_comm = prof.comm_seconds(links, rate_bps)
     return {"compute": compute, "select": t_select, "comm": t_comm, "step": compute + t_select + t_comm}
+
+
+@dataclass
+class Bucket:
+    """One bucket of a step reduced bucket by bucket: ``ready``, the share of backward done when
+    its last gradient exists (0 to 1), what its method does on it, and its elements."""
+
+    ready: float
+    profile: Profile
+    size: int
+
+
+def bucket_profiles(method: str, gradients: Sequence[torch.Tensor], shapes: Sequence[torch.Size],
+                    ready: Sequence[float], density: float, bucket_mb: float = DEFAULT_BUCKET_MB,
+                    steps: int = 3, seed: int = 0, **options: Any) -> list[Bucket]:
+    """``method`` profiled on each bucket DDP would cut from ``shapes`` (``bucket_mb``, float32
+    gradients), in the order backward makes them ready; ``ready[i]`` is the share of backward
+    done when parameter i's gradient exists."""
+    sizes = [math.prod(s) for s in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    out = []
+    for group in cut_buckets([4 * n for n in sizes], bucket_mb):
+        lo, hi = offsets[group[0]], offsets[group[-1] + 1]
+        prof = profile(method, [g[lo:hi] for g in gradients], [shapes[i] for i in group], density,
+                       steps=steps, seed=seed, **options)
+        out.append(Bucket(max(ready[i] for i in group), prof, hi - lo))
+    return sorted(out, key=lambda b: b.ready)
+
+
+def halved(prof: Profile, name: str) -> Profile:
+    """``prof`` with every collective carrying half its bytes and no selection: a dense
+    all-reduce sent in 16 bits (PyTorch's fp16 and bf16 compress hooks)."""
+    steps = [[Collective(c.kind, c.nbytes // 2) for c in step] for step in prof.steps]
+    return Profile(name, prof.workers, steps, 0.0, prof.density, prof.bytes_sent / 2, prof.bytes_wire / 2)
+
+
+def overlapped_step_seconds(forward: float, backward: float, buckets: Sequence[Bucket], links: Links,
+                            rate_bps: float) -> dict[str, float]:
+    """Predicted seconds of one step whose buckets are reduced during backward, one at a time on
+    the link, each starting when backward has made it and the previous one is done (its
+    selection included, as the worker thread runs it): compute, select, comm, ``exposed`` (what
+    runs past backward's end), ``hidden`` (the share of select + comm behind backward) and step."""
+    free = 0.0
+    select = comm = 0.0
+    for b in buckets:
+        s, c = b.profile.t_select, b.profile.comm_seconds(links, rate_bps)
+        free = max(b.ready * backward, free) + s + c
+        select += s
+        comm += c
+    exposed = max(0.0, free - backward)
+    work = select + comm
+    return {"compute": forward + backward, "select": select, "comm": comm, "exposed": exposed,
+            "hidden": 1.0 - exposed / work if work > 0 else 1.0, "step": forward + backward + exposed}

@@ -26,9 +26,10 @@ __all__ = ["FIGURES", "figures", "labels", "plot_runs", "main"]
 
 log = logging.getLogger(__name__)
 
-# Settings that never tell runs apart in a legend: where files go, how progress is shown, and
-# what the method label already says.
-_IGNORED = ("output_dir", "name", "description", "task", "data.dir", "data.cache_dir",
+# Settings that never tell runs apart in a legend: where files go, how progress is shown, where
+# the last command stopped (max_steps: the curve's length shows it), and what the method label
+# already says.
+_IGNORED = ("output_dir", "name", "description", "task", "max_steps", "data.dir", "data.cache_dir",
             "records.", "environment.", "reducer.name", "reducer.density", "reducer.error_feedback")
 # Short legend names of common settings; any other is its last dotted part (or the whole key if
 # that is ambiguous). Listed settings come first in a label, in this order.

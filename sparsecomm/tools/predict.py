@@ -9,9 +9,15 @@ method runs on P virtual workers fed them (:func:`sparsecomm.tools.costmodel.pro
 collectives, selected counts and selection time. The collectives are priced with the fitted
 links (``--links``, from ``bench/network.py fit``) at each ``--bandwidth``; forward and backward
 are timed here, or taken with the selection times from ``--device`` (a JSON file of another
-device's figures, e.g. ``bench/devices/v100-sage-logs.json``). Prints iteration time, its
-parts, speedup over ``exact`` (the dense all-reduce) and bytes per worker; ``--out`` writes them
-as JSON. See docs/benchmarks.md for how well it predicted measured steps.
+device's figures, e.g. ``bench/devices/v100-sage-logs.json``). A method reduces the whole model
+after backward or bucket by bucket during it (``--scope``; ``auto``, as the training loop: by
+bucket where the method's result on a tensor depends on that tensor alone, so ``exact`` is DDP's
+overlapped all-reduce); by bucket, each bucket starts when backward has made its gradients (the
+shares of backward measured here with post-accumulate-grad hooks) and what backward hides is
+not paid (:func:`sparsecomm.tools.costmodel.overlapped_step_seconds`). PyTorch's own hooks
+``torch-fp16``, ``torch-bf16`` and ``torch-powersgd`` can be predicted beside the methods.
+Prints iteration time, its parts, the share of the reduce hidden behind backward, speedup over
+``exact`` and bytes per worker; ``--out`` writes them as JSON. See docs/benchmarks.md for how well it predicted measured steps.
 """
 from __future__ import annotations
 
@@ -19,15 +25,17 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .. import reducers
+from ..reducers.buckets import DEFAULT_BUCKET_MB, SCOPES, resolve_scope
 from . import costmodel
 from ..commandline import OneLineParser
-from ..units import si
+from ..units import duration, si
 from ..config import load_config
 from ..launch.job import Job
 from .netlab import parse_rate
@@ -39,6 +47,8 @@ log = logging.getLogger("sparsecomm.tools.predict")
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LINKS = ROOT / "bench" / "links.json"
+# PyTorch's own DDP hooks, as the method whose collectives price them (see costmodel)
+TORCH_HOOKS = {"torch-fp16": "exact", "torch-bf16": "exact", "torch-powersgd": "powersgd"}
 
 
 def load_task(cfg: Any) -> Any:
@@ -46,50 +56,113 @@ def load_task(cfg: Any) -> Any:
     return build_task(cfg, Job(rank=0, world=1, local_rank=0, device=torch.device("cpu")))
 
 
+@dataclass
+class Compute:
+    """One worker's forward and backward seconds, and ``ready[i]``: the share of backward done
+    when parameter i's gradient exists (measured with post-accumulate-grad hooks)."""
+
+    forward: float
+    backward: float
+    ready: list[float]
+
+    def scaled_to(self, total: float) -> "Compute":
+        """The same split and ready shares for a forward and backward of ``total`` seconds."""
+        f = self.forward / (self.forward + self.backward)
+        return Compute(total * f, total * (1 - f), self.ready)
+
+
 def worker_gradients(task: Any, seed: int, workers: int,
-                     repeats: int = 3) -> tuple[list[torch.Tensor], list[torch.Size], float]:
+                     repeats: int = 3) -> tuple[list[torch.Tensor], list[torch.Size], Compute]:
     """P workers' flat gradients of the task's model (initialised from ``seed``) on their first
-    batches, the parameter shapes, and the mean seconds of one worker's forward and backward
-    (after a warm-up)."""
+    batches, the parameter shapes, and worker 0's mean forward and backward seconds and the
+    share of backward done when each parameter's gradient exists (after a warm-up)."""
     torch.manual_seed(seed)
     model = task.build_model()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     flat = reducers.bind_flat_gradients(params)
-    grads, times = [], []
-    for r in range(workers):
-        view = task.worker(r, workers)
-        batch = next(iter(view.batches(0, 0)))
-        for i in range(1 if r else repeats + 1):  # worker 0's batch also times forward and backward
-            flat.zero_()
-            t0 = time.perf_counter()
-            view.loss(model, batch).backward()
-            if r == 0 and i:
-                times.append(time.perf_counter() - t0)
-        grads.append(flat.clone())
-    return grads, [p.shape for p in params], sum(times) / len(times)
+    stamps: dict[int, float] = {}
+    handles = [p.register_post_accumulate_grad_hook(lambda _, i=i: stamps.__setitem__(i, time.perf_counter()))
+               for i, p in enumerate(params)]
+    grads, forward, backward, ready = [], [], [], []
+    try:
+        for r in range(workers):
+            view = task.worker(r, workers)
+            batch = next(iter(view.batches(0, 0)))
+            for i in range(1 if r else repeats + 1):  # worker 0's batch also times forward and backward
+                flat.zero_()
+                stamps.clear()
+                t0 = time.perf_counter()
+                loss = view.loss(model, batch)
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                if r == 0 and i:
+                    forward.append(t1 - t0)
+                    backward.append(t2 - t1)
+                    ready.append([(stamps.get(j, t2) - t1) / (t2 - t1) for j in range(len(params))])
+            grads.append(flat.clone())
+    finally:
+        for h in handles:
+            h.remove()
+    share = [sum(col) / len(col) for col in zip(*ready)]
+    return grads, [p.shape for p in params], Compute(sum(forward) / len(forward), sum(backward) / len(backward), share)
 
 
 def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], methods: Sequence[str],
             links: costmodel.Links, density: float | None = None, device: dict[str, Any] | None = None,
-            steps: int = 3) -> list[dict[str, Any]]:
+            steps: int = 3, scope: str = "auto", bucket_mb: float = DEFAULT_BUCKET_MB) -> list[dict[str, Any]]:
     """One row per (P, rate, method) for preset ``cfg`` and its loaded ``task``: the predicted
-    step and its parts, in seconds."""
+    step and its parts, in seconds. A method runs in ``scope`` (``auto``: bucket by bucket where
+    its result on a tensor depends on that tensor alone); PyTorch's hooks (:data:`TORCH_HOOKS`)
+    always by bucket."""
     preset = cfg.preset
     c = cfg.reducer.density if density is None else density
     rows = []
-    for P in workers:
+    first: Compute | None = None
+    for n, P in enumerate(workers, 1):
+        started = time.perf_counter()
         grads, shapes, compute = worker_gradients(task, cfg.seed, P)
+        # one worker's forward and backward do not depend on P: the first timing serves every
+        # worker count (timed again, a loaded machine made P = 8, 64, 256 differ by 2.5x)
+        compute = first = first or compute
+        # Each worker count takes a while (P forward and backward passes, then every method on P
+        # virtual workers): say where it is, so that a long silence is not taken for a hang.
+        log.info("P=%d (%d of %d): %d workers' gradients in %s", P, n, len(workers), P,
+                 duration(time.perf_counter() - started))
         given = None if device is None else device["presets"][preset]
         if given is not None:
-            compute = given["compute_ms"] / 1e3
+            compute = compute.scaled_to(given["compute_ms"] / 1e3)
         for method in methods:
-            prof = costmodel.profile(method, grads, shapes, 1.0 if method == "exact" else c, steps=steps,
-                                     seed=cfg.seed)
-            select = None if given is None else given["select_ms"].get(method, 0.0) / 1e3
+            started = time.perf_counter()
+            ran = TORCH_HOOKS.get(method, method)
+            density_ = 1.0 if ran == "exact" else c
+            ran_scope = "bucket" if method in TORCH_HOOKS else resolve_scope(scope, ran)
+            select = None if given is None else given["select_ms"].get(ran, 0.0) / 1e3
+            if ran_scope == "model":
+                prof = costmodel.profile(ran, grads, shapes, density_, steps=steps, seed=cfg.seed)
+
+                def seconds(rate: float, prof=prof, select=select) -> dict[str, float]:
+                    return costmodel.step_seconds(compute.forward + compute.backward, prof, links, rate, select=select)
+            else:
+                buckets = costmodel.bucket_profiles(ran, grads, shapes, compute.ready, density_, bucket_mb,
+                                                    steps=steps, seed=cfg.seed)
+                if method in ("torch-fp16", "torch-bf16"):
+                    buckets = [replace(b, profile=costmodel.halved(b.profile, method)) for b in buckets]
+                elif select is not None:  # another device's selection time, shared by the buckets by size
+                    d = sum(b.size for b in buckets)
+                    buckets = [replace(b, profile=replace(b.profile, t_select=select * b.size / d)) for b in buckets]
+                prof = _summed(buckets)
+
+                def seconds(rate: float, buckets=buckets) -> dict[str, float]:
+                    return costmodel.overlapped_step_seconds(compute.forward, compute.backward, buckets, links, rate)
+            log.info("P=%d: %s on %d virtual workers, %d steps in %s", P, method, P, steps,
+                     duration(time.perf_counter() - started))
             for rate in rates:
-                t = costmodel.step_seconds(compute, prof, links, parse_rate(rate) or 0.0, select=select)
-                rows.append({"preset": preset, "workers": P, "rate": rate, "method": method,
+                t = seconds(parse_rate(rate) or 0.0)
+                t.setdefault("exposed", t["select"] + t["comm"])
+                t.setdefault("hidden", 0.0)
+                rows.append({"preset": preset, "workers": P, "rate": rate, "method": method, "scope": ran_scope,
                              "density": prof.density, "bytes_sent": prof.bytes_sent, "bytes_wire": prof.bytes_wire,
                              **t})
         del grads
@@ -100,13 +173,23 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
     return rows
 
 
+def _summed(buckets: list[costmodel.Bucket]) -> costmodel.Profile:
+    """The buckets' profiles as one step's: selection and bytes summed, density weighted by size."""
+    p0 = buckets[0].profile
+    d = sum(b.size for b in buckets)
+    return costmodel.Profile(p0.method, p0.workers, [], sum(b.profile.t_select for b in buckets),
+                             sum(b.profile.density * b.size for b in buckets) / d,
+                             sum(b.profile.bytes_sent for b in buckets), sum(b.profile.bytes_wire for b in buckets))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'P':>5} {'rate':>8} {'method':<12} {'density':>8} {'compute ms':>10} {'select ms':>9} "
-             f"{'comm ms':>9} {'step ms':>9} {'speedup':>7} {'sent/worker':>11}"]
+    lines = [f"{'P':>5} {'rate':>8} {'method':<14} {'scope':<6} {'density':>8} {'compute ms':>10} {'select ms':>9} "
+             f"{'comm ms':>9} {'hidden':>6} {'step ms':>9} {'speedup':>7} {'sent/worker':>11}"]
     for r in rows:
         speedup = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
-        lines.append(f"{r['workers']:>5} {r['rate']:>8} {r['method']:<12} {r['density']:>8.4g} "
+        lines.append(f"{r['workers']:>5} {r['rate']:>8} {r['method']:<14} {r['scope']:<6} {r['density']:>8.4g} "
                      f"{r['compute'] * 1e3:>10.2f} {r['select'] * 1e3:>9.2f} {r['comm'] * 1e3:>9.2f} "
+                     f"{r['hidden']:>6.0%} "
                      f"{r['step'] * 1e3:>9.2f} {speedup:>7} {si(r['bytes_sent'], 'B'):>11}")
     return "\n".join(lines)
 
@@ -126,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", required=True)
     p.add_argument("--workers", default="8,64,256")
     p.add_argument("--bandwidth", default="10gbit,100gbit", help="link rates: 100mbit, 10gbit, 1.5gbit, ...")
-    p.add_argument("--reducers", default="exact,exdyna,topk,powersgd")
+    p.add_argument("--reducers", default="exact,exdyna,topk,powersgd",
+                   help=f"methods, and PyTorch's hooks: {', '.join(TORCH_HOOKS)}")
+    p.add_argument("--scope", default="auto", help=f"{'|'.join(SCOPES)}: the methods' scope (auto: bucket by bucket "
+                   "where the method allows, as the training loop does; PyTorch's hooks always by bucket)")
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket size, as DDP's bucket_cap_mb")
     p.add_argument("--density", type=float, default=None, help="default: the preset's")
     p.add_argument("--links", default=str(DEFAULT_LINKS), help="fitted link parameters (bench/network.py fit)")
     p.add_argument("--alpha", type=float, default=None, help="seconds per round instead of the fitted one")
@@ -149,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--bandwidth needs finite rates (100mbit, 10gbit), not 'unlimited'")
         methods = args.reducers.split(",")
         for m in methods:
-            if m not in reducers.available():
-                raise ValueError(f"unknown reducer {m!r}; registered: {', '.join(reducers.available())}")
+            if m not in reducers.available() and m not in TORCH_HOOKS:
+                raise ValueError(f"unknown reducer {m!r}; registered: {', '.join(reducers.available())}; "
+                                 f"PyTorch's hooks: {', '.join(TORCH_HOOKS)}")
+        if args.scope not in SCOPES:
+            raise ValueError(f"--scope must be one of {', '.join(SCOPES)}, got {args.scope!r}")
+        if not args.bucket_mb > 0:
+            raise ValueError(f"--bucket-mb must be a positive number of MB, got {args.bucket_mb}")
         if args.density is not None and not 0 < args.density <= 1:
             raise ValueError(f"--density must be in (0, 1], got {args.density}")
         if args.steps < 1:
@@ -171,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.device} has no compute time for preset {args.preset!r}; it has: "
                                  f"{', '.join(device.get('presets', {})) or 'none'}")
             has = device["presets"][args.preset].get("select_ms", {})
-            missing = [m for m in methods if m != "exact" and m not in has]
+            missing = [m for m in methods if TORCH_HOOKS.get(m, m) != "exact" and TORCH_HOOKS.get(m, m) not in has]
             if missing:
                 raise ValueError(f"{args.device} has no selection time for {', '.join(missing)} on "
                                  f"{args.preset}; it has: {', '.join(has) or 'none'}")
@@ -186,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s: alpha %.3g ms per round, %.0f%% of the rate, %.3g ns per byte on the hosts", kind,
                  c.alpha * 1e3, 100 * c.efficiency, c.gamma * 1e9)
     log.info("(fitted on %s)", links.fitted_on or "?")
-    rows = predict(cfg, task, workers, rates, methods, links, args.density, device, args.steps)
+    rows = predict(cfg, task, workers, rates, methods, links, args.density, device, args.steps, args.scope,
+                   args.bucket_mb)
     print(table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
@@ -199,7 +292,7 @@ def _check_memory(cfg: Any, task: Any, workers: list[int], methods: list[str], d
     grads = [torch.zeros_like(q) for q in model.parameters() if q.requires_grad]
     c = cfg.reducer.density if density is None else density
     have = available_memory(torch.device("cpu"))
-    for m in methods:
+    for m in dict.fromkeys(TORCH_HOOKS.get(m, m) for m in methods):
         need = memory_estimate(grads, lambda g: reducers.build(m, density=c, group=g), max(workers))
         if not fits_in_memory(need, have, 0.8):
             raise ValueError(f"{max(workers)} virtual workers of {m} on {cfg.model} need about {need / 1e9:.1f} GB; "

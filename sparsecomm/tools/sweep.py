@@ -202,8 +202,8 @@ def run_locally(grid: Grid) -> int:
             elif state(point).finished:
                 log.info("%s: complete in %s", head, took)
             else:
-                log.info("%s: stopped before the end of its schedule after %s (max_steps); running the same "
-                         "command again goes on from there", head, took)
+                log.info("%s: stopped before the end of its schedule after %s (max_steps); raise max_steps (or "
+                         "leave it out) and run the command again to go on from there", head, took)
     print_table(grid)
     if failed:
         log.info("%d of %d runs failed (%s); run the same command again to retry them", len(failed),

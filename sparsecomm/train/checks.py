@@ -12,7 +12,7 @@ from ..tasks import task_class
 from ..config import ConfigError, RunConfig
 from .records import check_run_dir, run_name
 
-__all__ = ["check_run", "check_optimizer", "reducer_scope"]
+__all__ = ["check_run", "check_optimizer", "check_sharded", "reducer_scope"]
 
 
 def check_optimizer(cfg: RunConfig, reducer: reducers.Reducer) -> None:
@@ -27,16 +27,32 @@ def check_optimizer(cfg: RunConfig, reducer: reducers.Reducer) -> None:
                           f"or turn the reducer's momentum off with reducer.options={{momentum: 0}}")
 
 
+def check_sharded(workers: int, virtual: bool) -> None:
+    """``parallel=fsdp`` needs real processes, two at least (one line naming the way out)."""
+    if virtual:
+        raise ConfigError("parallel=fsdp shards the model over real processes; virtual workers share one model "
+                          "(drop --virtual-workers or set parallel=replicated)")
+    if workers < 2:
+        raise ConfigError(f"parallel=fsdp needs at least 2 processes (FSDP reduces nothing on one), got {workers}")
+
+
 def reducer_scope(cfg: RunConfig) -> str:
     """The scope the run reduces in, ``"bucket"`` or ``"model"`` (``reducer.scope``, ``"auto"``
-    resolved: bucket scope for a method whose result on a tensor depends on that tensor alone).
-    Raises :class:`ConfigError` for a bad ``reducer.scope`` or ``reducer.bucket_mb``, and for
-    bucket scope with a method that overlaps by its own parameter hooks (OMGS, AGTF)."""
+    resolved: bucket scope for a method whose result on a tensor depends on that tensor alone),
+    or ``"module"`` under ``parallel=fsdp`` (each FSDP unit reduced by its reduce-scatter as
+    backward reaches it). Raises :class:`ConfigError` for a bad ``reducer.scope`` or
+    ``reducer.bucket_mb``, for bucket scope with a method that overlaps by its own parameter
+    hooks (OMGS, AGTF), and for a scope other than ``auto`` under ``parallel=fsdp``."""
     rc = cfg.reducer
     try:
         scope = resolve_scope(rc.scope, rc.name, rc.options)
     except ValueError as exc:
         raise ConfigError(f"reducer.{exc}") from None
+    if cfg.parallel == "fsdp":
+        if rc.scope != "auto":
+            raise ConfigError(f"reducer.scope={rc.scope}: under parallel=fsdp each FSDP unit is reduced by its "
+                              f"reduce-scatter as backward reaches it; leave reducer.scope=auto")
+        return "module"
     if not (rc.bucket_mb > 0 and math.isfinite(rc.bucket_mb)):
         raise ConfigError(f"reducer.bucket_mb must be a positive number of megabytes, got {rc.bucket_mb!r}")
     if scope == "bucket" and reducers.lookup(rc.name).attach is not reducers.Reducer.attach:
@@ -62,6 +78,8 @@ def check_run(cfg: RunConfig, workers: int | None = None, virtual: bool = False)
         reducer_scope(cfg)
         if workers is not None:
             cfg.batch_per_worker(workers)
+            if cfg.parallel == "fsdp":
+                check_sharded(workers, virtual)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:

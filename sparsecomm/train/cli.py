@@ -256,7 +256,8 @@ def _train(cfg: RunConfig, fresh: bool, virtual: int = 0, wait_s: float = 0.0) -
     except Stopped as stop:
         if job.is_main:
             _report(trainer)
-            log.warning("%s; run the same command again to resume", stop)
+            log.warning("%s; %s", stop, "run the same command again to resume" if stop.signum
+                        else "raise max_steps (or leave it out) and run the command again to go on")
         leave()
         return 128 + stop.signum if stop.signum else 0
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shlex
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,10 @@ def cpu_notice(cfg: RunConfig, workers: int, quick: RunConfig | None = None) -> 
     if found.seconds > _LONG and quick is not None:
         fast = estimate_on_cpu(quick, workers)
         if fast is not None:
-            text += (f". For a run that finishes in minutes on this CPU: PRESET={QUICK_PRESET} ./run.sh "
+            # A mirror the user named for this job is needed for the quick one's data too (offline).
+            mirror = os.environ.get("SPARSECOMM_DATA_URL")
+            given = f"SPARSECOMM_DATA_URL={shlex.quote(mirror)} " if mirror else ""
+            text += (f". For a run that finishes in minutes on this CPU: {given}PRESET={QUICK_PRESET} ./run.sh "
                      f"(about {duration(fast.seconds)})")
     return text
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import signal
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -21,11 +22,12 @@ from ..lock import Held, LockError, RunLock
 from ..progress import progress
 from ..tasks import build_task
 from .checkpoint import Checkpoints
-from .checks import check_optimizer, reducer_scope
+from .checks import check_optimizer, check_sharded, reducer_scope
 from .evaluation import Evaluator
 from .meter import Meter, Moment, Pace
 from .optim import LearningRate, build_optimizer, peak_lr
 from .records import Recorder, RunInUse, check_run_dir, environment, run_lock, run_name, set_aside
+from .sharded import ShardedWorker, load_model_shards, load_optimizer_shards, local_shards, shard_model
 from .workers import ProcessWorker, VirtualWorkers
 
 __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
@@ -111,11 +113,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial model on every rank
         self.task = build_task(cfg, job)  # a virtual run evaluates on it; its workers train on views of it
         self.model = self.task.build_model().to(job.device)
+        self.sharded = cfg.parallel == "fsdp"
+        if self.sharded:  # FSDP units; each unit's gradient is reduced inside backward, by the method
+            check_sharded(job.workers, bool(job.virtual))
+            self.model = shard_model(self.model, job.device, job.world)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # Gradients live in one flat buffer that backward accumulates into and the reducer
-        # averages in place: no flatten copy, no copy back.
-        self.flat_grad = reducers.bind_flat_gradients(self.params)
-        self.grads = [p.grad for p in self.params]
+        # averages in place: no flatten copy, no copy back (FSDP keeps its own sharded ones).
+        self.flat_grad = None if self.sharded else reducers.bind_flat_gradients(self.params)
+        self.grads = None if self.sharded else [p.grad for p in self.params]
         P = job.workers
         self.schedule = LearningRate(peak_lr(cfg.optimizer, cfg.batch_per_worker(P), P), cfg.optimizer.lr,
                                      cfg.schedule, epochs=cfg.epochs, workers=P)
@@ -139,9 +145,11 @@ class Trainer:
                 return BucketReducer(rc.name, bucket_mb=rc.bucket_mb, overlap=not job.virtual, **settings)
             return reducers.build(rc.name, **settings)
 
-        if job.virtual:
+        if self.sharded:
+            self.workers: Any = ShardedWorker(cfg, job, self.task, self.model, build_reducer)
+        elif job.virtual:
             self._check_virtual_data(job.workers)
-            self.workers: Any = VirtualWorkers(cfg, job, self.task, self.model, self.params, self.grads, build_reducer)
+            self.workers = VirtualWorkers(cfg, job, self.task, self.model, self.params, self.grads, build_reducer)
         else:
             self.workers = ProcessWorker(cfg, job, self.task, self.params, self.grads, build_reducer)
         self.reducer = self.workers.reducer  # rank 0's (or this rank's): its measurements are recorded
@@ -238,6 +246,12 @@ class Trainer:
                     if self.job.is_main:
                         log.info("run %s is complete (step %d of %d): nothing to train; --fresh starts it again, "
                                  "moving this one aside", self.run_dir, self.step, self.total_steps)
+                elif self.cfg.max_steps is not None and self.step >= self.cfg.max_steps:
+                    # Training would take one step past the checkpoint before it looked at max_steps.
+                    if self.job.is_main:
+                        log.info("run %s is at step %d of %d, already at max_steps=%d: nothing to train; raise "
+                                 "max_steps (or leave it out) to go on", self.run_dir, self.step, self.total_steps,
+                                 self.cfg.max_steps)
                 else:
                     self._train()
             except Stopped:
@@ -318,7 +332,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         loss, count, t_forward, t_backward = self.workers.backward(self.model, batch, self.flat_grad, sync)
-        if any(p.grad is not g for p, g in zip(self.params, self.grads)):
+        if not self.sharded and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             raise RuntimeError("a parameter's .grad was replaced (the training loop keeps gradients in one flat "
                                "buffer); do not set .grad or call zero_grad(set_to_none=True) inside a task")
         self.workers.reduce(self.flat_grad)
@@ -378,7 +392,9 @@ class Trainer:
             self._described = info
 
     def _evaluate(self, at: Moment) -> None:
-        for line in self.evaluator.evaluate(self.model, at, self.elapsed, self.meter.totals["bytes_sent"]):
+        with self.workers.whole_model(self.model) if self.sharded else contextlib.nullcontext():
+            lines = self.evaluator.evaluate(self.model, at, self.elapsed, self.meter.totals["bytes_sent"])
+        for line in lines:
             self.recorder.log(line)
 
     def _summary(self) -> dict[str, Any]:
@@ -386,7 +402,7 @@ class Trainer:
             "run": self.run_dir.name,
             "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name, "scope": self.scope,
             "target_density": self.cfg.reducer.density, "workers": self.job.workers,
-            "virtual": bool(self.job.virtual),
+            "virtual": bool(self.job.virtual), "parallel": self.cfg.parallel,
             "steps": self.step, "total_steps": self.total_steps, "epochs": self.step / self.steps_per_epoch,
             "complete": self.complete,
             "metric": self.task.metric, "higher_is_better": self.task.higher_is_better,
@@ -406,10 +422,13 @@ class Trainer:
 
     # --------------------------------------------------------------------- checkpoints
     def _checkpoint(self) -> None:
-        shared = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                  "step": self.step, "elapsed": self.elapsed, "totals": self.meter.shared_state(),
-                  **self.evaluator.state(), "config": self.cfg.to_dict()}
+        model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        shared = {} if self.sharded else {"model": model, "optimizer": optimizer}  # sharded: each rank its own
+        shared.update({"step": self.step, "elapsed": self.elapsed, "totals": self.meter.shared_state(),
+                       **self.evaluator.state(), "config": self.cfg.to_dict()})
         local = self.workers.state()  # one per worker this process holds; the first also keeps the meter's window
+        if self.sharded:
+            local[0] = {**local[0], "model": local_shards(model), "optimizer": local_shards(optimizer)}
         local[0] = {**local[0], **self.meter.local_state()}
         self._saved_tag = f"step-{self.step:09d}"
         self.checkpoints.save(self._saved_tag, shared, local if self.job.virtual else local[0], {"step": self.step})
@@ -423,7 +442,7 @@ class Trainer:
         saved = shared["config"]
         mine = self.cfg.to_dict()
         keys = ("task", "model", "model_options", "task_options", "seed", "clip_norm", "data", "optimizer",
-                "schedule", "reducer") + (("epochs",) if self.cfg.schedule.decay == "cosine" else ())
+                "schedule", "reducer", "parallel") + (("epochs",) if self.cfg.schedule.decay == "cosine" else ())
         differ = [k for k in keys if _identity(saved.get(k), k) != _identity(mine.get(k), k)]
         if differ:
             raise ConfigError(f"the checkpoint in {self.checkpoints.root} was written with other settings "
@@ -437,8 +456,12 @@ class Trainer:
                               f"schedule (step {self.total_steps}: epochs {self.cfg.epochs:g} x "
                               f"{self.steps_per_epoch} steps); set epochs to at least {need:g} to go on from it, "
                               f"or start afresh with --fresh (the earlier run is moved aside)")
-        self.model.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.sharded:
+            load_model_shards(self.model, local[0]["model"])
+            load_optimizer_shards(self.optimizer, local[0]["optimizer"])
+        else:
+            self.model.load_state_dict(shared["model"])
+            self.optimizer.load_state_dict(shared["optimizer"])
         self.step = step
         self._started = time.perf_counter() - float(shared["elapsed"])
         self.evaluator.load_state(shared)
@@ -449,6 +472,8 @@ class Trainer:
 def _identity(section: Any, key: str) -> Any:
     """The part of a config section that changes results: not paths, and not settings this
     version no longer has (a checkpoint may be older than the schema)."""
+    if key == "parallel":
+        return section or "replicated"  # a checkpoint from before the setting
     if key == "data" and isinstance(section, dict):
         known = {f.name for f in dataclasses.fields(DataConfig)}
         return {k: v for k, v in section.items() if k in known and k not in ("dir", "cache_dir")}

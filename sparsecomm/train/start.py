@@ -175,6 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         try:
             variables = Variables.from_env(env)
+            try:
+                variables.check()
+            except LaunchError:  # the same on every rank: said by rank 0 alone, as the settings check does
+                if rank not in ("", "0"):
+                    raise _Refused(rank) from None
+                raise
             trainer = variables.trainer_args(args)
             handover = (plain(variables, trainer, env, say) if launcher is None
                         else launched(launcher, variables, trainer, env, say))

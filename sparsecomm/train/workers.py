@@ -81,7 +81,7 @@ class ProcessWorker:
                  sync: Callable[[], None]) -> tuple[torch.Tensor, int, float, float]:
         """Forward and backward of each held worker: (summed loss, workers, rank 0's forward and
         backward seconds)."""
-        flat_grad.zero_()
+        self._zero_grads(model, flat_grad)
         sync()
         t0 = time.perf_counter()
         loss = self.task.loss(model, batches[0])
@@ -90,6 +90,9 @@ class ProcessWorker:
         loss.backward()
         sync()
         return loss.detach(), 1, t1 - t0, time.perf_counter() - t1
+
+    def _zero_grads(self, model: torch.nn.Module, flat_grad: torch.Tensor) -> None:
+        flat_grad.zero_()
 
     def reduce(self, flat_grad: torch.Tensor) -> None:
         self.reducer.reduce(self.grads, out=self.grads)

@@ -14,8 +14,8 @@ Every collective is counted, per worker, in two ways (docs/reducers.md, *Metrics
     payload a method hands over is still counted, so figures compare across worker counts.
 ``bytes_wire``
     an estimate of the bytes that reach this worker over the network under ring
-    algorithms: all-reduce of n bytes ``2(P-1)/P * n``; all-gather of n bytes per worker
-    ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root; a point-to-point
+    algorithms: all-reduce of n bytes ``2(P-1)/P * n``; reduce-scatter of n bytes
+    ``(P-1)/P * n``; all-gather of n bytes per worker ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root; a point-to-point
     message of n bytes ``n`` on its receiver.
 
 The ``*_async`` forms start a collective and return a :class:`Pending`; collectives must be
@@ -74,6 +74,21 @@ class Communicator:
         self.bytes_wire += 2.0 * (self.size - 1) / self.size * n
         work = self._all_reduce(tensor) if self.size > 1 and tensor.numel() > 0 else None
         return Pending(tensor, work)
+
+    def reduce_scatter_(self, out: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum the flat ``tensor`` (``size`` equal slices) over all workers and write this
+        worker's slice of the sum into ``out``; returns ``out``."""
+        if tensor.numel() != self.size * out.numel():
+            raise ValueError(f"reduce_scatter_: input of {tensor.numel()} elements is not {self.size} slices "
+                             f"of the output's {out.numel()}")
+        n = _nbytes(tensor)
+        self.bytes_sent += n
+        self.bytes_wire += (self.size - 1) / self.size * n
+        if self.size == 1:
+            return out.copy_(tensor.view(-1))
+        if out.numel() > 0:
+            self._reduce_scatter(out, tensor.contiguous().view(-1))
+        return out
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Gather equal-shaped tensors from all workers into a new ``[size, *shape]`` tensor."""
@@ -145,6 +160,9 @@ class Communicator:
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         raise NotImplementedError
 
+    def _reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no reduce-scatter")
+
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         raise NotImplementedError
 
@@ -160,6 +178,7 @@ class SoloCommunicator(Communicator):
 
 
 _all_gather_flat = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor")
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor")
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -182,6 +201,9 @@ class ProcessGroupCommunicator(Communicator):
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         dist.broadcast(tensor, src=self._global_ranks[src], group=self.group)
+
+    def _reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
+        _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         ops = []

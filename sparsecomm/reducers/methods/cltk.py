@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import torch
 
-from ..base import ReduceCall, Reducer
+from ..base import ReduceCall
 from ..comm.exchange import allreduce_at
 from ..registry import register
-from ..select.primitives import target_count, topk
+from ..select.primitives import target_count
+from .topk_selecting import TopKSelecting
 
 
 @register
-class CyclicLocalTopK(Reducer):
+class CyclicLocalTopK(TopKSelecting):
     """CLT-k (cyclic local top-k): at step t the leader, worker t mod P, selects the
     k = max(1, floor(c d)) largest |x| of its own compensated vector; it broadcasts those k
     int32 positions, every worker all-reduces its own values there, and ``avg`` there is the
     sum / P. Every worker zeroes its residual at the leader's positions, so conservation holds
     exactly as for random-k.
 
-    Only the leader runs top-k (the research code had every rank compute it and throw it away).
+    Only the leader runs top-k (the research code had every rank compute it and throw it away;
+    with the fused selection a follower's pass only builds x).
     Bytes per step: the handshake row, the leader's k indices (broadcast; counted as sent by the
     leader only), and k values in one all-reduce.
 
@@ -27,7 +29,7 @@ class CyclicLocalTopK(Reducer):
     that picks the leader counts completed steps only (a skipped step does not move it), and
     is part of every reducer's saved state, so a resumed run keeps the rotation.
 
-    Options: none beyond the common ones.
+    Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`).
     """
 
     name = "cltk"
@@ -35,15 +37,13 @@ class CyclicLocalTopK(Reducer):
     summary = "cyclic local top-k: leader t mod P selects, its indices are broadcast, values all-reduced"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
-        x, P = call.x, self.comm.size
+        P = self.comm.size
         k = target_count(self.density, call.d)
         leader = call.index % P
         leads = self.rank == leader
-        with call.phase("select"):
-            if leads:
-                idx = topk(x, k, call.layout.index_dtype, call.scratch())
-            else:
-                idx = torch.empty(k, dtype=call.layout.index_dtype, device=x.device)
+        chosen, _ = self.topk(call, [(0, call.d)], [k if leads else 0])  # a follower's pass only builds x
+        x = call.x
+        idx = chosen if leads else torch.empty(k, dtype=call.layout.index_dtype, device=x.device)
         call.handshake(count=k if leads else 0)
         with call.phase("comm"):
             self.comm.broadcast_(idx, leader)

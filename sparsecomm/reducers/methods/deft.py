@@ -6,11 +6,12 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import ReduceCall, Reducer
+from ..base import ReduceCall
 from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..registry import register
-from ..select.primitives import allocate_k, target_count, topk_per_segment
+from ..select.primitives import allocate_k, target_count
+from .topk_selecting import TopKSelecting
 
 __all__ = ["Deft", "split_units", "pack_units", "COMMON"]
 
@@ -56,7 +57,7 @@ def pack_units(sizes: Sequence[int], ks: Sequence[int], workers: int) -> list[in
 
 
 @register
-class Deft(Reducer):
+class Deft(TopKSelecting):
     """DEFT (Yoon & Oh, ICPP 2023): layer-wise top-k without redundant selection work.
 
     Units are the tensors, except that a tensor larger than d / P is cut into P near-equal
@@ -93,7 +94,9 @@ class Deft(Reducer):
     ``leader``; ``load_imbalance`` = max count * P / sum of counts - 1 over the index
     all-gather (its padding waste).
 
-    Options: none beyond the common ones (the paper has no tunable constants besides c).
+    Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`; the norms read x first,
+    so the fused path reads x, only over this worker's units); the paper has no tunable
+    constants besides c.
     """
 
     name = "deft"
@@ -105,6 +108,7 @@ class Deft(Reducer):
         self._units: list[tuple[int, int]] = []
 
     def _configure(self, layout: Layout) -> None:
+        super()._configure(layout)
         self._units = split_units(layout.sizes, self.comm.size)
 
     @property
@@ -132,10 +136,10 @@ class Deft(Reducer):
             comm.broadcast_(table, leader)
             if assignment is None:
                 assignment = table.tolist()
+        mine = (call.index + self.rank) % P
+        own = [u for u, b in enumerate(assignment) if b == mine]
+        idx, _ = self.topk(call, [units[u] for u in own], [ks[u] for u in own])
         with call.phase("select"):
-            mine = (call.index + self.rank) % P
-            own = [u for u, b in enumerate(assignment) if b == mine]
-            idx = topk_per_segment(x, [units[u] for u in own], [ks[u] for u in own], index_dtype, call.scratch())
             common = [units[u] for u, b in enumerate(assignment) if b == COMMON]
             n_common = sum(b - a for a, b in common)
         with call.phase("comm"):

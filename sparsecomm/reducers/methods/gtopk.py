@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from ..base import ReduceCall, Reducer
+from ..base import ReduceCall
 from ..comm.communicator import Communicator
 from ..comm.exchange import allreduce_at, pack, unpack
 from ..registry import register
-from ..select.primitives import target_count, topk
+from ..select.primitives import target_count
+from .topk_selecting import TopKSelecting
 
 __all__ = ["GlobalTreeTopK", "merge_top", "tree_rounds"]
 
@@ -39,7 +40,7 @@ def tree_rounds(rank: int, size: int) -> int:
 
 
 @register
-class GlobalTreeTopK(Reducer):
+class GlobalTreeTopK(TopKSelecting):
     """gTop-k (Shi et al., ICDCS 2019): each worker starts from its own top-k (index, value)
     pairs, k = max(1, floor(c d)); in log2(P) rounds of pairwise exchange (recursive doubling:
     in round j worker r swaps with r XOR 2^j) the two partners merge their sparse vectors (sum
@@ -69,7 +70,7 @@ class GlobalTreeTopK(Reducer):
     pairs. ``stats``: ``density`` = ``local_density`` = k / d, ``rounds`` = merges this worker
     ran (:func:`tree_rounds`).
 
-    Options: none beyond the common ones.
+    Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`).
     """
 
     name = "gtopk"
@@ -77,11 +78,13 @@ class GlobalTreeTopK(Reducer):
     summary = "global top-k by a log2(P)-round tree merge of local top-k, exact all-reduce at the result"
 
     def _run(self, call: ReduceCall) -> torch.Tensor:
-        x, d = call.x, call.d
+        d = call.d
         k = target_count(self.density, d)
-        with call.phase("select"):
-            idx = topk(x, k, call.layout.index_dtype, call.scratch())
-            val = x[idx]
+        idx, val = self.topk(call, [(0, d)], [k])
+        x = call.x
+        if val is None:
+            with call.phase("select"):
+                val = x[idx]
         call.handshake(count=k)
         with call.phase("comm"):
             chosen = _tree(self.comm, idx, val, k) if k else idx

@@ -10,8 +10,9 @@ from ...validate import boolean, choice, positive_ints
 from ..base import ReduceCall
 from ..layout import Layout
 from ..registry import register
-from ..select.primitives import target_count, topk_per_segment
+from ..select.primitives import target_count
 from .sparse_base import SparseReducer
+from .topk_selecting import TopKSelecting
 
 SCHEDULES = ("layer", "epoch", "both")
 
@@ -25,7 +26,7 @@ def _is_list(v: Any) -> bool:
 
 
 @register
-class Legacy(SparseReducer):
+class Legacy(TopKSelecting, SparseReducer):
     """LEGACY: adaptive compression by layer size and by training phase, over layer-wise top-k
     (each tensor sends its k_t = max(1, floor(c_t numel_t)) largest |x|; sparse gather-sum by
     default, ``exchange="union"`` as for ``topk``). The ``density`` argument is not used;
@@ -48,8 +49,10 @@ class Legacy(SparseReducer):
     its size-group strategy. The current epoch and the total come from :meth:`begin_epoch`;
     until it is called (or while the total is unknown or not positive) the phase is 0.
 
+    ``selection``: how the top-k is found, as for ``topk`` (:class:`~.topk_selecting.TopKSelecting`).
+
     Stats: ``phase``. ``describe()`` returns the schedule, the phase, each size group's bounds,
-    tensor count and density, and the per-tensor densities in force.
+    tensor count and density, the per-tensor densities in force, and the selection path.
     """
 
     name = "legacy"
@@ -147,6 +150,7 @@ class Legacy(SparseReducer):
         return self._target
 
     def _configure(self, layout: Layout) -> None:
+        super()._configure(layout)
         self._ks_by_phase = {}
         self._groups = [self.group_of(n) for n in layout.sizes]
 
@@ -163,10 +167,9 @@ class Legacy(SparseReducer):
         phase = self.phase()
         ks = self._ks(layout, phase)
         self._target = sum(ks) / layout.numel if layout.numel else 1.0
-        with call.phase("select"):
-            idx = topk_per_segment(call.x, layout.segments, ks, layout.index_dtype, call.scratch())
+        idx, values = self.topk(call, layout.segments, ks)
         header = call.handshake(count=idx.numel())
-        avg = self._send(call, idx, header.counts)
+        avg = self._send(call, idx, header.counts, values)
         call.stats["phase"] = phase
         return avg
 
@@ -184,4 +187,4 @@ class Legacy(SparseReducer):
                 g["tensors"] = sum(1 for x in self._groups if x == i)
             info["densities"] = [row[g] for g in self._groups]
         info["groups"] = groups
-        return info
+        return {**super().describe(), **info}

@@ -23,7 +23,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "compensate_select"]
+__all__ = ["available", "unavailable_reason", "compensate_select", "compensate_select_ranges", "keep_top"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -79,6 +79,58 @@ DEFINE(sc_select_f32_i32, float, uint32_t, int32_t, 0x7f800000u, int32_t, fabsf)
 DEFINE(sc_select_f32_i64, float, uint32_t, int32_t, 0x7f800000u, int64_t, fabsf)
 DEFINE(sc_select_f64_i32, double, uint64_t, int64_t, 0x7ff0000000000000ull, int32_t, fabs)
 DEFINE(sc_select_f64_i64, double, uint64_t, int64_t, 0x7ff0000000000000ull, int64_t, fabs)
+/* The same pass over consecutive ranges [lo[r], hi[r]) of one vector, each with its own
+   threshold thr[r] (NaN: nothing passes there): range r's passing positions go, ascending,
+   to idx/val from slot[r] on while fewer than cap[r] are there; counts[r]: how many passed. */
+#define DEFINE_RANGES(NAME, ONE, T, I)                                                           \
+void NAME(const T *g, const T *m, T *x, int64_t nr, const int64_t *lo, const int64_t *hi,      \
+          const T *thr, I *idx, T *val, const int64_t *slot, const int64_t *cap, int64_t *counts, \
+          int32_t *bad) {                                                                       \
+  int32_t any = 0;                                                                              \
+  for (int64_t r = 0; r < nr; r++) {                                                            \
+    int64_t a = lo[r], n = hi[r] - a, c; int32_t b = 0;                                         \
+    c = ONE(g + a, m ? m + a : 0, x ? x + a : 0, n, 0, n, thr[r], 1, idx + slot[r], val + slot[r], \
+            cap[r], &b);                                                                        \
+    for (int64_t j = 0; j < c && j < cap[r]; j++) idx[slot[r] + j] += (I)a;                     \
+    counts[r] = c; any |= b;                                                                    \
+  }                                                                                             \
+  *bad = any != 0;                                                                              \
+}
+/* The exact top-k's rule over one range's c finite candidates (positions ascending): the k of
+   largest |val|, equal ones in their order, kept in place and in order (the first k slots).
+   mag: scratch for c values, where a quickselect (Hoare partition) finds the k-th largest. */
+#define DEFINE_KEEP(NAME, T, I, ABS)                                                             \
+void NAME(I *restrict idx, T *restrict val, int64_t c, int64_t k, T *restrict mag) {            \
+  if (k >= c) return;                                                                           \
+  for (int64_t j = 0; j < c; j++) mag[j] = ABS(val[j]);                                         \
+  int64_t lo = 0, hi = c - 1, want = k - 1;                                                     \
+  while (lo < hi) {                                                                             \
+    T pivot = mag[lo + (hi - lo) / 2];                                                          \
+    int64_t i = lo, j = hi;                                                                     \
+    while (i <= j) {                                                                            \
+      while (mag[i] > pivot) i++;                                                               \
+      while (mag[j] < pivot) j--;                                                               \
+      if (i <= j) { T t = mag[i]; mag[i] = mag[j]; mag[j] = t; i++; j--; }                      \
+    }                                                                                           \
+    if (want <= j) hi = j; else if (want >= i) lo = i; else break;                              \
+  }                                                                                             \
+  T kth = mag[want];                                                                            \
+  int64_t above = 0, out = 0;                                                                   \
+  for (int64_t j = 0; j < c; j++) above += ABS(val[j]) > kth;                                   \
+  int64_t ties = k - above;                                                                     \
+  for (int64_t j = 0; j < c && out < k; j++) {                                                  \
+    T a = ABS(val[j]);                                                                          \
+    if (a > kth || (a == kth && ties-- > 0)) { idx[out] = idx[j]; val[out] = val[j]; out++; }   \
+  }                                                                                             \
+}
+DEFINE_KEEP(sc_keep_f32_i32, float, int32_t, fabsf)
+DEFINE_KEEP(sc_keep_f32_i64, float, int64_t, fabsf)
+DEFINE_KEEP(sc_keep_f64_i32, double, int32_t, fabs)
+DEFINE_KEEP(sc_keep_f64_i64, double, int64_t, fabs)
+DEFINE_RANGES(sc_ranges_f32_i32, sc_select_f32_i32, float, int32_t)
+DEFINE_RANGES(sc_ranges_f32_i64, sc_select_f32_i64, float, int64_t)
+DEFINE_RANGES(sc_ranges_f64_i32, sc_select_f64_i32, double, int32_t)
+DEFINE_RANGES(sc_ranges_f64_i64, sc_select_f64_i64, double, int64_t)
 """
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-std=c11"]  # no -ffast-math: the sums must be IEEE, as torch's
@@ -136,6 +188,13 @@ def _build() -> ctypes.CDLL:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int64, ctype, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                            ctypes.POINTER(ctypes.c_int32)]
+            fn = getattr(lib, f"sc_keep_{dname}_{iname}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            fn = getattr(lib, f"sc_ranges_{dname}_{iname}")
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 8 + \
+                [ctypes.POINTER(ctypes.c_int32)]
     return lib
 
 
@@ -181,3 +240,37 @@ def compensate_select(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor |
     count = fn(g.data_ptr(), _ptr(m), _ptr(x), g.numel(), start, end, ctype(0.0 if threshold is None else threshold),
                threshold is not None, idx.data_ptr(), val.data_ptr(), idx.numel(), ctypes.byref(bad))
     return int(count), bad.value == 0
+
+
+def compensate_select_ranges(g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,
+                             bounds: torch.Tensor, thresholds: torch.Tensor, idx: torch.Tensor, val: torch.Tensor,
+                             slots: torch.Tensor, caps: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """One pass of the C loop over consecutive ranges that tile ``g`` (``bounds``: an int64
+    tensor of rows ``[lo, hi)``), each with its own threshold (``thresholds``, in g's dtype;
+    NaN selects nothing there): x written as :func:`compensate_select` writes it, and range
+    r's passing positions (absolute, ascending) with x there at ``idx``/``val`` from
+    ``slots[r]``, at most ``caps[r]`` of them. Returns (int64 counts that passed per range,
+    all finite)."""
+    lib = _load()
+    assert lib is not None, _error
+    dname, _ = _DTYPES[g.dtype]
+    fn = getattr(lib, f"sc_ranges_{dname}_{_INDEX[idx.dtype]}")
+    lo, hi = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()  # kept alive through the call
+    slots, caps = slots.contiguous(), caps.contiguous()
+    thresholds = thresholds.to(g.dtype).contiguous()
+    counts = torch.zeros(bounds.shape[0], dtype=torch.int64)
+    bad = ctypes.c_int32(0)
+    fn(g.data_ptr(), _ptr(m), _ptr(x), bounds.shape[0], lo.data_ptr(), hi.data_ptr(), thresholds.data_ptr(),
+       idx.data_ptr(), val.data_ptr(), slots.data_ptr(), caps.data_ptr(), counts.data_ptr(), ctypes.byref(bad))
+    return counts, bad.value == 0
+
+
+def keep_top(idx: torch.Tensor, val: torch.Tensor, k: int, scratch: torch.Tensor) -> None:
+    """The exact top-k's rule over one range's finite candidates (contiguous ``idx``/``val``,
+    positions ascending), in place: their first ``k`` slots become the k of largest ``|val|``
+    (equal ones, the first), in order. ``scratch``: at least ``val.numel()`` values of val's dtype."""
+    lib = _load()
+    assert lib is not None, _error
+    dname, _ = _DTYPES[val.dtype]
+    getattr(lib, f"sc_keep_{dname}_{_INDEX[idx.dtype]}")(idx.data_ptr(), val.data_ptr(), val.numel(), k,
+                                                         scratch.data_ptr())

@@ -1,0 +1,178 @@
+"""Methods as FSDP2's reduce-scatter (sparsecomm.fsdp) on real gloo process groups of 2 and 3
+workers, a model of three FSDP units: exact against FSDP's own reduce-scatter, every method
+against this project's reducer on each unit's unsharded gradient, conservation, identical
+ranks, resume, mixed precision, and the refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fsdp_scenarios as sc
+from nonfinite_outcomes import assert_skip_then_raise
+from reducer_reference import Simulation
+from sparsecomm import reducers
+from sparsecomm.fsdp import FSDPReducerState, register_reducer
+
+CORE = ["exact", "topk", "exdyna", "powersgd", "fp16"]
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor], what: str, tolerance: float = 0.0) -> None:
+    for t, (x, y) in enumerate(zip(a, b, strict=True)):
+        gap = float((x - y).abs().max())
+        assert gap <= tolerance, f"{what}, step {t}: max difference {gap:.3g}"
+
+
+@pytest.mark.parametrize("world,reshard", [(2, True), (3, False), (4, True)])
+def test_exact_equals_fsdps_reduce_scatter(clusters, world, reshard):
+    for got in clusters(world).run(sc.exact_vs_default, 5, reshard):
+        assert float((got["exact"] - got["default"]).abs().max()) <= 1e-6
+        assert got["stats"]["modules"] == 3 and got["stats"]["density"] == 1.0
+
+
+@pytest.mark.parametrize("world,reshard", [(2, True), (3, True), (3, False)])
+def test_core_methods_average_as_their_reducer_per_unit(clusters, world, reshard):
+    results = clusters(world).run(sc.methods_vs_reducer, CORE, 3, reshard)
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            # exact is a reduce-scatter, its reference an all-reduce: the sums round in another order
+            _same(got["fsdp"], got["reducer"], f"{name} on rank {rank} of {world}", 1e-7 if name == "exact" else 0.0)
+            _same(got["fsdp"], results[0][name]["fsdp"], f"{name}: rank {rank} against rank 0")
+            assert got["conservation"] <= 1e-5, f"{name}: conservation off by {got['conservation']:.3g}"
+    assert {"topk", "exdyna"} <= {n for n in CORE if results[0][n]["density"] < 0.5}, "the methods must compress"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_methods_equal_their_single_process_reference_per_unit(clusters, world):
+    """Each unit's average against the method's single-process reference
+    (tests/reducer_reference.py) fed every rank's gradient of that unit."""
+    names = ["topk", "exdyna", "global_topk", "fp16"]
+    steps = 3
+    got = clusters(world).run(sc.methods_vs_reducer, names, steps)[0]
+    plain = sc.make_model()
+    grads = []  # step -> rank -> unit -> gradients
+    for t in range(steps):
+        by_rank = []
+        for r in range(world):
+            plain.zero_grad()
+            sc.loss_of(plain, r, t).backward()
+            by_rank.append({u: [p.grad.clone() for p in ps] for u, ps in sc.units(plain).items()})
+        grads.append(by_rank)
+    order = [id(p) for p in plain.parameters()]
+    for name in names:
+        sims = {u: Simulation(name, world, [list(p.shape) for p in ps], sc.DENSITY) for u, ps in sc.units(plain).items()}
+        for t in range(steps):
+            avg = {}
+            for u, ps in sc.units(plain).items():
+                flat, _ = sims[u].step([grads[t][r][u] for r in range(world)])
+                at = 0
+                for p in ps:
+                    avg[id(p)] = flat[at:at + p.numel()]
+                    at += p.numel()
+            want = torch.cat([avg[i] for i in order])
+            torch.testing.assert_close(got[name]["fsdp"][t], want, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"{name}, step {t}, {world} ranks: {m}")
+
+
+def test_every_method_averages_as_its_reducer_per_unit(clusters):
+    names = [n for n in reducers.available() if n not in CORE]
+    results = clusters(2).run(sc.methods_vs_reducer, names, 2)
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            _same(got["fsdp"], got["reducer"], f"{name} on rank {rank}")
+            _same(got["fsdp"], results[0][name]["fsdp"], f"{name}: rank {rank} against rank 0")
+            assert got["conservation"] <= 1e-5, f"{name}: conservation off by {got['conservation']:.3g}"
+
+
+def test_every_registered_method_trains_under_fully_shard(clusters):
+    names = reducers.available()
+    results = clusters(3).run(sc.every_method, names)
+    start = sc.full(sc.make_model().parameters())
+    for name in names:
+        got = [r[name] for r in results]
+        assert got[0]["error"] is None, f"{name}: {got[0]['error']}"
+        assert torch.isfinite(got[0]["params"]).all() and not torch.equal(got[0]["params"], start), name
+        for rank, r in enumerate(got):
+            assert torch.equal(r["params"], got[0]["params"]), f"{name}: rank {rank} against rank 0"
+
+
+@pytest.mark.parametrize("world,name", [(2, "exdyna"), (3, "powersgd"), (3, "topk")])
+def test_resume_mid_run_equals_straight_run(clusters, world, name):
+    cluster = clusters(world)
+    straight = cluster.run(sc.train, name, 8)
+    resumed = cluster.run(sc.train_resumed, name, 4, 8)
+    for a, b in zip(straight, resumed, strict=True):
+        assert torch.equal(a, b), f"max difference {float((a - b).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_mixed_precision_reduce_dtype_is_honoured(clusters, dtype, tolerance):
+    """float16 reduces by SUM around FSDP's pre- and post-divisions, bfloat16 by AVG: exact
+    matches FSDP's own within the reduce dtype's rounding."""
+    for got in clusters(2).run(sc.exact_vs_default, 3, True, dtype):
+        assert float((got["exact"] - got["default"]).abs().max()) <= tolerance
+
+
+def test_methods_average_in_the_bfloat16_reduce_dtype(clusters):
+    """The reducer gets the gradients in the reduce dtype, as FSDP casts them: bit-equal to the
+    method's reducer on the unsharded gradients cast to bfloat16."""
+    results = clusters(2).run(sc.methods_vs_reducer, ["topk", "exdyna", "powersgd"], 3, True, torch.bfloat16)
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            _same(got["fsdp"], got["reducer"], f"{name} (bfloat16) on rank {rank}")
+            _same(got["fsdp"], results[0][name]["fsdp"], f"{name} (bfloat16): rank {rank} against rank 0")
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_nonfinite_skip_and_raise(clusters):
+    assert_skip_then_raise(clusters(2), sc.nonfinite)
+
+
+
+def test_hsdp_is_refused(clusters):
+    for got in clusters(2).run(sc.hsdp):
+        assert got["group_alive"]
+        assert got["error"] is not None and "2-D mesh" in got["error"][1] and "HSDP" in got["error"][1], got
+
+
+def test_sharding_on_another_dimension_is_refused(clusters):
+    for got in clusters(2).run(sc.shard_dim_1):
+        assert got["error"] is not None and "only Shard(0) is supported" in got["error"][1], got
+
+
+def test_gradient_divide_factor_is_refused_on_every_rank(clusters):
+    for got in clusters(2).run(sc.divide_factor):
+        assert got["group_alive"]
+        assert got["error"] is not None and "AVG and SUM only" in got["error"][1], got
+
+
+def test_another_ranks_or_models_state_is_refused(clusters):
+    results = clusters(2).run(sc.foreign_states)
+    assert results[0]["rank"] is None
+    assert "rank: saved 0, this state 1" in results[1]["rank"]
+    for got in results:
+        assert "another model's" in got["model"], got
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"method": "nope"},
+    {"method": "exdyna", "num_blocks_typo": 3},
+    {"method": "topk", "density": 0.0},
+])
+def test_bad_input_raises_what_build_raises_before_any_model_is_read(kwargs):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method")
+    with pytest.raises(ValueError) as built:
+        reducers.build(method, group=reducers.SoloCommunicator(), **kwargs)
+    with pytest.raises(ValueError) as registered:
+        register_reducer(torch.nn.Linear(2, 2), method, **kwargs)
+    assert str(registered.value) == str(built.value)
+
+
+def test_a_model_without_fsdp_modules_is_refused():
+    with pytest.raises(ValueError, match="no module of the Linear is an FSDP module"):
+        register_reducer(torch.nn.Linear(2, 2), "topk", density=0.1)
+
+
+def test_state_format_is_checked():
+    with pytest.raises(ValueError, match="not a sparsecomm FSDP reducer state"):
+        FSDPReducerState("topk", density=0.1).load_state_dict({"format": "sparsecomm.ddp_hook/1"})
