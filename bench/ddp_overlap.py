@@ -22,6 +22,7 @@ the floor that bucket scope removed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -89,14 +90,12 @@ def worker(rank: int, results: dict, args) -> None:
                 x, y = batches[step % len(batches)]
                 dist.barrier()
                 t0 = time.perf_counter()
-                opt.zero_grad()
-                loss = F.cross_entropy(net(x), y)
-                t1 = time.perf_counter()
-                if sync:
+                # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
+                with contextlib.nullcontext() if sync else net.no_sync():
+                    opt.zero_grad()
+                    loss = F.cross_entropy(net(x), y)
+                    t1 = time.perf_counter()
                     loss.backward()
-                else:
-                    with net.no_sync():
-                        loss.backward()
                 t2 = time.perf_counter()
                 opt.step()
                 t3 = time.perf_counter()
@@ -107,13 +106,18 @@ def worker(rank: int, results: dict, args) -> None:
                         s = state.stats
                         times[label]["t_reduce"].append(s.get("t_select", 0.0) + s.get("t_comm", 0.0))
     for label in labels:
-        row = {k: statistics.median(v) if v else None for k, v in times[label].items()}
-        state = runs[label][1]
-        if state is not None:
-            row["scope"] = state.scope
-            row["buckets"] = state.stats.get("buckets", 1)
-            row["bytes_sent"] = state.stats.get("bytes_sent")
-        results[label] = row
+        results[label] = summary(times[label], runs[label][1])
+
+
+def summary(times: dict[str, list[float]], state: ReducerHookState | None) -> dict:
+    """A configuration's medians, with the sparsecomm hook's scope, buckets and bytes (also
+    bench/ddp_links.py's)."""
+    row = {k: statistics.median(v) if v else None for k, v in times.items()}
+    if state is not None:
+        row["scope"] = state.scope
+        row["buckets"] = state.stats.get("buckets", 1)
+        row["bytes_sent"] = state.stats.get("bytes_sent")
+    return row
 
 
 def main() -> None:

@@ -135,11 +135,14 @@ def collectives(job: Any, sizes: list[int], repeats: int = 5) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ driver
-def _run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeout: float) -> None:
+def run_hosts(hosts: int, command: list[str], env_extra: dict[str, str], timeout: float, port: int = PORT) -> None:
+    """``command`` on each of the netlab's first ``hosts`` hosts, one process each (rank = host,
+    rank 0's host the rendezvous at ``port``); raises when one exits non-zero or ``timeout``
+    seconds pass (the others are killed). Also used by bench/ddp_links.py."""
     procs = []
     for r in range(hosts):
         env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(hosts), "LOCAL_RANK": "0",
-               "MASTER_ADDR": netlab.host_address(0), "MASTER_PORT": str(PORT), "GLOO_SOCKET_IFNAME": "eth0",
+               "MASTER_ADDR": netlab.host_address(0), "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "eth0",
                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra}
         procs.append(subprocess.Popen(netlab.host_command(r, command), cwd=ROOT, env=env))
     deadline = time.time() + timeout
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
                            "--log-every", str(args.log_every), "--collectives", args.collectives, "--data-dir", str(Path(args.data_dir).resolve()),
                            "--scratch", str(scratch), "--result", str(result)]
                 print(f"== {hosts} hosts at {rate}", flush=True)
-                _run_hosts(hosts, command, {}, args.timeout)
+                run_hosts(hosts, command, {}, args.timeout)
                 for row in json.loads(result.read_text()):
                     where = "collectives" if "collective" in row else "cells"
                     results.setdefault(where, []).append({"hosts": hosts, "rate": rate, **row})
@@ -210,7 +213,7 @@ def tta(args: argparse.Namespace) -> int:
                      "OUTPUT_DIR": str(out), "EXTRA_ARGS": f"--set records.progress=false --set "
                      f"records.eval_every_steps={args.eval_every}"}
             print(f"== {method}", flush=True)
-            _run_hosts(args.hosts, command, extra, args.timeout)
+            run_hosts(args.hosts, command, extra, args.timeout)
             run_dir = next(p for p in out.iterdir() if f"-{method}-" in p.name)
             evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                      if '"split"' in line]

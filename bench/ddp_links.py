@@ -1,0 +1,367 @@
+"""PyTorch's DDP hooks against sparsecomm's through the DDP hook, on hosts joined by real links.
+
+For each host count and link rate, ``sparsecomm.tools.netlab`` makes the hosts (as
+``bench/network.py`` does, through its :func:`network.run_hosts`); one worker runs on each host
+(``bench/ddp_links.py worker``, started with ``ip netns exec``), joins one gloo group over the
+links and, for each model, wraps it in DistributedDataParallel once per configuration:
+
+  - ``local``               no exchange (DDP's ``no_sync()``): the floor
+  - ``ddp``                 DDP's default: its fp32 all-reduce, overlapped with backward by DDP
+  - ``torch-fp16``, ``torch-bf16``  ``default_hooks.fp16_compress_hook`` / ``bf16_compress_hook``
+  - ``torch-powersgd``      ``powerSGD_hook.powerSGD_hook``, rank 2, ``start_powerSGD_iter=2``
+                            (the warm-up round is past it), torch's other defaults, in one DDP
+                            bucket: with more, gloo aborts on a collective mismatch (the hook's
+                            continuations start collectives from gloo's threads, in an order
+                            that differs between ranks)
+  - ``METHOD/SCOPE``        ``sparsecomm.ddp.reducer_hook`` with ``ReducerHookState(METHOD,
+                            density=--density, scope=SCOPE)``; ``METHOD+allreduce`` adds
+                            ``exchange="allreduce"`` (the 16-bit casts summed by all-reduce, as
+                            PyTorch's hooks do, instead of the default all-gather)
+
+and times whole iterations (zero_grad, forward, backward with the hook, SGD step) of every
+configuration, interleaved round by round (``--steps`` steps per configuration per round,
+``--rounds`` rounds after one warm-up round) so that the shared machine's load drifts over all
+of them alike. Batches are synthetic, of the presets' shapes (MNIST CNN: 64 x 1 x 28 x 28;
+ResNet-20: 128 x 3 x 32 x 32; the PTB LSTM 2 x 200: 20 x 20 tokens of a 10,000-word
+vocabulary): the step's cost does not depend on the values. Reported (rank 0, medians over the
+timed steps): iteration, forward, backward (for DDP this includes the hooks' exposed waits),
+optimizer step, the sparsecomm hook's own ``t_select + t_comm`` (wall time, beside backward in
+bucket scope), and the bytes this host put on its link per step (``eth0``'s tx counter in the
+host's namespace over each round's steps of a configuration, closed by a barrier: payload plus
+TCP/IP headers and the barriers' few bytes, the same meter for every configuration).
+
+Hidden share: for a configuration X that overlaps (``ddp``, ``METHOD/bucket``) and its
+non-overlapped twin M (``exact/model`` for ``ddp``, ``METHOD/model`` for ``METHOD/bucket``),
+``hidden = 1 - (T(X) - T(local)) / (T(M) - T(local))``: of the cost M adds to the floor, the
+share that X does not show.
+
+    .venv/bin/python bench/ddp_links.py run --hosts 2 --rates 100mbit,1gbit,10gbit \
+        --models mnist_cnn,resnet20 --out bench/results/ddp_links.json
+    .venv/bin/python bench/ddp_links.py table bench/results/ddp_links.json
+
+Needs root and iproute2 (the netlab); refuses to start while another netlab is up.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparsecomm.tools import netlab  # noqa: E402
+
+import network  # noqa: E402  (bench/network.py: the hosts' processes)
+import results_files  # noqa: E402
+
+PORT = 29650
+CONFIGS = ("local,ddp,exact/model,torch-fp16,torch-bf16,torch-powersgd,fp16/bucket,fp16/model,bf16/bucket,"
+           "powersgd/bucket,powersgd/model,topk/bucket,topk/model,exdyna/bucket,exdyna/model")
+# model name, its options, and a synthetic batch maker: (batch, generator) -> (input, target)
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mnist_cnn": ("mnist_cnn", {}),
+    "resnet20": ("resnet20", {}),
+    "lstm": ("lstm_lm", {"vocab_size": 10000, "emsize": 200, "nhid": 200, "nlayers": 2, "dropout": 0.0,
+                         "tie_weights": False}),
+}
+TWIN = {"ddp": "exact/model"}  # the non-overlapped twin of an overlapped configuration
+
+
+def twin(label: str) -> str | None:
+    if label in TWIN:
+        return TWIN[label]
+    return label[: -len("/bucket")] + "/model" if label.endswith("/bucket") else None
+
+
+def hidden(rows: dict[str, dict], label: str) -> float | None:
+    """``1 - (T(label) - T(local)) / (T(twin) - T(local))``, None without a twin or a cost."""
+    other = twin(label)
+    if other not in rows or "local" not in rows:
+        return None
+    floor = rows["local"]["t_iter"]
+    cost = rows[other]["t_iter"] - floor
+    return None if cost <= 0 else 1 - (rows[label]["t_iter"] - floor) / cost
+
+
+# ------------------------------------------------------------------------------ worker
+def _batch(model: str, gen: Any) -> tuple[Any, Any]:
+    import torch
+    if model == "mnist_cnn":
+        return torch.randn(64, 1, 28, 28, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    if model == "resnet20":
+        return torch.randn(128, 3, 32, 32, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    tokens = torch.randint(0, 10000, (21, 20), generator=gen)
+    return tokens[:-1], tokens[1:]
+
+
+def _loss(model: str, net: Any, x: Any, y: Any) -> Any:
+    import torch.nn.functional as F
+    if model == "lstm":
+        out, _ = net(x)
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(net(x), y)
+
+
+def _build(model: str, label: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The DDP model of a configuration and its sparsecomm state (or None)."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsecomm.ddp import ReducerHookState, reducer_hook
+    from sparsecomm.models import build_model
+
+    name, options = SHAPES[model]
+    torch.manual_seed(0)
+    caps = {} if args.bucket_mb is None else {"bucket_cap_mb": args.bucket_mb}
+    if label == "torch-powersgd":
+        # one bucket: with two or more, the hook's continuations start the buckets' collectives
+        # from gloo's threads in an order that differs between ranks, and gloo aborts
+        # ("Received data size doesn't match expected size ... collective mismatch")
+        caps = {"bucket_cap_mb": 1024.0}
+    net = DDP(build_model(name, **options), **caps)
+    state = None
+    if "/" in label:
+        method, scope = label.split("/")
+        extra = {}
+        if method.endswith("+allreduce"):
+            method, extra = method[: -len("+allreduce")], {"exchange": "allreduce"}
+        state = ReducerHookState(method, density=args.density, scope=scope, **extra)
+        net.register_comm_hook(state, reducer_hook)
+    elif label == "torch-fp16":
+        net.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif label == "torch-bf16":
+        net.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    elif label == "torch-powersgd":
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=2, start_powerSGD_iter=2)
+        net.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        state = None
+    elif label not in ("local", "ddp"):
+        raise ValueError(f"unknown configuration {label!r}")
+    return net, state
+
+
+def _tx_bytes() -> int:
+    """Bytes sent on eth0 (this host's link) so far; 0 where there is none."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() == "eth0":
+            return int(rest.split()[8])
+    return 0
+
+
+def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    import torch
+    import torch.distributed as dist
+
+    runs = {label: _build(model, label, args) for label in labels}
+    optims = {label: torch.optim.SGD(net.parameters(), lr=0.01) for label, (net, _) in runs.items()}
+    gen = torch.Generator().manual_seed(1000 + dist.get_rank())
+    batches = [_batch(model, gen) for _ in range(2)]
+    keys = ("t_iter", "t_forward", "t_backward", "t_step", "t_reduce", "tx_bytes")
+    times: dict[str, dict[str, list[float]]] = {label: {k: [] for k in keys} for label in labels}
+    for round_ in range(args.rounds + 1):  # round 0 warms up (DDP's rebuild, PowerSGD's start)
+        for label in labels:
+            net, state = runs[label]
+            opt = optims[label]
+            steps = args.steps if round_ else max(args.steps, 3)
+            dist.barrier()
+            tx = _tx_bytes()
+            for step in range(steps):
+                x, y = batches[step % len(batches)]
+                dist.barrier()
+                t0 = time.perf_counter()
+                # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
+                with net.no_sync() if label == "local" else contextlib.nullcontext():
+                    opt.zero_grad()
+                    loss = _loss(model, net, x, y)
+                    t1 = time.perf_counter()
+                    loss.backward()
+                t2 = time.perf_counter()
+                opt.step()
+                t3 = time.perf_counter()
+                if round_:
+                    row = times[label]
+                    row["t_iter"].append(t3 - t0)
+                    row["t_forward"].append(t1 - t0)
+                    row["t_backward"].append(t2 - t1)
+                    row["t_step"].append(t3 - t2)
+                    if state is not None:
+                        s = state.stats
+                        row["t_reduce"].append(s.get("t_select", 0.0) + s.get("t_comm", 0.0))
+            # after a barrier every byte of these steps has reached the peer, so has left eth0
+            dist.barrier()
+            if round_:
+                times[label]["tx_bytes"].append((_tx_bytes() - tx) / steps)
+        if dist.get_rank() == 0:
+            print(f"  {model}: round {round_} done", flush=True)
+    from ddp_overlap import summary  # bench/ddp_overlap.py
+
+    out = {}
+    for label in labels:
+        out[label] = {**summary(times[label], runs[label][1]), "steps": len(times[label]["t_iter"])}
+    params = sum(p.numel() for p in runs[labels[0]][0].parameters())
+    for label in labels:
+        out[label]["params"] = params
+    return out
+
+
+def worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from sparsecomm.launch.job import join
+
+    logging.basicConfig(level=logging.WARNING)
+    job = join("cpu")
+    labels = args.configs.split(",")
+    results = {}
+    for model in args.models.split(","):
+        results[model] = time_model(model, labels, args)
+        job.barrier()
+    if job.is_main:
+        Path(args.result).write_text(json.dumps(results))
+    return 0
+
+
+# ------------------------------------------------------------------------------ driver
+def run(args: argparse.Namespace) -> int:
+    current = netlab.status()
+    if current is not None:
+        print(f"a netlab is up ({current.hosts} hosts at {current.rate}), perhaps another job's; "
+              f"not touching it (`python -m sparsecomm netlab down` if it is a leftover)", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {"settings": vars(args), "command": " ".join([sys.executable] + sys.argv),
+                               "cells": []}
+    scratch = Path(tempfile.mkdtemp(prefix="ddp-links-"))
+    results_files.keep_earlier(args.out)  # written after every cell from here on
+    try:
+        for hosts in [int(h) for h in args.hosts.split(",")]:
+            for rate in args.rates.split(","):
+                netlab.down(force=True)
+                netlab.up(hosts, rate)
+                result = scratch / f"h{hosts}-{rate}.json"
+                command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
+                           "--configs", args.configs, "--density", str(args.density), "--steps",
+                           str(args.steps), "--rounds", str(args.rounds), "--result", str(result)]
+                if args.bucket_mb is not None:
+                    command += ["--bucket-mb", str(args.bucket_mb)]
+                print(f"== {hosts} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
+                network.run_hosts(hosts, command, {}, args.timeout, port=PORT)
+                for model, rows in json.loads(result.read_text()).items():
+                    results["cells"].append({"hosts": hosts, "rate": rate, "model": model, "rows": rows})
+                    print(table([results["cells"][-1]]), flush=True)
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=1))
+    finally:
+        netlab.down(force=True)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def table(cells: list[dict]) -> str:
+    lines = []
+    for cell in cells:
+        rows = cell["rows"]
+        ddp = rows.get("ddp", {}).get("t_iter")
+        params = next(iter(rows.values())).get("params", 0)
+        lines.append(f"{cell['model']} ({params / 1e6:.2f}M parameters), {cell['hosts']} hosts at {cell['rate']}; "
+                     f"rank 0's medians of {next(iter(rows.values()))['steps']} steps, ms")
+        head = (f"{'config':<22} {'iter':>7} {'/ddp':>5} {'fwd':>6} {'bwd':>7} {'step':>5} {'reduce':>7} "
+                f"{'MB tx':>7} {'hidden':>6}")
+        lines += [head, "-" * len(head)]
+        for label, r in rows.items():
+            h = hidden(rows, label)
+            reduce = "" if r.get("t_reduce") is None else f"{r['t_reduce'] * 1e3:.1f}"
+            ratio = "" if not ddp else f"{r['t_iter'] / ddp:.2f}"
+            lines.append(f"{label:<22} {r['t_iter'] * 1e3:7.1f} {ratio:>5} {r['t_forward'] * 1e3:6.1f} "
+                         f"{r['t_backward'] * 1e3:7.1f} {r['t_step'] * 1e3:5.1f} {reduce:>7} "
+                         f"{r['tx_bytes'] / 1e6:7.3f} {'' if h is None else f'{h:.2f}':>6}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+PAIRS = [("fp16/bucket", "torch-fp16"), ("fp16+allreduce/bucket", "torch-fp16"), ("bf16/bucket", "torch-bf16"),
+         ("powersgd/bucket", "torch-powersgd"), ("powersgd/model", "torch-powersgd")]
+
+
+def markdown(cells: list[dict]) -> str:
+    """Per model and host count: step ms (backward ms) per configuration and rate, MB this host
+    sent per step, the hidden share; then ours against torch's hook of the same kind, and the
+    fastest configuration at each rate."""
+    lines = []
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["model"], c["hosts"]), []).append(c)
+    for (model, hosts), group in groups.items():
+        rates = [c["rate"] for c in group]
+        lines += [f"**{model}, {hosts} hosts** (step ms, of which backward ms; MB sent per host per step; "
+                  f"hidden share)", "",
+                  "| configuration | " + " | ".join(rates) + " | MB sent | " + " | ".join(f"hidden {r}" for r in rates)
+                  + " |", "| --- |" + " ---: |" * (2 * len(rates) + 1)]
+        for label in group[0]["rows"]:
+            rows = [c["rows"][label] for c in group]
+            hid = [hidden(c["rows"], label) for c in group]
+            lines.append(f"| {label} | " + " | ".join(f"{r['t_iter'] * 1e3:.0f} ({r['t_backward'] * 1e3:.0f})"
+                                                        for r in rows)
+                         + f" | {statistics.median(r['tx_bytes'] for r in rows) / 1e6:.3g} | "
+                         + " | ".join("" if h is None else f"{h:.2f}" for h in hid) + " |")
+        lines.append("")
+        for ours, theirs in PAIRS:
+            if ours in group[0]["rows"] and theirs in group[0]["rows"]:
+                ratios = [c["rows"][ours]["t_iter"] / c["rows"][theirs]["t_iter"] for c in group]
+                lines.append(f"- {ours} / {theirs}: " + ", ".join(f"{r} {x:.2f}x" for r, x in zip(rates, ratios)))
+        for c in group:
+            timed = {k: v["t_iter"] for k, v in c["rows"].items() if k != "local"}
+            best = min(timed, key=timed.get)
+            best_torch = min((k for k in timed if k == "ddp" or k.startswith("torch-")), key=timed.get)
+            best_ours = min((k for k in timed if "/" in k), key=timed.get)
+            lines.append(f"- {c['rate']}: fastest {best} ({timed[best] * 1e3:.0f} ms); ours {best_ours} "
+                         f"{timed[best_ours] * 1e3:.0f} ms against torch's {best_torch} {timed[best_torch] * 1e3:.0f} ms "
+                         f"({timed[best_ours] / timed[best_torch]:.2f}x); no exchange "
+                         f"{c['rows']['local']['t_iter'] * 1e3:.0f} ms")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def show(args: argparse.Namespace) -> int:
+    cells = [c for f in args.results for c in json.loads(Path(f).read_text())["cells"]]
+    print(markdown(cells) if args.markdown else table(cells))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    verbs = p.add_subparsers(dest="verb", required=True)
+    r = verbs.add_parser("run")
+    r.add_argument("--hosts", default="2")
+    r.add_argument("--rates", default="100mbit,1gbit,10gbit")
+    r.add_argument("--models", default="mnist_cnn,resnet20")
+    r.add_argument("--timeout", type=float, default=3600)
+    r.add_argument("--out", default="bench/results/ddp_links.json")
+    w = verbs.add_parser("worker")
+    w.add_argument("--models", required=True)
+    w.add_argument("--result", required=True)
+    for q in (r, w):
+        q.add_argument("--configs", default=CONFIGS)
+        q.add_argument("--density", type=float, default=0.01)
+        q.add_argument("--bucket-mb", type=float, default=None,
+                       help="DDP's bucket_cap_mb (none: DDP's default, a first bucket of 1 MB, then 25 MB; a value "
+                            "given, even 25, makes every bucket that size)")
+        q.add_argument("--steps", type=int, default=3)
+        q.add_argument("--rounds", type=int, default=3)
+    t = verbs.add_parser("table")
+    t.add_argument("results", nargs="+")
+    t.add_argument("--markdown", action="store_true", help="docs/benchmarks.md's tables and ratios")
+    args = p.parse_args(argv)
+    return {"run": run, "worker": worker, "table": show}[args.verb](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
