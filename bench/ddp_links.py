@@ -38,6 +38,7 @@ share that X does not show.
     .venv/bin/python bench/ddp_links.py run --hosts 2 --rates 100mbit,1gbit,10gbit \
         --models mnist_cnn,resnet20 --out bench/results/ddp_links.json
     .venv/bin/python bench/ddp_links.py table bench/results/ddp_links.json
+    .venv/bin/python bench/ddp_links.py validate bench/results/ddp_links.json   # the cost model against them
 
 Needs root and iproute2 (the netlab); refuses to start while another netlab is up.
 """
@@ -336,6 +337,98 @@ def show(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- validate
+def _model_gradients(model: str, workers: int) -> tuple[list[Any], list[Any], list[float]]:
+    """Each worker's flat gradient of ``model`` on its own synthetic batch (as the workers made
+    them), the parameter shapes, and the share of backward done when each parameter's gradient
+    existed (worker 0, mean of three backwards after one)."""
+    import torch
+
+    from sparsecomm import reducers
+    from sparsecomm.models import build_model
+
+    name, options = SHAPES[model]
+    torch.manual_seed(0)
+    net = build_model(name, **options)
+    params = [q for q in net.parameters() if q.requires_grad]
+    flat = reducers.bind_flat_gradients(params)
+    stamps: dict[int, float] = {}
+    for i, q in enumerate(params):
+        q.register_post_accumulate_grad_hook(lambda _, i=i: stamps.__setitem__(i, time.perf_counter()))
+    grads, shares = [], []
+    for r in range(workers):
+        x, y = _batch(model, torch.Generator().manual_seed(1000 + r))
+        for rep in range(4 if r == 0 else 1):
+            flat.zero_()
+            stamps.clear()
+            loss = _loss(model, net, x, y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            if r == 0 and rep:
+                shares.append([(stamps.get(j, t2) - t1) / (t2 - t1) for j in range(len(params))])
+        grads.append(flat.clone())
+    return grads, [q.shape for q in params], [sum(c) / len(c) for c in zip(*shares)]
+
+
+def predicted(label: str, rows: dict[str, dict], grads: list[Any], shapes: list[Any], ready: list[float],
+              links: Any, rate_bps: float, density: float) -> float | None:
+    """The cost model's step for configuration ``label``: the measured floor (``local``: forward,
+    backward and step without exchange) plus what the model says the exchange adds: all of it
+    after backward in model scope, what runs past backward's end by bucket."""
+    from sparsecomm.tools import costmodel
+
+    local = rows["local"]
+    method, scope = (label.split("/") + ["bucket"])[:2]
+    method = {"ddp": "exact", "torch-fp16": "exact", "torch-bf16": "exact", "torch-powersgd": "powersgd"}.get(
+        method, method)
+    if "+" in method:
+        return None
+    c = 1.0 if method in ("exact", "powersgd") else density
+    if scope == "model":
+        prof = costmodel.profile(method, grads, shapes, c)
+        return local["t_iter"] + prof.t_select + prof.comm_seconds(links, rate_bps)
+    bucket_mb = 1024.0 if label == "torch-powersgd" else 25.0  # torch's PowerSGD ran in one bucket
+    buckets = costmodel.bucket_profiles(method, grads, shapes, ready, c, bucket_mb=bucket_mb)
+    if label in ("torch-fp16", "torch-bf16"):
+        buckets = [costmodel.Bucket(b.ready, costmodel.halved(b.profile, label), b.size) for b in buckets]
+    t = costmodel.overlapped_step_seconds(local["t_forward"], local["t_backward"], buckets, links, rate_bps)
+    return local["t_iter"] + t["exposed"]
+
+
+def validate(args: argparse.Namespace) -> int:
+    """Predicted against measured steps for every configuration of the results files."""
+    from sparsecomm.tools import costmodel
+
+    links = costmodel.Links.load(args.links)
+    cells = [c for f in args.results for c in json.loads(Path(f).read_text())["cells"]]
+    density = args.density
+    head = f"{'hosts':>5} {'rate':>8} {'model':<10} {'config':<16} {'measured ms':>11} {'predicted ms':>12} {'error':>7}"
+    print(head)
+    print("-" * len(head))
+    errors = []
+    made: dict[tuple[str, int], tuple] = {}
+    for cell in cells:
+        key = (cell["model"], cell["hosts"])
+        if key not in made:
+            made[key] = _model_gradients(*key)
+        grads, shapes, ready = made[key]
+        rate = netlab.parse_rate(cell["rate"]) or 0.0
+        for label, row in cell["rows"].items():
+            if label == "local":
+                continue
+            guess = predicted(label, cell["rows"], grads, shapes, ready, links, rate, density)
+            if guess is None:
+                continue
+            error = guess / row["t_iter"] - 1
+            errors.append(error)
+            print(f"{cell['hosts']:>5} {cell['rate']:>8} {cell['model']:<10} {label:<16} {row['t_iter'] * 1e3:>11.1f} "
+                  f"{guess * 1e3:>12.1f} {error:>+7.0%}")
+    within = sum(abs(e) <= 0.2 for e in errors)
+    print(f"{within} of {len(errors)} within 20%; median |error| {statistics.median(abs(e) for e in errors):.0%}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -359,8 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     t = verbs.add_parser("table")
     t.add_argument("results", nargs="+")
     t.add_argument("--markdown", action="store_true", help="docs/benchmarks.md's tables and ratios")
+    v = verbs.add_parser("validate", help="the cost model's predicted steps against the measured ones")
+    v.add_argument("results", nargs="+")
+    v.add_argument("--links", default=str(ROOT / "bench" / "links.json"))
+    v.add_argument("--density", type=float, default=0.01, help="the density the results were measured at")
     args = p.parse_args(argv)
-    return {"run": run, "worker": worker, "table": show}[args.verb](args)
+    return {"run": run, "worker": worker, "table": show, "validate": validate}[args.verb](args)
 
 
 if __name__ == "__main__":

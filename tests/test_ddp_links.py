@@ -35,3 +35,23 @@ def test_one_worker_times_every_kind_of_configuration(tmp_path):
     assert rows["fp16/model"]["t_reduce"] > 0 and rows["ddp"]["t_reduce"] is None
     assert "fp16+allreduce/bucket" in ddp_links.table([{"hosts": 1, "rate": "none", "model": "mnist_cnn",
                                                          "rows": rows}])
+
+
+def test_validate_prices_each_configuration_over_the_measured_floor(tmp_path):
+    """The cost model's step is the measured floor plus what it predicts the exchange adds: all
+    of it in model scope, only what outlasts backward by bucket; torch's 16-bit hooks send half
+    of DDP's bytes."""
+    from sparsecomm.tools import costmodel
+
+    grads, shapes, ready = ddp_links._model_gradients("mnist_cnn", 2)
+    assert len(grads) == 2 and len(ready) == len(shapes) and all(0 <= r <= 1 for r in ready)
+    links = costmodel.Links(costmodel.Cost(1e-4, 1.0), costmodel.Cost(1e-4, 1.0))
+    floor = {"t_iter": 0.5, "t_forward": 0.2, "t_backward": 0.3}
+    rows = {"local": floor}
+    slow = 1e8  # 100 Mbit/s: 4.8 MB of gradient takes about 0.77 s to all-reduce
+    model = ddp_links.predicted("exact/model", rows, grads, shapes, ready, links, slow, 0.01)
+    ddp = ddp_links.predicted("ddp", rows, grads, shapes, ready, links, slow, 0.01)
+    fp16 = ddp_links.predicted("torch-fp16", rows, grads, shapes, ready, links, slow, 0.01)
+    assert model > ddp > fp16 > floor["t_iter"]
+    assert model - floor["t_iter"] == pytest.approx(2 * 4 * sum(s.numel() for s in shapes) * 8 / 2 / slow, rel=0.05)
+    assert ddp_links.predicted("fp16+allreduce/bucket", rows, grads, shapes, ready, links, slow, 0.01) is None
