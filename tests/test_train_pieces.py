@@ -254,3 +254,30 @@ def test_cosine_decay_after_the_warm_up():
         LearningRate(0.2, base=0.1, cfg=ScheduleConfig(warmup_epochs=2, decay="cosine"), epochs=2)
     with pytest.raises(ConfigError, match="schedule.decay must be one of"):
         RunConfig(task="mnist", model="mnist_cnn", schedule=ScheduleConfig(decay="linear")).validate()
+
+
+def test_a_stop_signal_is_acknowledged_at_once_by_rank_0(capfd, monkeypatch):
+    """Started without the local launcher (torchrun, SLURM, virtual workers), rank 0 says at once
+    that it will checkpoint and stop (the step under way may take minutes); the other ranks say
+    nothing; under the local launcher, which says it itself, rank 0 says nothing either; a second
+    Ctrl-C stops at once."""
+    from types import SimpleNamespace
+
+    from sparsecomm.train.loop import LAUNCHER_SAYS_STOPS, Trainer
+
+    def trainer(rank):
+        return SimpleNamespace(_signal=None, job=Job(rank=rank, world=2, local_rank=rank, device=torch.device("cpu")))
+
+    monkeypatch.delenv(LAUNCHER_SAYS_STOPS, raising=False)
+    main = trainer(0)
+    Trainer._on_signal(main, signal.SIGINT, None)
+    Trainer._on_signal(trainer(1), signal.SIGTERM, None)
+    err = capfd.readouterr().err
+    assert err == ("rank 0 received SIGINT: checkpointing after the step under way, then stopping "
+                   "(Ctrl-C again stops at once)\n")
+    assert main._signal == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        Trainer._on_signal(main, signal.SIGINT, None)
+    monkeypatch.setenv(LAUNCHER_SAYS_STOPS, "1")
+    Trainer._on_signal(trainer(0), signal.SIGTERM, None)
+    assert capfd.readouterr().err == ""

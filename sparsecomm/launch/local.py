@@ -69,7 +69,8 @@ class Workers:
         self.stop_signal: int | None = None
         for rank in range(nproc):
             worker_env = {**base, "RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
-                          "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                          "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                          "SPARSECOMM_LAUNCHER_SAYS_STOPS": "1"}  # the trainer leaves the stop's line to us
             self.procs.append(subprocess.Popen(command, env=worker_env, start_new_session=True,
                                                preexec_fn=_die_with_parent))
 

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import contextlib
 import threading
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # What SLURM sends before a time limit or preemption (--signal), what schedulers send to stop,
 # and Ctrl-C: each makes every rank checkpoint and stop at the same step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# set by sparsecomm.launch.local in its workers: it tells the user of a stop itself
+LAUNCHER_SAYS_STOPS = "SPARSECOMM_LAUNCHER_SAYS_STOPS"
 
 # While another job holds the run directory and this one waits for it, rank 0 looks again this often.
 _WAIT_POLL_S = 2.0
@@ -269,8 +272,12 @@ class Trainer:
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self._signal = signum
-        log.debug("rank %d received %s: will checkpoint and stop after this step",
-                  self.job.rank, signal.Signals(signum).name)
+        if self.job.is_main and os.environ.get(LAUNCHER_SAYS_STOPS) != "1":
+            # said at once, from the handler (the step under way may take minutes); os.write,
+            # not logging, which a handler must not enter; the local launcher says it itself
+            os.write(2, f"rank 0 received {signal.Signals(signum).name}: checkpointing after the step under way, "
+                        f"then stopping{' (Ctrl-C again stops at once)' if signum == signal.SIGINT else ''}\n"
+                     .encode())
 
     def _train(self) -> None:
         """Epoch by epoch, step by step: train, then let each part take its turn."""
