@@ -346,54 +346,46 @@ def _model_gradients(model: str, workers: int) -> tuple[list[Any], list[Any], li
 
     from sparsecomm import reducers
     from sparsecomm.models import build_model
+    from sparsecomm.tools.costmodel import BackwardClock
 
     name, options = SHAPES[model]
     torch.manual_seed(0)
     net = build_model(name, **options)
     params = [q for q in net.parameters() if q.requires_grad]
     flat = reducers.bind_flat_gradients(params)
-    stamps: dict[int, float] = {}
-    for i, q in enumerate(params):
-        q.register_post_accumulate_grad_hook(lambda _, i=i: stamps.__setitem__(i, time.perf_counter()))
+    clock = BackwardClock(params)
     grads, shares = [], []
     for r in range(workers):
         x, y = _batch(model, torch.Generator().manual_seed(1000 + r))
         for rep in range(4 if r == 0 else 1):
             flat.zero_()
-            stamps.clear()
-            loss = _loss(model, net, x, y)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
+            _, ready = clock.backward(_loss(model, net, x, y))
             if r == 0 and rep:
-                shares.append([(stamps.get(j, t2) - t1) / (t2 - t1) for j in range(len(params))])
+                shares.append(ready)
         grads.append(flat.clone())
+    clock.close()
     return grads, [q.shape for q in params], [sum(c) / len(c) for c in zip(*shares)]
 
 
-def predicted(label: str, rows: dict[str, dict], grads: list[Any], shapes: list[Any], ready: list[float],
-              links: Any, rate_bps: float, density: float) -> float | None:
-    """The cost model's step for configuration ``label``: the measured floor (``local``: forward,
-    backward and step without exchange) plus what the model says the exchange adds: all of it
-    after backward in model scope, what runs past backward's end by bucket."""
+def priced(label: str, grads: list[Any], shapes: list[Any], ready: list[float], density: float) -> Any:
+    """Configuration ``label`` as the cost model prices it (a :class:`PricedMethod`), profiled once
+    for every rate; None for one it does not model (``METHOD+allreduce``)."""
     from sparsecomm.tools import costmodel
 
-    local = rows["local"]
-    method, scope = (label.split("/") + ["bucket"])[:2]
-    method = {"ddp": "exact", "torch-fp16": "exact", "torch-bf16": "exact", "torch-powersgd": "powersgd"}.get(
-        method, method)
+    method, scope = (("exact" if label == "ddp" else label).split("/") + ["bucket"])[:2]
     if "+" in method:
         return None
-    c = 1.0 if method in ("exact", "powersgd") else density
-    if scope == "model":
-        prof = costmodel.profile(method, grads, shapes, c)
-        return local["t_iter"] + prof.t_select + prof.comm_seconds(links, rate_bps)
     bucket_mb = 1024.0 if label == "torch-powersgd" else 25.0  # torch's PowerSGD ran in one bucket
-    buckets = costmodel.bucket_profiles(method, grads, shapes, ready, c, bucket_mb=bucket_mb)
-    if label in ("torch-fp16", "torch-bf16"):
-        buckets = [costmodel.Bucket(b.ready, costmodel.halved(b.profile, label), b.size) for b in buckets]
-    t = costmodel.overlapped_step_seconds(local["t_forward"], local["t_backward"], buckets, links, rate_bps)
-    return local["t_iter"] + t["exposed"]
+    return costmodel.price_method(method, grads, shapes, ready, density, scope=scope, bucket_mb=bucket_mb)
+
+
+def predicted(rows: dict[str, dict], method: Any, links: Any, rate_bps: float) -> float:
+    """The cost model's step for a configuration priced by :func:`priced`: the measured floor
+    (``local``: forward, backward and step without exchange) plus what the model says the
+    exchange adds: all of it after backward in model scope, what runs past backward's end by
+    bucket."""
+    local = rows["local"]
+    return local["t_iter"] + method.seconds(local["t_forward"], local["t_backward"], links, rate_bps)["exposed"]
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -402,24 +394,26 @@ def validate(args: argparse.Namespace) -> int:
 
     links = costmodel.Links.load(args.links)
     cells = [c for f in args.results for c in json.loads(Path(f).read_text())["cells"]]
-    density = args.density
     head = f"{'hosts':>5} {'rate':>8} {'model':<10} {'config':<16} {'measured ms':>11} {'predicted ms':>12} {'error':>7}"
     print(head)
     print("-" * len(head))
     errors = []
     made: dict[tuple[str, int], tuple] = {}
+    methods: dict[tuple[str, int, str], Any] = {}
     for cell in cells:
         key = (cell["model"], cell["hosts"])
         if key not in made:
             made[key] = _model_gradients(*key)
-        grads, shapes, ready = made[key]
         rate = netlab.parse_rate(cell["rate"]) or 0.0
         for label, row in cell["rows"].items():
             if label == "local":
                 continue
-            guess = predicted(label, cell["rows"], grads, shapes, ready, links, rate, density)
-            if guess is None:
+            if (*key, label) not in methods:  # profiled once, priced at every rate
+                methods[(*key, label)] = priced(label, *made[key], args.density)
+            method = methods[(*key, label)]
+            if method is None:
                 continue
+            guess = predicted(cell["rows"], method, links, rate)
             error = guess / row["t_iter"] - 1
             errors.append(error)
             print(f"{cell['hosts']:>5} {cell['rate']:>8} {cell['model']:<10} {label:<16} {row['t_iter'] * 1e3:>11.1f} "

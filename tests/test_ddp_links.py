@@ -49,9 +49,10 @@ def test_validate_prices_each_configuration_over_the_measured_floor(tmp_path):
     floor = {"t_iter": 0.5, "t_forward": 0.2, "t_backward": 0.3}
     rows = {"local": floor}
     slow = 1e8  # 100 Mbit/s: 4.8 MB of gradient takes about 0.77 s to all-reduce
-    model = ddp_links.predicted("exact/model", rows, grads, shapes, ready, links, slow, 0.01)
-    ddp = ddp_links.predicted("ddp", rows, grads, shapes, ready, links, slow, 0.01)
-    fp16 = ddp_links.predicted("torch-fp16", rows, grads, shapes, ready, links, slow, 0.01)
+    def step(label):
+        return ddp_links.predicted(rows, ddp_links.priced(label, grads, shapes, ready, 0.01), links, slow)
+
+    model, ddp, fp16 = step("exact/model"), step("ddp"), step("torch-fp16")
     assert model > ddp > fp16 > floor["t_iter"]
     assert model - floor["t_iter"] == pytest.approx(2 * 4 * sum(s.numel() for s in shapes) * 8 / 2 / slow, rel=0.05)
-    assert ddp_links.predicted("fp16+allreduce/bucket", rows, grads, shapes, ready, links, slow, 0.01) is None
+    assert ddp_links.priced("fp16+allreduce/bucket", grads, shapes, ready, 0.01) is None

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -44,13 +45,16 @@ import numpy as np
 import torch
 
 from .. import reducers
-from ..reducers.buckets import DEFAULT_BUCKET_MB, cut_buckets
+from ..reducers.buckets import DEFAULT_BUCKET_MB, cut_buckets, resolve_scope
 from ..reducers.comm.virtual import VirtualCommunicator, VirtualWorld
 
-__all__ = ["Cost", "Links", "Collective", "Profile", "Bucket", "collective_seconds", "fit", "profile",
-           "bucket_profiles", "halved", "step_seconds", "overlapped_step_seconds"]
+__all__ = ["Cost", "Links", "Collective", "Profile", "Bucket", "BackwardClock", "PricedMethod", "TORCH_HOOKS",
+           "collective_seconds", "fit", "profile", "bucket_profiles", "halved", "price_method", "step_seconds",
+           "overlapped_step_seconds"]
 
 KINDS = ("all_reduce", "all_gather", "broadcast", "exchange")
+# PyTorch's own DDP hooks, and the method whose collectives price each (see the module)
+TORCH_HOOKS = {"torch-fp16": "exact", "torch-bf16": "exact", "torch-powersgd": "powersgd"}
 
 
 @dataclass(frozen=True)
@@ -316,3 +320,74 @@ def overlapped_step_seconds(forward: float, backward: float, buckets: Sequence[B
     work = select + comm
     return {"compute": forward + backward, "select": select, "comm": comm, "exposed": exposed,
             "hidden": 1.0 - exposed / work if work > 0 else 1.0, "step": forward + backward + exposed}
+
+
+class BackwardClock:
+    """Times backward passes of a model's ``params`` and, with post-accumulate-grad hooks, the
+    share of each backward done when each parameter's gradient exists (1 for one it does not
+    reach). :meth:`close` removes the hooks."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]) -> None:
+        self._stamps: dict[int, float] = {}
+        self._count = len(params)
+        self._handles = [p.register_post_accumulate_grad_hook(
+            lambda _, i=i: self._stamps.__setitem__(i, time.perf_counter())) for i, p in enumerate(params)]
+
+    def backward(self, loss: torch.Tensor) -> tuple[float, list[float]]:
+        """``loss.backward()``; its seconds and the parameters' ready shares."""
+        self._stamps.clear()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        return t2 - t1, [(self._stamps.get(i, t2) - t1) / (t2 - t1) for i in range(self._count)]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class PricedMethod:
+    """A method, or one of PyTorch's hooks (:data:`TORCH_HOOKS`), profiled once for one model
+    and P workers, to be priced at any link rate: in model scope one reduce after backward, by
+    bucket each bucket on the link during backward. ``profile``: the step's (the buckets'
+    summed: selection and bytes, density weighted by size)."""
+
+    name: str
+    scope: str
+    profile: Profile
+    buckets: list[Bucket] | None = None
+
+    def seconds(self, forward: float, backward: float, links: Links, rate_bps: float,
+                select: float | None = None) -> dict[str, float]:
+        """The predicted step (compute, select, comm, exposed, hidden, step); ``select``: another
+        device's selection seconds instead of the profiled ones (shared by the buckets by size)."""
+        if self.buckets is None:
+            t = step_seconds(forward + backward, self.profile, links, rate_bps, select=select)
+            return {**t, "exposed": t["select"] + t["comm"], "hidden": 0.0}
+        buckets = self.buckets
+        if select is not None:
+            d = sum(b.size for b in buckets)
+            buckets = [replace(b, profile=replace(b.profile, t_select=select * b.size / d)) for b in buckets]
+        return overlapped_step_seconds(forward, backward, buckets, links, rate_bps)
+
+
+def price_method(name: str, gradients: Sequence[torch.Tensor], shapes: Sequence[torch.Size], ready: Sequence[float],
+                 density: float, scope: str = "auto", bucket_mb: float = DEFAULT_BUCKET_MB, steps: int = 3,
+                 seed: int = 0) -> PricedMethod:
+    """Profile method ``name`` (``exact`` at density 1) on P = len(gradients) virtual workers in
+    ``scope`` (``auto``: by bucket where its result on a tensor depends on that tensor alone);
+    PyTorch's hooks always by bucket, the 16-bit ones as DDP's all-reduces at half the bytes."""
+    ran = TORCH_HOOKS.get(name, name)
+    c = 1.0 if ran == "exact" else density
+    scope = "bucket" if name in TORCH_HOOKS else resolve_scope(scope, ran)
+    if scope == "model":
+        return PricedMethod(name, scope, profile(ran, gradients, shapes, c, steps=steps, seed=seed))
+    buckets = bucket_profiles(ran, gradients, shapes, ready, c, bucket_mb, steps=steps, seed=seed)
+    if ran == "exact" and name in TORCH_HOOKS:
+        buckets = [replace(b, profile=halved(b.profile, name)) for b in buckets]
+    p0, d = buckets[0].profile, sum(b.size for b in buckets)
+    summed = Profile(name, p0.workers, [], sum(b.profile.t_select for b in buckets),
+                     sum(b.profile.density * b.size for b in buckets) / d,
+                     sum(b.profile.bytes_sent for b in buckets), sum(b.profile.bytes_wire for b in buckets))
+    return PricedMethod(name, scope, summed, buckets)

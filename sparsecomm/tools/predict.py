@@ -25,14 +25,14 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .. import reducers
-from ..reducers.buckets import DEFAULT_BUCKET_MB, SCOPES, resolve_scope
+from ..reducers.buckets import DEFAULT_BUCKET_MB, SCOPES
 from . import costmodel
 from ..commandline import OneLineParser
 from ..units import duration, si
@@ -47,8 +47,6 @@ log = logging.getLogger("sparsecomm.tools.predict")
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_LINKS = ROOT / "bench" / "links.json"
-# PyTorch's own DDP hooks, as the method whose collectives price them (see costmodel)
-TORCH_HOOKS = {"torch-fp16": "exact", "torch-bf16": "exact", "torch-powersgd": "powersgd"}
 
 
 def load_task(cfg: Any) -> Any:
@@ -81,9 +79,7 @@ def worker_gradients(task: Any, seed: int, workers: int,
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     flat = reducers.bind_flat_gradients(params)
-    stamps: dict[int, float] = {}
-    handles = [p.register_post_accumulate_grad_hook(lambda _, i=i: stamps.__setitem__(i, time.perf_counter()))
-               for i, p in enumerate(params)]
+    clock = costmodel.BackwardClock(params)
     grads, forward, backward, ready = [], [], [], []
     try:
         for r in range(workers):
@@ -91,20 +87,17 @@ def worker_gradients(task: Any, seed: int, workers: int,
             batch = next(iter(view.batches(0, 0)))
             for i in range(1 if r else repeats + 1):  # worker 0's batch also times forward and backward
                 flat.zero_()
-                stamps.clear()
                 t0 = time.perf_counter()
                 loss = view.loss(model, batch)
                 t1 = time.perf_counter()
-                loss.backward()
-                t2 = time.perf_counter()
+                seconds, shares = clock.backward(loss)
                 if r == 0 and i:
                     forward.append(t1 - t0)
-                    backward.append(t2 - t1)
-                    ready.append([(stamps.get(j, t2) - t1) / (t2 - t1) for j in range(len(params))])
+                    backward.append(seconds)
+                    ready.append(shares)
             grads.append(flat.clone())
     finally:
-        for h in handles:
-            h.remove()
+        clock.close()
     share = [sum(col) / len(col) for col in zip(*ready)]
     return grads, [p.shape for p in params], Compute(sum(forward) / len(forward), sum(backward) / len(backward), share)
 
@@ -114,8 +107,8 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
             steps: int = 3, scope: str = "auto", bucket_mb: float = DEFAULT_BUCKET_MB) -> list[dict[str, Any]]:
     """One row per (P, rate, method) for preset ``cfg`` and its loaded ``task``: the predicted
     step and its parts, in seconds. A method runs in ``scope`` (``auto``: bucket by bucket where
-    its result on a tensor depends on that tensor alone); PyTorch's hooks (:data:`TORCH_HOOKS`)
-    always by bucket."""
+    its result on a tensor depends on that tensor alone); PyTorch's hooks
+    (:data:`~sparsecomm.tools.costmodel.TORCH_HOOKS`) always by bucket."""
     preset = cfg.preset
     c = cfg.reducer.density if density is None else density
     rows = []
@@ -135,34 +128,16 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
             compute = compute.scaled_to(given["compute_ms"] / 1e3)
         for method in methods:
             started = time.perf_counter()
-            ran = TORCH_HOOKS.get(method, method)
-            density_ = 1.0 if ran == "exact" else c
-            ran_scope = "bucket" if method in TORCH_HOOKS else resolve_scope(scope, ran)
+            priced = costmodel.price_method(method, grads, shapes, compute.ready, c, scope, bucket_mb, steps=steps,
+                                            seed=cfg.seed)
+            ran = costmodel.TORCH_HOOKS.get(method, method)
             select = None if given is None else given["select_ms"].get(ran, 0.0) / 1e3
-            if ran_scope == "model":
-                prof = costmodel.profile(ran, grads, shapes, density_, steps=steps, seed=cfg.seed)
-
-                def seconds(rate: float, prof=prof, select=select) -> dict[str, float]:
-                    return costmodel.step_seconds(compute.forward + compute.backward, prof, links, rate, select=select)
-            else:
-                buckets = costmodel.bucket_profiles(ran, grads, shapes, compute.ready, density_, bucket_mb,
-                                                    steps=steps, seed=cfg.seed)
-                if method in ("torch-fp16", "torch-bf16"):
-                    buckets = [replace(b, profile=costmodel.halved(b.profile, method)) for b in buckets]
-                elif select is not None:  # another device's selection time, shared by the buckets by size
-                    d = sum(b.size for b in buckets)
-                    buckets = [replace(b, profile=replace(b.profile, t_select=select * b.size / d)) for b in buckets]
-                prof = _summed(buckets)
-
-                def seconds(rate: float, buckets=buckets) -> dict[str, float]:
-                    return costmodel.overlapped_step_seconds(compute.forward, compute.backward, buckets, links, rate)
             log.info("P=%d: %s on %d virtual workers, %d steps in %s", P, method, P, steps,
                      duration(time.perf_counter() - started))
+            prof = priced.profile
             for rate in rates:
-                t = seconds(parse_rate(rate) or 0.0)
-                t.setdefault("exposed", t["select"] + t["comm"])
-                t.setdefault("hidden", 0.0)
-                rows.append({"preset": preset, "workers": P, "rate": rate, "method": method, "scope": ran_scope,
+                t = priced.seconds(compute.forward, compute.backward, links, parse_rate(rate) or 0.0, select=select)
+                rows.append({"preset": preset, "workers": P, "rate": rate, "method": method, "scope": priced.scope,
                              "density": prof.density, "bytes_sent": prof.bytes_sent, "bytes_wire": prof.bytes_wire,
                              **t})
         del grads
@@ -171,15 +146,6 @@ def predict(cfg: Any, task: Any, workers: Sequence[int], rates: Sequence[str], m
                       and r["rate"] == row["rate"]), None)
         row["speedup"] = dense["step"] / row["step"] if dense else None
     return rows
-
-
-def _summed(buckets: list[costmodel.Bucket]) -> costmodel.Profile:
-    """The buckets' profiles as one step's: selection and bytes summed, density weighted by size."""
-    p0 = buckets[0].profile
-    d = sum(b.size for b in buckets)
-    return costmodel.Profile(p0.method, p0.workers, [], sum(b.profile.t_select for b in buckets),
-                             sum(b.profile.density * b.size for b in buckets) / d,
-                             sum(b.profile.bytes_sent for b in buckets), sum(b.profile.bytes_wire for b in buckets))
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -210,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="8,64,256")
     p.add_argument("--bandwidth", default="10gbit,100gbit", help="link rates: 100mbit, 10gbit, 1.5gbit, ...")
     p.add_argument("--reducers", default="exact,exdyna,topk,powersgd",
-                   help=f"methods, and PyTorch's hooks: {', '.join(TORCH_HOOKS)}")
+                   help=f"methods, and PyTorch's hooks: {', '.join(costmodel.TORCH_HOOKS)}")
     p.add_argument("--scope", default="auto", help=f"{'|'.join(SCOPES)}: the methods' scope (auto: bucket by bucket "
                    "where the method allows, as the training loop does; PyTorch's hooks always by bucket)")
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB, help="bucket size, as DDP's bucket_cap_mb")
@@ -236,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--bandwidth needs finite rates (100mbit, 10gbit), not 'unlimited'")
         methods = args.reducers.split(",")
         for m in methods:
-            if m not in reducers.available() and m not in TORCH_HOOKS:
+            if m not in reducers.available() and m not in costmodel.TORCH_HOOKS:
                 raise ValueError(f"unknown reducer {m!r}; registered: {', '.join(reducers.available())}; "
-                                 f"PyTorch's hooks: {', '.join(TORCH_HOOKS)}")
+                                 f"PyTorch's hooks: {', '.join(costmodel.TORCH_HOOKS)}")
         if args.scope not in SCOPES:
             raise ValueError(f"--scope must be one of {', '.join(SCOPES)}, got {args.scope!r}")
         if not args.bucket_mb > 0:
@@ -263,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.device} has no compute time for preset {args.preset!r}; it has: "
                                  f"{', '.join(device.get('presets', {})) or 'none'}")
             has = device["presets"][args.preset].get("select_ms", {})
-            missing = [m for m in methods if TORCH_HOOKS.get(m, m) != "exact" and TORCH_HOOKS.get(m, m) not in has]
+            ran = [costmodel.TORCH_HOOKS.get(m, m) for m in methods]
+            missing = [m for m, r in zip(methods, ran) if r != "exact" and r not in has]
             if missing:
                 raise ValueError(f"{args.device} has no selection time for {', '.join(missing)} on "
                                  f"{args.preset}; it has: {', '.join(has) or 'none'}")
@@ -292,7 +259,7 @@ def _check_memory(cfg: Any, task: Any, workers: list[int], methods: list[str], d
     grads = [torch.zeros_like(q) for q in model.parameters() if q.requires_grad]
     c = cfg.reducer.density if density is None else density
     have = available_memory(torch.device("cpu"))
-    for m in dict.fromkeys(TORCH_HOOKS.get(m, m) for m in methods):
+    for m in dict.fromkeys(costmodel.TORCH_HOOKS.get(m, m) for m in methods):
         need = memory_estimate(grads, lambda g: reducers.build(m, density=c, group=g), max(workers))
         if not fits_in_memory(need, have, 0.8):
             raise ValueError(f"{max(workers)} virtual workers of {m} on {cfg.model} need about {need / 1e9:.1f} GB; "
