@@ -44,6 +44,20 @@ def accordion_grads(rank: int, epoch: int, step: int, shapes=ACCORDION_SHAPES) -
     return out
 
 
+# Tensors full of equal |x| for the tie rule: random, small integers, all equal (a different
+# value per rank), one value, two and three equal values, zeros, -1/0/1.
+TIED_SHAPES = ((40, 25), (200,), (40,), (1,), (2,), (3,), (30, 20), (64,))
+
+
+def tied_grads(rank: int, epoch: int, step: int, shapes=TIED_SHAPES) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(5003 * rank + 101 * epoch + step)
+    n = [torch.Size(s).numel() for s in shapes]
+    flat_grads = [torch.randn(n[0], generator=gen), torch.randint(-3, 4, (n[1],), generator=gen).float(),
+                  torch.full((n[2],), 0.25 * (rank + 1)), torch.randn(n[3], generator=gen), torch.full((n[4],), 0.5),
+                  torch.full((n[5],), -0.5), torch.zeros(n[6]), torch.randint(-1, 2, (n[7],), generator=gen).float()]
+    return [t.view(s) for t, s in zip(flat_grads, shapes)]
+
+
 def run_epochs(name: str, plan: Sequence[tuple[int | None, float | None, float | None]], steps_per_epoch: int = 2,
                options: dict | None = None, grads=accordion_grads, density: float = 0.05,
                save_after: int | None = None) -> dict[str, Any]:

@@ -20,14 +20,15 @@ def _exchange(sim, xs, sel):
 
 
 def _layerwise_topk(xs, shapes, densities):
-    """Per worker: the k_t largest |x| of every tensor t, k_t = max(1, floor(c_t n_t))."""
+    """Per worker: the k_t largest |x| of every tensor t, k_t = max(1, floor(c_t n_t)); equal
+    |x|: the lower position first (a stable sort by decreasing |x|)."""
     sel = []
     for x in xs:
         parts = []
         for (a, b), c in zip(segments_of(shapes), densities):
             k = k_of(c, b - a)
             if k:
-                parts.append(torch.topk(x[a:b].abs(), k).indices + a)
+                parts.append(torch.sort(x[a:b].abs(), descending=True, stable=True).indices[:k] + a)
         sel.append(torch.cat(parts) if parts else torch.empty(0, dtype=torch.long))
     return sel
 

@@ -11,6 +11,8 @@ import reducer_scenarios as sc
 from reducer_reference import Simulation
 from sparsecomm import reducers
 from sparsecomm.reducers.methods.powersgd import orthogonalize_
+from sparsecomm.reducers.select import exact_topk
+from sparsecomm.reducers.select.primitives import target_count
 
 ACC = {"k_low": 0.1, "k_high": 0.5, "detection_threshold": 0.5, "switch_freq": 2}
 # epochs 0..7; the learning rate drops 10x at epoch 4; the total is 8 epochs
@@ -103,6 +105,92 @@ def test_accordion_without_begin_epoch_decides_once_as_epoch_zero():
         r.reduce(asc.accordion_grads(0, epoch, 0))
         assert r.stats["decision"]
     assert [h["epoch"] for h in r.describe()["decisions"]] == [3, 4]
+
+
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_accordion_dense_steps_send_the_rules_selection(clusters, P):
+    """At k_high = 0.99 every step of exchange="auto" is dense: the same selection (the rule's,
+    ties included) and residual as the gather-sum, the same average (bit for bit at P <= 2)."""
+    steps, plan = 3, [(None, None, None)]
+    runs = {ex: clusters(P).run(asc.run_epochs, "accordion", plan, steps_per_epoch=steps, options={"exchange": ex},
+                                grads=asc.tied_grads) for ex in ("auto", "gather")}
+    sizes = [math.prod(s) for s in asc.TIED_SHAPES]
+    d, L = sum(sizes), len(sizes)
+    segments = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(L)]
+    ks = [target_count(0.99, n) for n in sizes]
+    previous = [torch.zeros(d) for _ in range(P)]
+    for t in range(steps):
+        xs = [previous[w] + sc.flat(asc.tied_grads(w, 0, t)) for w in range(P)]
+        avg = runs["auto"][0]["avg"][t]
+        for w in range(P):
+            sel = exact_topk.reference(xs[w], segments, ks, torch.int64)
+            residual = xs[w].clone()
+            residual[sel] = 0
+            for ex, run in runs.items():
+                assert torch.equal(run[w]["avg"][t], run[0]["avg"][t]), (ex, t, w)
+                assert torch.equal(run[w]["memory"][t], residual), (ex, t, w)
+                stats = run[w]["stats"][t]
+                assert stats["dense_exchange"] is (ex == "auto") and stats["local_density"] == sum(ks) / d
+            sent = runs["auto"][w]["stats"][t]["bytes_sent"]
+            assert sent == 48 + 4 * d + (L if t == 0 and w == 0 else 0), (t, w)
+        gathered = runs["gather"][0]["avg"][t]
+        if P <= 2:
+            assert torch.equal(avg, gathered)
+        else:
+            torch.testing.assert_close(avg, gathered, rtol=1e-6, atol=1e-6)
+        if P == 1:
+            assert torch.equal(avg, xs[0] - runs["auto"][0]["memory"][t])
+        torch.testing.assert_close(sum(xs[w] - runs["auto"][w]["memory"][t] for w in range(P)), P * avg,
+                                   rtol=1e-5, atol=1e-6)
+        dense, gather = runs["auto"][0]["stats"][t], runs["gather"][0]["stats"][t]
+        assert dense["local_density"] <= dense["density"] <= gather["density"]
+        if P == 1:
+            assert dense["density"] == gather["density"]
+        assert dense["wire_floor_bytes"] == gather["wire_floor_bytes"]
+        previous = [runs["auto"][w]["memory"][t] for w in range(P)]
+
+
+@pytest.mark.parametrize("dtype,k_high", [(torch.float32, 0.5), (torch.float32, 0.501), (torch.float64, 0.666),
+                                          (torch.float64, 0.667), (torch.float16, 0.33), (torch.float16, 0.34)])
+def test_accordion_auto_exchange_is_dense_exactly_when_pairs_cost_more(dtype, k_high):
+    n = 1000
+    value = dtype.itemsize
+    k = target_count(k_high, n)
+    dense = k * (4 + value) > n * value  # int32 positions
+    g = [torch.randn(n).to(dtype)]
+    r = reducers.build("accordion", k_low=0.1, k_high=k_high)
+    r.reduce(g)
+    assert r.stats["dense_exchange"] is dense
+    assert r.stats["bytes_sent"] == 48 + 1 + (n * value if dense else k * (4 + value))
+    for options in ({"exchange": "gather"}, {"exchange": "union"}, {"values": "fp16"}, {"indices": "bitmap"}):
+        other = reducers.build("accordion", k_low=0.1, k_high=k_high, **options)
+        other.reduce(g)
+        assert other.stats["dense_exchange"] is False, options
+
+
+ACC99 = {**ACC, "k_high": 0.99}
+
+
+def test_accordion_auto_exchange_follows_the_regimes_and_resumes(clusters):
+    """Dense while sum_t k_t > d / 2 (epochs 0-1, 4-7), the gather-sum otherwise (epochs 2-3);
+    checked against the reference, and a run saved and restored between decisions is the same."""
+    P = 3
+    straight = clusters(P).run(asc.run_epochs, "accordion", ACC_PLAN, options=ACC99)
+    resumed = clusters(P).run(asc.run_epochs, "accordion", ACC_PLAN, options=ACC99, save_after=3)
+    sim = replay("accordion", P, ACC_PLAN, straight, asc.ACCORDION_SHAPES, **ACC99)
+    assert [(e, [i for i, c in enumerate(crit) if c]) for e, _, crit in sim.state["decisions"]] == ACC_DECISIONS
+    d = sum(math.prod(s) for s in asc.ACCORDION_SHAPES)
+    for step, stats in enumerate(straight[0]["stats"]):
+        epoch = step // 2
+        assert stats["dense_exchange"] is (epoch not in (2, 3)), step
+        assert stats["dense_exchange"] is (stats["local_density"] > 0.5), step
+        if stats["dense_exchange"]:
+            assert stats["bytes_sent"] == 48 + 4 * d + (3 if stats["decision"] else 0)
+    for w in range(P):
+        assert all(torch.equal(a, b) for a, b in zip(straight[w]["avg"], resumed[w]["avg"]))
+        assert all(torch.equal(a, b) for a, b in zip(straight[w]["memory"], resumed[w]["memory"]))
+        assert [s["dense_exchange"] for s in straight[w]["stats"]] == [s["dense_exchange"] for s in resumed[w]["stats"]]
+        assert straight[w]["describe"][-1] == resumed[w]["describe"][-1]
 
 
 # ----------------------------------------------------------------------------- LEGACY
@@ -310,7 +398,7 @@ def test_orthogonalize_is_deterministic_and_keeps_zero_columns():
     ("accordion", {"k_low": 0.6, "k_high": 0.5}, r"k_low \(0.6\) must not exceed k_high \(0.5\)"),
     ("accordion", {"detection_threshold": -1}, "detection_threshold must be a finite number > 0"),
     ("accordion", {"switch_freq": 0}, "switch_freq must be a positive integer"),
-    ("accordion", {"exchange": "tree"}, r"exchange must be one of \['gather', 'union'\]"),
+    ("accordion", {"exchange": "tree"}, r"exchange must be one of \['auto', 'gather', 'union'\]"),
     ("legacy", {"schedule": "phase"}, r"schedule must be one of \['layer', 'epoch', 'both'\], got 'phase'"),
     ("legacy", {"group_compressions": [0.1, 0.2, 0.3]},
      r"group_compressions must hold len\(group_splits\) \+ 1 = 2 densities for schedule='layer' \(one per size "

@@ -67,6 +67,26 @@ def test_reference_obeys_the_rule_on_edge_cases(dtype, index_dtype):
         assert got.tolist() == oracle(x.tolist(), ranges, ks), name
 
 
+@pytest.mark.parametrize("piece", [exact_topk.PIECE, 3])
+def test_rest_and_top_into_are_the_rule_and_its_complement(monkeypatch, piece):
+    """rest_of (the positions top_of leaves out) and top_into (top_of written into a given
+    vector, from rest_of where k > n / 2) on the edge cases at every k that matters, with the
+    pieces of the range as they are and 3 positions long."""
+    monkeypatch.setattr(exact_topk, "PIECE", piece)
+    gen = torch.Generator().manual_seed(5)
+    cases = [(name, torch.tensor(v[a:b])) for name, v, ranges, _ in edge_cases() for a, b in ranges] + [
+        ("ties, 5000", torch.randint(-3, 4, (5000,), generator=gen).float()), ("zeros", torch.zeros(300))]
+    for name, x in cases:
+        n = x.numel()
+        for k in sorted({0, 1, n // 2, n // 2 + 1, n - 2, n - 1, n, n + 1}):
+            want = oracle(x.tolist(), [(0, n)], [k])
+            for dtype in (torch.int32, torch.int64):
+                out = torch.full((n + 2,), -1, dtype=dtype)
+                got = exact_topk.top_into(x.abs(), k, out)
+                assert got.tolist() == want and out[len(want):].eq(-1).all(), (name, k, dtype)
+            assert exact_topk.rest_of(x.abs(), k).tolist() == sorted(set(range(n)) - set(want)), (name, k)
+
+
 def search(x, ranges, ks, index_dtype, backend, mode="g+m"):
     """The search over x given as g + m (m = x / 2, g the rest: x again but for the sign of a
     zero), copied, or read in place. Returns (the search, what it found, the x it built)."""

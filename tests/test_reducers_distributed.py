@@ -23,6 +23,7 @@ CASES = [(name, {}) for name in METHODS] + [
     ("thresh", {"scope": "layer"}),
     ("thresh", {"threshold": 0.03}),
     ("sage", {"exchange": "union"}),
+    ("accordion", {"exchange": "gather"}),
     ("exdyna", {"num_blocks": 16}),
     ("dgc", {"momentum": 0.0}),
 ]

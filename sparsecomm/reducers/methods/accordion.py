@@ -7,10 +7,12 @@ import torch
 
 from ...validate import number, positive_int
 from ..base import ReduceCall
+from ..comm.exchange import fill_at, put_at
 from ..layout import Layout
 from ..registry import register
+from ..select.exact_topk import rest_of, top_into, top_of
 from ..select.primitives import target_count
-from .sparse_base import SparseReducer
+from .sparse_base import EXCHANGES, SparseReducer
 
 
 @register
@@ -19,10 +21,27 @@ class Accordion(SparseReducer):
     adapted it from the Accordion authors' code (``AccordionTopKReducer``; the defaults
     ``k_low=0.1``, ``k_high=0.99``, ``detection_threshold=0.5``, ``switch_freq=10`` are theirs).
 
-    Every tensor t sends its k_t = max(1, floor(c_t numel_t)) largest |x| (sparse gather-sum by
-    default, as their code all-gathers values and positions; ``exchange="union"`` is offered
-    as for ``topk``), with c_t either ``k_high`` (critical regime) or ``k_low``. The ``density``
-    argument is not used; ``target_density`` reports sum_t k_t / d.
+    Every tensor t sends its k_t = max(1, floor(c_t numel_t)) largest |x|, with c_t either
+    ``k_high`` (critical regime) or ``k_low``; equal |x|: the lower position first (the rule of
+    :mod:`~..select.exact_topk`; their code and this one before 2026-12-07 used torch.topk,
+    whose choice among equal values is unspecified). The ``density`` argument is not used;
+    ``target_density`` reports sum_t k_t / d.
+
+    ``exchange``: ``"gather"`` sends the selection as (position, value) pairs by sparse
+    gather-sum, as their code all-gathers values and positions; ``"union"`` by union
+    all-reduce, as for ``topk``; ``"auto"`` (default) as ``"gather"``, except on steps where
+    the pairs would cost more bytes than the dense vector (sum_t k_t (index size + value size)
+    > d x value size: with int32 positions and float32 values, sum_t k_t > d / 2, as at the
+    default k_high = 0.99 while most of the vector is critical). Such a step sends the same selection as
+    a dense vector (x at the selected positions, 0 elsewhere) by one all-reduce, divided by P;
+    the residual is the same, x with the selected positions zeroed. Every rank knows the k_t,
+    so every rank takes the same choice. With P <= 2 the average is bit-identical to the
+    gather-sum's (with one worker there is no sum; with two, a + b either way); with P >= 3
+    the all-reduce sums in the backend's order, not in rank order, so the average may differ
+    from the gather-sum's in float rounding (still identical on every rank). It needs no
+    vector of 0.99 d positions: a tensor with k_t > numel_t / 2 finds the positions it drops
+    (:func:`~..select.exact_topk.rest_of`). With a ``values`` or ``indices`` wire format other
+    than the default, ``"auto"`` is ``"gather"``.
 
     Decisions are taken at the first reduce of epochs 0, switch_freq, 2 switch_freq, ... (the
     epoch and its learning rate come from :meth:`begin_epoch`; before any call it behaves as
@@ -41,9 +60,11 @@ class Accordion(SparseReducer):
     step's handshake, at decision steps only, so every rank uses the same densities. Norms
     and the learning rate at the last decision are kept for the next one.
 
-    Stats: ``critical_fraction`` (fraction of tensors in the critical regime this step) and
-    ``decision`` (this step decided). ``describe()`` returns the current per-tensor choices and
-    the decision history: every decision's epoch, step, learning rate and critical tensors,
+    Stats: ``critical_fraction`` (fraction of tensors in the critical regime this step),
+    ``decision`` (this step decided) and ``dense_exchange`` (this step sent a dense vector; its
+    ``density`` is then the lower bound of the union described in
+    :meth:`~.sparse_base.SparseReducer._send_dense`). ``describe()`` returns the current
+    per-tensor choices and the decision history: every decision's epoch, step, learning rate and critical tensors,
     and ``switch_epochs``, the epochs at which some tensor changed regime.
     """
 
@@ -52,9 +73,10 @@ class Accordion(SparseReducer):
     per_tensor = True
     summary = "layer-wise top-k at k_high or k_low per tensor, switched every few epochs by regime (Accordion)"
     uses_density = False
+    exchanges = ("auto", *EXCHANGES)
 
     def __init__(self, *, k_low: float = 0.1, k_high: float = 0.99, detection_threshold: float = 0.5,
-                 switch_freq: int = 10, exchange: str = "gather", **common: Any) -> None:
+                 switch_freq: int = 10, exchange: str = "auto", **common: Any) -> None:
         fraction = "a fraction of each tensor"
         self.k_low = number("k_low", k_low, 0.0, 1.0, low_open=True, meaning=fraction)
         self.k_high = number("k_high", k_high, 0.0, 1.0, low_open=True, meaning=fraction)
@@ -107,32 +129,66 @@ class Accordion(SparseReducer):
         if deciding:
             call.handshake()
             self._decide(call, epoch)
-        with call.phase("select"):
-            idx = self._select(call)
-        if deciding:  # everyone uses the same densities now, so everyone's count is known
-            counts = [idx.numel()] * self.comm.size
+        dense = self._dense_step(call.layout)  # from the k_t, which every rank shares
+        selected = sum(self._ks)
+        if dense:
+            out = call.output()
+            with call.phase("select"):
+                self._select_dense(call, out)
+            if not deciding:
+                call.handshake(count=selected)
+            avg = self._send_dense(call, out, selected)
         else:
-            counts = call.handshake(count=idx.numel()).counts
-        avg = self._send(call, idx, counts)
+            with call.phase("select"):
+                idx = self._select(call)
+            if deciding:  # everyone uses the same densities now, so everyone's count is known
+                counts = [selected] * self.comm.size
+            else:
+                counts = call.handshake(count=selected).counts
+            avg = self._send(call, idx, counts, exchange="gather" if self.exchange == "auto" else None)
         L = len(self._critical)
-        call.stats.update(critical_fraction=sum(self._critical) / L if L else 0.0, decision=deciding)
+        call.stats.update(critical_fraction=sum(self._critical) / L if L else 0.0, decision=deciding,
+                          dense_exchange=dense)
         return avg
 
+    def _dense_step(self, layout: Layout) -> bool:
+        """``exchange="auto"`` and the step's pairs would cost more bytes than the dense vector."""
+        if self.exchange != "auto" or not self.wire.default:
+            return False
+        value = layout.dtype.itemsize
+        return sum(self._ks) * (layout.index_dtype.itemsize + value) > layout.numel * value
+
     def _select(self, call: ReduceCall) -> torch.Tensor:
-        """Layer-wise top-k (as ``selection.topk_per_segment``, the same positions in the same
-        order), each tensor's positions written straight into one index vector of the layout's
-        index dtype: with k_high = 0.99 the selection is nearly the whole vector, and per-tensor
-        int64 index lists, their concatenation and its conversion would be 4x the gradient."""
+        """Layer-wise top-k by the rule (as :func:`~..select.exact_topk.reference`, the same
+        positions in the same order), each tensor's positions written straight into one index
+        vector of the layout's index dtype (:func:`~..select.exact_topk.top_into`): with k_high
+        = 0.99 the selection is nearly the whole vector, and per-tensor int64 index lists, their
+        concatenation and its conversion would be 4x the gradient."""
         x, layout = call.x, call.layout
         scratch = call.scratch()
         idx = torch.empty(sum(self._ks), dtype=layout.index_dtype, device=x.device)
         at = 0
         for (a, b), k in zip(layout.segments, self._ks):
             if k > 0:
-                found = torch.topk(torch.abs(x[a:b], out=scratch[:b - a]), k, sorted=False).indices
-                idx[at:at + k].copy_(found).add_(a)
+                top_into(torch.abs(x[a:b], out=scratch[:b - a]), k, idx[at:at + k]).add_(a)
                 at += k
         return idx
+
+    def _select_dense(self, call: ReduceCall, out: torch.Tensor) -> None:
+        """The selection of :meth:`_select` as a dense vector in ``out``: x at the selected
+        positions, 0 elsewhere. A tensor with k_t > numel_t / 2 is copied whole and its
+        dropped positions zeroed (:func:`~..select.exact_topk.rest_of`); any other gets x at
+        its top-k positions."""
+        x, scratch = call.x, call.scratch()
+        for (a, b), k in zip(call.layout.segments, self._ks):
+            n = b - a
+            if 2 * k > n:
+                out[a:b].copy_(x[a:b])
+                if k < n:
+                    fill_at(out[a:b], rest_of(torch.abs(x[a:b], out=scratch[:n]), k), 0)
+            elif k > 0:
+                keep = top_of(torch.abs(x[a:b], out=scratch[:n]), k)
+                put_at(out[a:b], keep, x[a:b].index_select(0, keep))
 
     def _decide(self, call: ReduceCall, epoch: int) -> None:
         """Rank 0 classifies every tensor and broadcasts the choice (one byte per tensor)."""

@@ -7,7 +7,7 @@ import torch
 
 from ...validate import choice
 from ..base import ReduceCall, Reducer
-from ..comm.exchange import sparse_gather_sum, union_allreduce
+from ..comm.exchange import dense_allreduce_mean, sparse_gather_sum, union_allreduce
 from ..comm.wire import WireFormat, floor_bits, gather_pairs, union_pairs
 
 EXCHANGES = ("gather", "union")
@@ -17,40 +17,73 @@ class SparseReducer(Reducer):
     """A sparsifier whose selection travels by sparse gather-sum (``exchange="gather"``: each
     worker's own pairs are summed, each worker zeroes its residual at its own positions) or by
     union all-reduce (``exchange="union"``: every worker sends its values at the union of all
-    selected positions and zeroes its residual there).
+    selected positions and zeroes its residual there). A method may also send a step's
+    selection as a dense vector (:meth:`_send_dense`, one all-reduce) where that is cheaper.
 
     ``values`` and ``indices`` choose the wire format of the pairs (:mod:`..wire`):
     values in full precision, fp16 or bf16; positions as int32, a bitmap, delta-coded
     (Elias-Fano) or the smallest of them for the step."""
 
+    exchanges: tuple[str, ...] = EXCHANGES  # the values ``exchange`` may take
+
     def __init__(self, *, exchange: str = "gather", values: str = "full", indices: str = "int32",
                  **common: Any) -> None:
-        self.exchange = choice("exchange", exchange, EXCHANGES)
+        self.exchange = choice("exchange", exchange, self.exchanges)
         self.wire = WireFormat(values, indices)
         super().__init__(**common)
 
     def options(self) -> dict[str, Any]:
         return {"exchange": self.exchange, **self.wire.options()}
 
-    def _send(self, call: ReduceCall, idx: torch.Tensor, counts: list[int], values: torch.Tensor | None = None
-              ) -> torch.Tensor:
+    def _send(self, call: ReduceCall, idx: torch.Tensor, counts: list[int], values: torch.Tensor | None = None,
+              exchange: str | None = None) -> torch.Tensor:
         """Exchange the positions ``idx`` selected by this worker; return the flat average.
-        ``values``: ``x[idx]`` when the selection already has it (the fused pass)."""
+        ``values``: ``x[idx]`` when the selection already has it (the fused pass).
+        ``exchange``: ``"gather"`` or ``"union"`` (default: the reducer's own)."""
+        exchange = exchange or self.exchange
         kept = None
         with call.phase("comm"):
             if self.wire.default:
-                if self.exchange == "gather":
+                if exchange == "gather":
                     avg, union = sparse_gather_sum(self.comm, call.x, idx, counts, call.output(), values)
                 else:
                     avg, union = union_allreduce(self.comm, call.x, idx, counts, call.output())
-                sent = idx if self.exchange == "gather" else union
-            elif self.exchange == "gather":
+                sent = idx if exchange == "gather" else union
+            elif exchange == "gather":
                 avg, union, sent, kept = gather_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
             else:
                 avg, union, kept = union_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
                 sent = union
         call.commit_sparse(sent, kept)
         call.counted(selected=idx.numel(), received=union.numel())
-        call.stats["wire_floor_bytes"] = floor_bits(
-            call.d, idx.numel(), sent.numel(), self.wire.value_bits(call.x.dtype)) / 8
+        self._wire_floor(call, idx.numel(), sent.numel())
         return avg
+
+    def _send_dense(self, call: ReduceCall, selection: torch.Tensor, selected: int) -> torch.Tensor:
+        """Exchange this worker's selection as a dense vector: ``selection`` (the call's
+        :meth:`~..base.ReduceCall.output`) holds ``x`` at the ``selected`` positions and 0
+        elsewhere. ``x`` minus it (exactly x where nothing was selected, 0 where something was,
+        as :meth:`_send`'s gather-sum leaves it) becomes the residual in place; ``selection`` is
+        all-reduced in place and divided by P, and returned as the average.
+
+        ``received`` (hence ``density``): the positions where the average is not 0, or
+        ``selected`` if more. The union of everyone's selections would take another exchange;
+        this lower bound of it is exact with one worker, and otherwise wherever no position
+        some worker selected averages to exactly 0. ``wire_floor_bytes`` is the pairs' floor,
+        as for the gather-sum."""
+        with call.phase("select"):
+            if call.error_feedback:
+                call.x.sub_(selection)
+        call.commit_subtracted()
+        with call.phase("comm"):
+            avg = dense_allreduce_mean(self.comm, selection)
+        received = selected
+        if self.comm.size > 1:
+            with call.phase("select"):
+                received = max(selected, int(torch.count_nonzero(avg)))
+        call.counted(selected=selected, received=received)
+        self._wire_floor(call, selected, selected)
+        return avg
+
+    def _wire_floor(self, call: ReduceCall, selected: int, sent: int) -> None:
+        call.stats["wire_floor_bytes"] = floor_bits(call.d, selected, sent, self.wire.value_bits(call.x.dtype)) / 8

@@ -37,7 +37,7 @@ from ...validate import choice
 from .fused import SELECTIONS, Selected, resolve
 from .primitives import sample_distinct
 
-__all__ = ["top_of", "reference", "TopKSearch", "TopKSelection", "sample_size"]
+__all__ = ["top_of", "rest_of", "top_into", "reference", "TopKSearch", "TopKSelection", "sample_size"]
 
 HITS = 4  # sampled values expected above a range's k-th largest |x|
 SAMPLE_MIN, SAMPLE_MAX = 1024, 65536
@@ -69,6 +69,59 @@ def top_of(a: torch.Tensor, k: int, finite: bool = False) -> torch.Tensor:
     if need > 0:
         keep[torch.nonzero(a == kth).view(-1)[:need]] = True
     return torch.nonzero(keep).view(-1)
+
+
+PIECE = 1 << 18
+"""Positions found at a time by :func:`rest_of` and :func:`top_into` (a piece of the range:
+their int64 temporaries stay this small however long the range)."""
+
+
+def rest_of(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted int64 positions that :func:`top_of` ``(a, k)`` leaves out: the ``n - k`` smallest
+    magnitudes by the rule read backwards (equal values: the higher position leaves first; NaN
+    last). Found from the ``n - k + 1`` smallest, so a ``k`` near ``n`` costs temporaries of
+    ``n - k`` positions and a mask of ``n`` bytes, never a vector of the kept positions."""
+    n = a.numel()
+    m = n - k
+    if m <= 0:
+        return torch.empty(0, dtype=torch.int64, device=a.device)
+    if k <= 0:
+        return torch.arange(n, device=a.device)
+    low = torch.topk(a, m + 1, largest=False, sorted=True)  # NaN sorts last
+    last, after = low.values[m - 1], low.values[m]
+    if bool(torch.isnan(last)):  # more than k NaN: the rule keeps the first k of them
+        keep = torch.zeros(n, dtype=torch.bool, device=a.device)
+        keep[top_of(a, k)] = True
+        return torch.nonzero(keep.logical_not_()).view(-1)
+    if bool((last < after) | torch.isnan(after)):  # no tie across the boundary
+        return torch.sort(low.indices[:m]).values
+    below = torch.nonzero(torch.lt(a, last)).view(-1)
+    need, end, ties = m - below.numel(), n, []
+    while need > 0:  # the last `need` positions equal to the boundary value, a piece at a time from the end
+        start = max(0, end - PIECE)
+        equal = torch.nonzero(a[start:end] == last).view(-1)
+        taken = equal[max(0, equal.numel() - need):]
+        ties.append(taken.add_(start))
+        need, end = need - taken.numel(), start
+    return torch.sort(torch.cat([below, *ties])).values
+
+
+def top_into(a: torch.Tensor, k: int, out: torch.Tensor) -> torch.Tensor:
+    """Write the ``min(k, n)`` positions of :func:`top_of` ``(a, k)`` into ``out`` (any integer
+    dtype, at least that long) and return that part of it. Where ``k > n / 2`` they are the
+    complement of :func:`rest_of`, written a piece at a time: no int64 vector of ``k``."""
+    n = a.numel()
+    k = max(0, min(k, n))
+    if 2 * k <= n:
+        return out[:k].copy_(top_of(a, k))
+    keep = torch.ones(n, dtype=torch.bool, device=a.device)
+    keep[rest_of(a, k)] = False
+    at = 0
+    for start in range(0, n, PIECE):
+        found = torch.nonzero(keep[start:start + PIECE]).view(-1)
+        out[at:at + found.numel()].copy_(found.add_(start))
+        at += found.numel()
+    return out[:k]
 
 
 def _ordered(ranges: Sequence[tuple[int, int]], ks: Sequence[int]) -> list[tuple[int, int, int]]:
