@@ -386,23 +386,86 @@ LONG_CASES = [("qsgd", {}), ("qsgd", {"levels": 3, "bucket_size": 100}), ("terng
 
 
 @pytest.mark.parametrize("name,options", LONG_CASES)
-def test_long_tensors_decoded_in_pieces_agree_with_the_reference(name, options):
-    from sparsecomm.reducers.comm.exchange import DECODE_CHUNK
+def test_long_tensors_decoded_in_pieces_agree_with_the_reference(name, options, monkeypatch):
+    """Pieces of 2**18 coordinates, gathered in one table and then a piece or two at a time
+    (tables of at most a few hundred kB): the same bits, and the reference's values."""
+    from sparsecomm.reducers.comm import exchange
     from sparsecomm.reducers.comm.virtual import VirtualWorld
 
-    assert max(math.prod(s) for s in LONG_SHAPES) > DECODE_CHUNK
-    P = 2
-    world = VirtualWorld(P)
-    rs = [reducers.build(name, group=world.communicator(r), **options) for r in range(P)]
-    sim = Simulation(name, P, LONG_SHAPES, 1.0, **options)
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(2):
-        grads = [[torch.randn(s, generator=gen) for s in LONG_SHAPES] for _ in range(P)]
-        avgs = world.run(lambda r: rs[r].reduce(grads[r]))
-        ref_avg, ref_res = sim.step(grads)
-        for w in range(P):
-            flat = torch.cat([a.reshape(-1) for a in avgs[w]])
-            torch.testing.assert_close(flat, ref_avg, rtol=1e-5, atol=1e-7)
-            if rs[w].compensates:
-                torch.testing.assert_close(torch.cat([m.reshape(-1) for m in rs[w].residual]), ref_res[w],
-                                           rtol=1e-5, atol=1e-6)
+    assert max(math.prod(s) for s in LONG_SHAPES) > exchange.DECODE_CHUNK
+    P = 3
+    runs = []
+    for table_min in (exchange.TABLE_MIN, 64):
+        monkeypatch.setattr(exchange, "TABLE_MIN", table_min)
+        monkeypatch.setattr(exchange, "TABLE_SHARE", 10 ** 9 if table_min == 64 else 8)
+        world = VirtualWorld(P)
+        rs = [reducers.build(name, group=world.communicator(r), **options) for r in range(P)]
+        sim = Simulation(name, P, LONG_SHAPES, 1.0, **options)
+        gen = torch.Generator().manual_seed(5)
+        out = []
+        for _ in range(2):
+            grads = [[torch.randn(s, generator=gen) for s in LONG_SHAPES] for _ in range(P)]
+            avgs = world.run(lambda r: rs[r].reduce(grads[r]))
+            ref_avg, ref_res = sim.step(grads)
+            for w in range(P):
+                flat = torch.cat([a.reshape(-1) for a in avgs[w]])
+                torch.testing.assert_close(flat, ref_avg, rtol=1e-5, atol=1e-7)
+                if rs[w].compensates:
+                    torch.testing.assert_close(torch.cat([m.reshape(-1) for m in rs[w].residual]), ref_res[w],
+                                               rtol=1e-5, atol=1e-6)
+                out.append(flat)
+        runs.append(out)
+    for whole, windowed in zip(*runs):
+        assert torch.equal(whole, windowed)
+
+
+# ------------------------------------------------- rows gathered a window at a time
+def test_windows_cut_only_on_whole_bytes_and_cover_the_row():
+    from sparsecomm.reducers.comm.exchange import windows
+
+    ranges = [(0, 10), (10, 16), (16, 21), (21, 40), (40, 48), (48, 50)]
+    plan = windows(ranges, head=12, width=4, size=12 + 25, limit=4)
+    assert plan[0][0] == plan[0][2] == 0 and plan[-1][1] == len(ranges) and plan[-1][3] == 37
+    for (f0, l0, lo0, hi0), (f1, _, lo1, _) in zip(plan, plan[1:]):
+        assert l0 == f1 and hi0 == lo1  # consecutive, no byte twice
+        assert ranges[f1][0] % 8 == 0 and lo1 == 12 + ranges[f1][0] * 4 // 8
+    assert [w[:2] for w in plan] == [(0, 2), (2, 4), (4, 5), (5, 6)]  # 10 and 21 are not cuts
+    assert windows(ranges, 12, 4, 37, limit=10 ** 6) == [(0, 6, 0, 37)]  # under the limit: one window
+    assert windows([], 0, 16, 0, limit=1) == []
+
+
+def windowed_and_whole(cases, steps=2):
+    """Each case reduced twice on this rank: rows gathered whole, then a few bytes at a time."""
+    from sparsecomm.reducers.comm import exchange
+
+    out = []
+    for name, options in cases:
+        runs = []
+        for table_min, share in ((exchange.TABLE_MIN, exchange.TABLE_SHARE), (64, 10 ** 9)):
+            exchange.TABLE_MIN, exchange.TABLE_SHARE = table_min, share
+            try:
+                r = reducers.build(name, seed=3, **options)
+                avgs = [torch.cat([a.reshape(-1) for a in r.reduce(sc.make_grads(sc.SHAPES, sc.rank(), s))])
+                        for s in range(steps)]
+            finally:
+                exchange.TABLE_MIN, exchange.TABLE_SHARE = 1 << 22, 8
+            residual = torch.cat([m.reshape(-1) for m in r.residual]) if r.compensates else None
+            runs.append((avgs, residual, r.stats["bytes_sent"]))
+        out.append(runs)
+    return out
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_rows_gathered_in_windows_give_the_same_bits(clusters, P):
+    """Many windows (a table of at most 64 bytes) against one: the same average, residual and
+    bytes on every rank, to the bit, for every quantizer and cast."""
+    cases = [c for c in CASES if c[1].get("exchange") != "allreduce"]
+    results = clusters(P).run(windowed_and_whole, cases)
+    for r in range(P):
+        for (name, _), (whole, windowed) in zip(cases, results[r]):
+            for a, b in zip(whole[0], windowed[0]):
+                assert torch.equal(a, b), name
+            assert (whole[1] is None) == (windowed[1] is None) and (whole[1] is None or
+                                                                   torch.equal(whole[1], windowed[1])), name
+            assert whole[2] == windowed[2], name
+            assert torch.equal(results[r][cases.index((name, _))][0][0][0], results[0][cases.index((name, _))][0][0][0])

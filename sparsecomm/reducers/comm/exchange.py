@@ -15,7 +15,8 @@ and size padded all-gathers from the counts. The schemes below then move the pay
   values at the union of everyone's indices;
 * :func:`allreduce_at` -- all-reduce at positions every worker already agrees on;
 * :func:`gather_decoded_mean` -- every worker's encoded row (quantized codes, 16-bit values)
-  all-gathered, decoded and added in rank order.
+  all-gathered a window at a time (:func:`gather_in_windows`), decoded and added in rank
+  order.
 
 Every exchange of positions and values travels in one format (:func:`pack`): each part
 padded to the same count, widest element type first. Padding is zero-initialised, counted as
@@ -25,18 +26,19 @@ Sums are formed in a fixed order, so ``avg`` is bit-identical on every rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .bitpack import unpack_bits
 from .communicator import Communicator, Pending
 from ..layout import Layout
 
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
     "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "union_allreduce", "allreduce_at", "union_of",
-    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean", "decoded_mean",
-    "chunks",
+    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean", "Encoded",
+    "gather_in_windows", "RowBytes", "windows", "table_limit", "chunks",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -317,39 +319,153 @@ def chunks(d: int, size: int = DECODE_CHUNK) -> list[tuple[int, int]]:
     return [(a, min(a + size, d)) for a in range(0, d, size)]
 
 
-def gather_decoded_mean(comm: Communicator, row: torch.Tensor,
-                        decode: Callable[[torch.Tensor, int, int], torch.Tensor], avg: torch.Tensor,
-                        ranges: Sequence[tuple[int, int]] | None = None,
-                        residual: torch.Tensor | None = None) -> torch.Tensor:
+TABLE_SHARE = 16
+"""A gathered table of encoded rows holds at most 1/TABLE_SHARE of the gradient's bytes (two
+tables are alive at once: the one decoded and the next one on its way; gloo copies each once
+more), or ``TABLE_MIN``."""
+TABLE_MIN = 1 << 21
+"""Tables of up to 2 MiB are allowed whatever the gradient's size: a small model's rows travel
+in one all-gather or a few."""
+
+
+@dataclass
+class Encoded:
+    """The part of one worker's encoded row in hand: its ``head`` (whole, e.g. per-tensor
+    scales) and the ``body`` bytes that hold coordinates ``start`` onwards, ``width`` bits per
+    coordinate (packed codes, :mod:`.bitpack`, or 16-bit values), ``start`` a multiple of 8."""
+
+    head: torch.Tensor
+    body: torch.Tensor
+    start: int
+    width: int
+
+    def codes(self, a: int, b: int) -> torch.Tensor:
+        """The packed codes of coordinates ``[a, b)`` (uint8)."""
+        a, b = a - self.start, b - self.start
+        a0 = a - a % 8  # groups of eight codes start on a byte
+        return unpack_bits(self.body[a0 * self.width // 8:], b - a0, self.width)[a - a0:]
+
+    def values(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor:
+        """Coordinates ``[a, b)`` of a body of ``dtype`` values (a view)."""
+        n = dtype.itemsize
+        return self.body[(a - self.start) * n:(b - self.start) * n].view(dtype)
+
+
+def table_limit(d: int, itemsize: int) -> int:
+    """The most bytes one gathered table may hold, for a gradient of ``d`` elements of
+    ``itemsize`` bytes: the larger of 1/TABLE_SHARE of it and TABLE_MIN."""
+    return max(d * itemsize // TABLE_SHARE, TABLE_MIN)
+
+
+def windows(ranges: Sequence[tuple[int, int]], head: int, width: int, size: int,
+            limit: int) -> list[tuple[int, int, int, int]]:
+    """Consecutive groups of ``ranges`` whose part of a row of ``size`` bytes (``head`` bytes,
+    then ``width`` bits per coordinate) holds at most ``limit`` bytes where it can: a window
+    ends only where a range starts on a multiple of 8 coordinates (whole bytes of codes), so
+    it grows past the limit only where no such start came in time. Each is
+    ``(first, last, lo, hi)``: ranges ``first`` to ``last - 1``, bytes ``[lo, hi)`` of the
+    row; the first window holds the head."""
+    out: list[tuple[int, int, int, int]] = []
+    first, lo, cut = 0, 0, None  # cut: the last range of this window that may start the next
+    for i, (a, b) in enumerate(ranges):
+        if i > first and a % 8 == 0:
+            cut = i
+        if cut is not None and head + (b * width + 7) // 8 - lo > limit:
+            at = head + ranges[cut][0] * width // 8
+            out.append((first, cut, lo, at))
+            first, lo, cut = cut, at, None
+    if ranges:
+        out.append((first, len(ranges), lo, size))
+    return out
+
+
+RowBytes = Callable[[int, int], torch.Tensor]
+"""Bytes ``[lo, hi)`` of a row encoded on demand (a uint8 tensor of ``hi - lo`` bytes)."""
+
+
+def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, width: int,
+                      ranges: Sequence[tuple[int, int]], limit: int | None = None,
+                      size: int | None = None) -> Iterator[tuple[Sequence[tuple[int, int]], list[Encoded]]]:
+    """All-gather every worker's encoded ``row`` (the same length everywhere: ``head`` bytes,
+    then ``width`` bits per coordinate of the ranges' vector) a window of ``ranges`` at a time
+    (:func:`windows`, at most ``limit`` bytes of the table each; default :func:`table_limit`
+    of a float32 vector as long), the next window's all-gather started before the current one
+    is handed over. Yields ``(ranges of the window, every worker's Encoded part)``; the list of
+    parts is emptied when the next window is asked for, so that its table can go.
+
+    ``row``: the encoded row (1-D, any element type: its bytes travel), or a function giving
+    its bytes ``[lo, hi)`` (:data:`RowBytes`), called for each window just before it is sent,
+    with ``size``, the row's length in bytes: then the whole row never exists at once.
+
+    What travels is the row itself, byte for byte, in one all-gather per window: the same
+    bytes as one all-gather of the whole row, with the table never larger than a window
+    (the whole row's table is P rows, P/2 times the gradient for 16-bit rows)."""
+    d = ranges[-1][1] if ranges else 0
+    limit = table_limit(d, 4) if limit is None else limit
+    if isinstance(row, torch.Tensor):
+        data = row.view(torch.uint8)  # its bytes, whatever its element type
+        size, part = data.numel(), (lambda lo, hi: data[lo:hi])
+    else:
+        assert size is not None, "a row given as a function needs its size"
+        part = row
+    plan = windows(ranges, head, width, size, max(1, limit // comm.size))
+    heads: torch.Tensor | None = None
+
+    def send(j: int) -> tuple[Pending, torch.Tensor]:
+        sent = part(plan[j][2], plan[j][3])
+        return comm.all_gather_async(sent), sent
+
+    pending = send(0) if plan else None
+    for j, (first, last, lo, hi) in enumerate(plan):
+        assert pending is not None
+        table = pending[0].wait()
+        if not isinstance(row, torch.Tensor):
+            release(pending[1])  # gloo keeps a collective's input until its next one
+        pending = send(j + 1) if j + 1 < len(plan) else None
+        if heads is None:
+            heads = table[:, :head].clone()
+            body, start = table[:, head:], 0
+        else:
+            body, start = table, ranges[first][0]
+        parts = [Encoded(heads[w], body[w], start, width) for w in range(comm.size)]
+        yield ranges[first:last], parts
+        parts.clear()  # the caller's list too: the table goes now (it may be shared: not released)
+        del table, body
+
+
+def gather_decoded_mean(comm: Communicator, row: torch.Tensor | RowBytes,
+                        decode: Callable[[Encoded, int, int], torch.Tensor], avg: torch.Tensor,
+                        ranges: Sequence[tuple[int, int]] | None = None, residual: torch.Tensor | None = None,
+                        *, head: int = 0, width: int = 8, limit: int | None = None,
+                        size: int | None = None) -> torch.Tensor:
     """Dense gather-sum of encoded rows: all-gather this worker's ``row`` (the same length on
-    every worker), add every worker's decoded vector into the zeroed ``avg`` in rank order,
-    and divide by P. Every rank forms the same sums in the same order, so ``avg`` is
-    bit-identical everywhere; what travels is the encoded row.
+    every worker; ``head`` bytes, then ``width`` bits per coordinate), add every worker's
+    decoded vector into the zeroed ``avg`` in rank order, and divide by P. Every rank forms
+    the same sums in the same order, so ``avg`` is bit-identical everywhere; what travels is
+    the encoded row.
 
-    ``decode(row_w, start, end)``: coordinates ``[start, end)`` of worker w's vector, decoded
-    to ``avg``'s dtype. The vector is decoded range by range (``ranges``, covering ``[0, d)``
-    in order; default :func:`chunks`), all workers' rows for one range before the next, so no
-    temporary is larger than a range: beyond ``avg`` the only full-size memory is the gathered
-    table of encoded rows. ``residual``: this worker's compensated vector x, from which its own
-    decoded vector q (what the others received from it) is subtracted in place, leaving the
-    error-feedback residual x - q. Returns ``avg``. (A caller that can let go of its row once
-    it is sent calls ``comm.all_gather`` and :func:`decoded_mean` itself.)"""
-    return decoded_mean(comm, comm.all_gather(row), decode, avg, ranges, residual)
-
-
-def decoded_mean(comm: Communicator, table: torch.Tensor,
-                 decode: Callable[[torch.Tensor, int, int], torch.Tensor], avg: torch.Tensor,
-                 ranges: Sequence[tuple[int, int]] | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The second half of :func:`gather_decoded_mean`, from the gathered ``table`` of rows."""
+    ``decode(part, start, end)``: coordinates ``[start, end)`` of a worker's vector from its
+    :class:`Encoded` part, decoded to ``avg``'s dtype. The vector is decoded range by range
+    (``ranges``, covering ``[0, d)`` in order; default :func:`chunks`), all workers' rows for
+    one range before the next, so no decoded temporary is larger than a range; the rows are
+    gathered a window of ranges at a time (:func:`gather_in_windows`), so beyond ``row`` and
+    ``avg`` the largest memory is two windows' tables. ``residual``: this worker's compensated
+    vector x, from which its own decoded vector q (what the others received from it) is
+    subtracted in place, leaving the error-feedback residual x - q. ``row`` (a tensor or a
+    function with ``size``, as for :func:`gather_in_windows`) is released (its storage
+    emptied) once sent. Returns ``avg``."""
     P = comm.size
-    for a, b in chunks(avg.numel()) if ranges is None else ranges:
-        part = avg[a:b]
-        for w in range(P):
-            decoded = decode(table[w], a, b)
-            part.add_(decoded)
-            if residual is not None and w == comm.rank:
-                residual[a:b].sub_(decoded)
-        if P > 1:
-            part.div_(P)
+    ranges = chunks(avg.numel()) if ranges is None else ranges
+    for window, parts in gather_in_windows(comm, row, head, width, ranges, limit, size):
+        for a, b in window:
+            part = avg[a:b]
+            for w in range(P):
+                decoded = decode(parts[w], a, b)
+                part.add_(decoded)
+                if residual is not None and w == comm.rank:
+                    residual[a:b].sub_(decoded)
+            if P > 1:
+                part.div_(P)
+    if isinstance(row, torch.Tensor):
+        release(row)
     return avg

@@ -1,13 +1,13 @@
 """16-bit casting with error feedback: every coordinate travels as float16 or bfloat16."""
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from ...validate import choice
 from ..base import ReduceCall, Reducer
-from ..comm.exchange import chunks, decoded_mean
+from ..comm.exchange import chunks, gather_decoded_mean
 from ..registry import register
 
 EXCHANGES = ("gather", "allreduce")
@@ -23,9 +23,11 @@ class CastReducer(Reducer):
     ``exchange="gather"`` (default): the 16-bit rows are all-gathered, widened back to the
     gradient's dtype and added in rank order on every rank, so the average is bit-identical
     everywhere and no sum is rounded to 16 bits: conservation holds to the rounding of the
-    sums in the gradient's dtype. The price is in the wire estimate: an all-gather receives
-    (P - 1) 2d bytes per worker where a ring all-reduce of the same values moves
-    2 (P - 1) / P 2d (equal at P = 2, twice as much at P = 4).
+    sums in the gradient's dtype. The rows are cast and travel a window at a time
+    (:func:`~sparsecomm.reducers.comm.exchange.gather_in_windows`), so neither the whole 16-bit
+    row (half the gradient) nor a table of all P rows (P/2 times it) is ever held. The price is in the wire estimate: an
+    all-gather receives (P - 1) 2d bytes per worker where a ring all-reduce of the same values
+    moves 2 (P - 1) / P 2d (equal at P = 2, twice as much at P = 4).
 
     ``exchange="allreduce"``: as PyTorch's ``fp16_compress_hook``: each worker casts x / P,
     the 16-bit values are all-reduced (summed in 16 bits by the backend; gloo and NCCL give
@@ -56,7 +58,7 @@ class CastReducer(Reducer):
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` rounded to ``wire``, saturated at its largest finite value; built range by
-        range into the row, so the only full-size allocation is the 16-bit row itself."""
+        range into the result, so the only full-size allocation is the 16-bit result itself."""
         if x.dtype == self.wire:
             return x.clone()
         top = torch.finfo(self.wire).max
@@ -68,17 +70,25 @@ class CastReducer(Reducer):
             row[a:b].copy_(part)
         return row
 
+    def _row_bytes(self, call: ReduceCall) -> Callable[[int, int], torch.Tensor]:
+        """Bytes ``[lo, hi)`` of the 16-bit row of ``call.x``, cast when asked for (in the
+        "select" phase): the row is sent a window at a time and never exists whole."""
+        n = self.wire.itemsize
+
+        def row_bytes(lo: int, hi: int) -> torch.Tensor:
+            with call.phase("select"):
+                return self._cast(call.x[lo // n:hi // n]).view(torch.uint8)
+        return row_bytes
+
     def _run(self, call: ReduceCall) -> torch.Tensor:
         x, dtype, P = call.x, call.layout.dtype, self.comm.size
         call.handshake(count=call.d)
         if self.exchange == "gather":
-            with call.phase("select"):
-                row = self._cast(x)
-            with call.phase("comm"):
-                table = self.comm.all_gather(row)
-                del row  # sent: not kept while the table is decoded
-                avg = decoded_mean(self.comm, table, lambda r, a, b: r[a:b].to(dtype), call.output(),
-                                   residual=call.x if call.error_feedback else None)
+            with call.phase("comm"):  # each window cast as it is sent
+                avg = gather_decoded_mean(self.comm, self._row_bytes(call),
+                                          lambda part, a, b: part.values(a, b, self.wire).to(dtype), call.output(),
+                                          residual=call.x if call.error_feedback else None,
+                                          width=8 * self.wire.itemsize, size=call.d * self.wire.itemsize)
             call.commit_subtracted()
         else:
             with call.phase("select"):

@@ -3,10 +3,10 @@ feedback, sign with majority vote).
 
 Common to the family: each worker encodes its compensated vector x into one byte row (scales
 first, then bit-packed codes, see :mod:`~sparsecomm.reducers.comm.bitpack`), the rows are
-all-gathered, and every rank decodes them and adds them in rank order
+all-gathered a window at a time, and every rank decodes them and adds them in rank order
 (:func:`~sparsecomm.reducers.comm.exchange.gather_decoded_mean`, range by range, so no decoded
-temporary is larger than a range), so the average is bit-identical
-everywhere and ``bytes_sent`` is the packed row itself.
+temporary is larger than a range and no gathered table larger than a window), so the average
+is bit-identical everywhere and ``bytes_sent`` is the packed row itself.
 
 Error feedback: ``efsignsgd`` keeps ``x - q`` as its residual, q being this worker's own
 decoded row, so nothing is lost. ``qsgd`` and ``terngrad`` are unbiased (E q = x) and, as in
@@ -36,8 +36,8 @@ import torch
 
 from ...validate import choice, number, positive_int
 from ..base import ReduceCall, Reducer
-from ..comm.bitpack import code_width, pack_bits, packed_bytes, unpack_bits
-from ..comm.exchange import DECODE_CHUNK, Header, chunks, decoded_mean
+from ..comm.bitpack import code_width, pack_bits, packed_bytes
+from ..comm.exchange import DECODE_CHUNK, Encoded, Header, chunks, gather_decoded_mean, gather_in_windows, release
 from ..layout import Layout
 from ..registry import register
 
@@ -97,21 +97,17 @@ def _pack_into(row: torch.Tensor, at: int, d: int, width: int,
     return row
 
 
-def _codes_of(data: torch.Tensor, a: int, b: int, width: int) -> torch.Tensor:
-    """Codes a to b of those packed in ``data`` (uint8)."""
-    a0 = a - a % 8  # groups of eight codes start on a byte
-    return unpack_bits(data[a0 * width // 8:], b - a0, width)[a - a0:]
-
-
 class QuantizedReducer(Reducer):
     """Family base: :meth:`_prepare` (before the handshake; per-worker figures that ride on it),
-    :meth:`_encode` (after it: the byte row) and :meth:`_decode` (a row back to a flat vector
-    of the gradients' dtype) define a method. ``conserves``: whether the average is the mean of
+    :meth:`_encode` (after it: the byte row: :meth:`_head` bytes of scales, then codes of
+    ``width`` bits per coordinate) and :meth:`_decode` (a row's part back to a flat vector of
+    the gradients' dtype) define a method. ``conserves``: whether the average is the mean of
     what the workers hold up to what the residuals keep (the conservation identity)."""
 
     uses_density = False
     conserves = True
     random_rounding = False  # True: the method draws one uniform number per coordinate
+    width = 8  # bits per coordinate on the wire
 
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
@@ -141,9 +137,13 @@ class QuantizedReducer(Reducer):
     def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
         raise NotImplementedError
 
-    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
         """Coordinates ``[a, b)`` (one of :meth:`_ranges`) of the vector encoded in ``row``."""
         raise NotImplementedError
+
+    def _head(self) -> int:
+        """Bytes of scales at the start of every row."""
+        return 0
 
     def _ranges(self) -> list[tuple[int, int]]:
         """The ranges :meth:`_decode` is asked for, in order: pieces of single tensors."""
@@ -157,10 +157,9 @@ class QuantizedReducer(Reducer):
             row = self._encode(call, header)
         sent = row.numel()
         with call.phase("comm"):
-            table = self.comm.all_gather(row)
-            del row  # sent: not kept while the table is decoded
-            avg = decoded_mean(self.comm, table, self._decode, call.output(), self._ranges(),
-                               residual=call.x if call.error_feedback else None)
+            avg = gather_decoded_mean(self.comm, row, self._decode, call.output(), self._ranges(),
+                                      residual=call.x if call.error_feedback else None, head=self._head(),
+                                      width=self.width)
         call.commit_subtracted()
         call.counted(selected=call.d, received=call.d)
         call.stats.update(payload_ratio=call.fraction(sent / call.layout.dtype.itemsize),
@@ -267,11 +266,14 @@ class QSGD(QuantizedReducer):
         row = _row(norms, call.d, self.width, x.device)
         return _pack_into(row, self._buckets * cdtype.itemsize, call.d, self.width, lambda a, b: codes[a:b])
 
-    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    def _head(self) -> int:
+        return self._buckets * self._cdtype.itemsize
+
+    def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
         cdtype = self._cdtype
         _, _, j, rows = self._piece_at[a]
-        scale = _values_of(row, max(rows, 1), cdtype, first=j) / self.levels
-        values = _codes_of(row[self._buckets * cdtype.itemsize:], a, b, self.width).to(cdtype).sub_(self.levels)
+        scale = _values_of(row.head, max(rows, 1), cdtype, first=j) / self.levels
+        values = row.codes(a, b).to(cdtype).sub_(self.levels)
         if rows:
             values.view(rows, -1).mul_(scale[:, None])
         else:
@@ -299,6 +301,7 @@ class TernGrad(QuantizedReducer):
     name = "terngrad"
     per_tensor = True  # clipping and the shared scaler are per tensor
     summary = "stochastic ternary levels {-s, 0, s}, shared per-tensor scaler, clipping (TernGrad; no residual)"
+    width = 2
     random_rounding = True
     compensates = False
     conserves = False  # unbiased (up to clipping): the mean of what the workers hold in expectation only
@@ -344,8 +347,8 @@ class TernGrad(QuantizedReducer):
             codes[a:b] = torch.sign(g).mul_(keep).add_(1)  # sign(g) b + 1
         return _pack_into(_row(None, call.d, 2, x.device), 0, call.d, 2, lambda a, b: codes[a:b])
 
-    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        values = _codes_of(row, a, b, 2).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_at[a]])
+    def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
+        values = row.codes(a, b).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_at[a]])
         return values.to(self.layout.dtype)
 
     def _end_step(self) -> None:
@@ -370,6 +373,7 @@ class EFSignSGD(QuantizedReducer):
     name = "efsignsgd"
     per_tensor = True  # each tensor's scale is its own
     summary = "per-tensor scaled sign (||x||_1/n) with error feedback, 1 bit per coordinate (EF-SignSGD)"
+    width = 1
 
     def _encode(self, call: ReduceCall, header: Header) -> torch.Tensor:
         x = call.x
@@ -377,11 +381,13 @@ class EFSignSGD(QuantizedReducer):
         row = _row(scales, call.d, 1, x.device)
         return _pack_into(row, scales.numel() * scales.element_size(), call.d, 1, lambda a, b: x[a:b] < 0)
 
-    def _decode(self, row: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        L, cdtype, i = len(self.layout.shapes), self._cdtype, self._tensor_at[a]
-        scale = _values_of(row, 1, cdtype, first=i)[0]
-        bits = _codes_of(row[L * cdtype.itemsize:], a, b, 1)
-        return bits.to(cdtype).mul_(-2).add_(1).mul_(scale).to(self.layout.dtype)
+    def _head(self) -> int:
+        return len(self.layout.shapes) * self._cdtype.itemsize
+
+    def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
+        scale = _values_of(row.head, 1, self._cdtype, first=self._tensor_at[a])[0]
+        bits = row.codes(a, b)
+        return bits.to(self._cdtype).mul_(-2).add_(1).mul_(scale).to(self.layout.dtype)
 
 
 @register
@@ -410,6 +416,7 @@ class SignSGD(QuantizedReducer):
     summary = "sign of the workers' 1-bit sign votes (majority vote; not an average, no residual)"
     compensates = False
     conserves = False  # a vote, not an average: the conservation identity does not apply
+    width = 1
 
     def __init__(self, *, scale: str = "l1", **common: Any) -> None:
         self.scale = choice("scale", scale, ("l1", "none"))
@@ -426,27 +433,27 @@ class SignSGD(QuantizedReducer):
             at = 0 if scales is None else L * cdtype.itemsize
             row = _pack_into(_row(scales, call.d, 1, x.device), at, call.d, 1, lambda a, b: x[a:b] < 0)
         with call.phase("comm"):
-            P = self.comm.size
-            table = self.comm.all_gather(row)
-            sent = row.numel()
-            del row  # sent: not kept while the votes are counted
-            scale = torch.zeros(L, dtype=cdtype, device=x.device)
-            if self.scale == "l1":
-                for w in range(P):  # rank order
-                    scale.add_(_values_of(table[w], L, cdtype))
-                scale.div_(P)
+            P, sent = self.comm.size, row.numel()
+            scale: torch.Tensor | None = None
             avg = call.output()
             ties = torch.zeros((), dtype=torch.int64, device=x.device)
-            for a, b, i in self._pieces:  # range by range: small temporaries
-                negative = torch.zeros(b - a, dtype=torch.int32, device=x.device)  # workers voting -1
-                for w in range(P):  # rank order
-                    negative.add_(_codes_of(table[w, at:], a, b, 1))
-                votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
-                result = torch.sign(votes).to(cdtype)
-                if self.scale == "l1":
-                    result.mul_(scale[i])
-                avg[a:b].copy_(result)
-                ties.add_((votes == 0).sum())
+            for window, parts in gather_in_windows(self.comm, row, at, 1, self._ranges()):
+                if self.scale == "l1" and scale is None:
+                    scale = torch.zeros(L, dtype=cdtype, device=x.device)
+                    for w in range(P):  # rank order
+                        scale.add_(_values_of(parts[w].head, L, cdtype))
+                    scale.div_(P)
+                for a, b in window:  # range by range: small temporaries
+                    negative = torch.zeros(b - a, dtype=torch.int32, device=x.device)  # workers voting -1
+                    for w in range(P):  # rank order
+                        negative.add_(parts[w].codes(a, b))
+                    votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
+                    result = torch.sign(votes).to(cdtype)
+                    if scale is not None:
+                        result.mul_(scale[self._tensor_at[a]])
+                    avg[a:b].copy_(result)
+                    ties.add_((votes == 0).sum())
+            release(row)
         call.counted(selected=call.d, received=call.d)
         call.stats.update(payload_ratio=call.fraction(sent / layout.dtype.itemsize),
                           bits_per_coordinate=call.fraction(8.0 * sent),
