@@ -242,6 +242,38 @@ def test_compiled_rule_over_many_ranges_keeps_what_the_reference_keeps(dtype, in
     assert same(val[:kept], torch.cat(want_v))
 
 
+def quickselect_killer(c):
+    """c distinct magnitudes in an order where the C quickselect's middle pivot is always the
+    smallest left (McIlroy's adversary, replaying its partition for k = 1): without its round
+    limit it would take c rounds."""
+    ids, value, frozen = list(range(c)), {}, 0
+    lo, hi = 0, c
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        value[ids[mid]] = frozen  # the pivot: the smallest of what is left
+        frozen += 1
+        ids[mid], ids[hi - 1] = ids[hi - 1], ids[mid]
+        at = lo
+        for j in range(lo, hi - 1):  # every other value (still free) is above the pivot
+            ids[j], ids[at] = ids[at], ids[j]
+            at += 1
+        hi = at
+    out = [0.0] * c
+    for i in range(c):
+        out[i] = float(value.get(i, c))
+    return out
+
+
+def test_compiled_rule_stays_exact_where_the_quickselect_meets_its_worst_order():
+    values = torch.tensor(quickselect_killer(5000))
+    for k in (1, 2, 17):
+        idx = torch.arange(values.numel(), dtype=torch.int64)
+        val = values.clone()
+        fused_cpu.keep_top(idx, val, k, torch.empty(values.numel()))
+        want = exact_topk.top_of(values.abs(), k, finite=True)
+        assert idx[:k].tolist() == want.tolist() and same(val[:k], values[want])
+
+
 @pytest.mark.skipif(not fused.triton_importable(), reason="triton is not installed")
 def test_triton_search_matches_the_reference_under_the_interpreter():
     code = ("import test_exact_topk as t, torch\n"

@@ -28,6 +28,7 @@ __all__ = ["available", "unavailable_reason", "compensate_select", "compensate_s
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 /* x = m + g over [0, n) (m NULL: x = g; x NULL: nothing is written); *bad = 1 when some x is
@@ -100,11 +101,18 @@ void NAME(const T *g, const T *m, T *x, int64_t nr, const int64_t *lo, const int
 /* The k-th largest (want = k - 1) of c magnitudes, found in place by a quickselect without
    branches on the data (mag holds no NaN): a Lomuto partition that swaps unconditionally puts
    the values above the pivot (the middle one) first; where the k-th is not among them, a
-   second such pass puts the values equal to it next (ties end the search at once). */
+   second such pass puts the values equal to it next (ties end the search at once). Past
+   ROUNDS rounds (random data takes about 2 ln c; an adversarial order could take c) what is
+   left is sorted instead. */
+#define ROUNDS 128
 #define DEFINE_KTH(NAME, T)                                                                      \
+static int NAME##_desc(const void *a, const void *b) {                                          \
+  T x = *(const T *)a, y = *(const T *)b; return (x < y) - (x > y);                             \
+}                                                                                               \
 static T NAME(T *restrict mag, int64_t c, int64_t want) {                                       \
-  int64_t lo = 0, hi = c; /* the k-th lies in [lo, hi) */                                      \
+  int64_t lo = 0, hi = c, rounds = 0; /* the k-th lies in [lo, hi) */                          \
   while (hi - lo > 1) {                                                                         \
+    if (++rounds > ROUNDS) { qsort(mag + lo, (size_t)(hi - lo), sizeof(T), NAME##_desc); return mag[want]; } \
     int64_t mid = lo + (hi - lo) / 2, at = lo;                                                  \
     T p = mag[mid]; mag[mid] = mag[hi - 1]; mag[hi - 1] = p;                                    \
     for (int64_t j = lo; j < hi - 1; j++) {                                                     \
