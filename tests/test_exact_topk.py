@@ -1,7 +1,9 @@
 """Exact top-k by one rule (sparsecomm.reducers.select.exact_topk): the torch reference against
 a plain-Python oracle of the rule on edge cases, the sampled-bound search (the C loop; Triton
 under TRITON_INTERPRET=1) against the reference bit for bit, including the rare paths (a bound
-too high, more candidates than room); topk and global_topk give the same results with
+too high, more candidates than room) and many ranges of mixed sizes (layer-wise: the C
+backend's bounds, pass and rule as one call each, its bounds equal to the batched torch
+ones); topk and global_topk give the same results with
 selection="torch" and "fused" when k = n (on 1 to 4 workers, with NaN, tiny and huge values:
 tests/test_fused.py)."""
 import math
@@ -15,7 +17,7 @@ import torch
 import fused_scenarios as fs
 from test_fused import compare, same
 from sparsecomm import reducers
-from sparsecomm.reducers.select import exact_topk, fused
+from sparsecomm.reducers.select import exact_topk, fused, fused_cpu
 
 KINDS = ((torch.float32, torch.int32), (torch.float32, torch.int64), (torch.float64, torch.int32),
          (torch.float64, torch.int64))
@@ -157,12 +159,148 @@ def test_compiled_search_reads_again_where_the_sample_misled_it():
     check_rare_paths("c")
 
 
+def mixed_cases(seed=0, layers=60):
+    """(name, x, ranges, ks) with many ranges of mixed sizes, as one per layer: most shorter
+    than the sample (read whole), a few longer, gaps and empty ranges between them, k from 0
+    to past the range's length; random values, then the same ranges over ties, all equal,
+    and with NaN and Inf."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [int(v) for v in torch.randint(0, 300, (layers,), generator=gen)]
+    sizes[::7] = [int(v) for v in torch.randint(5000, 40_000, (len(sizes[::7]),), generator=gen)]
+    sizes[3] = 0
+    ranges, ks, at = [], [], 0
+    for i, size in enumerate(sizes):
+        at += 5 if i % 5 == 0 else 0  # a gap
+        ranges.append((at, at + size))
+        ks.append(max(1, size // 1000) if i % 9 else [0, 1, size, size + 3][i // 9 % 4])
+        at += size
+    n = at + 11
+    random = torch.randn(n, generator=gen)
+    ties = torch.randint(-3, 4, (n,), generator=gen).float()
+    special = random.clone()
+    special[torch.randint(0, n, (5,), generator=gen)] = float("nan")
+    special[torch.randint(0, n, (5,), generator=gen)] = float("inf")
+    return [("mixed, random", random, ranges, ks), ("mixed, ties", ties, ranges, ks),
+            ("mixed, all equal", torch.full((n,), -0.5), ranges, ks), ("mixed, nan and inf", special, ranges, ks)]
+
+
+def check_mixed(backend, kinds=KINDS, modes=("g+m", "copy", "in place"), seeds=(0, 1)):
+    for seed in seeds:
+        for name, x, ranges, ks in mixed_cases(seed):
+            for dtype, index_dtype in kinds:
+                for mode in modes:
+                    s, found, built = search(x.to(dtype), ranges, ks, index_dtype, backend, mode)
+                    want = exact_topk.reference(built, ranges, ks, index_dtype)
+                    where = (backend, seed, name, dtype, index_dtype, mode)
+                    assert same(found.indices, want), where
+                    assert same(found.values, built[want.long()]), where
+                    if name == "mixed, random":  # the sample's bounds held: nothing read twice
+                        assert s.last["repassed"] == 0.0, where
+
+
+def test_compiled_search_over_many_ranges_of_mixed_sizes_matches_the_reference():
+    check_mixed("c")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64))
+def test_compiled_bounds_equal_the_batched_torch_bounds(dtype):
+    """The C backend's bounds (one call over every range, a short sorted array for small ranks,
+    the quickselect for large ones) are the batched torch selection's, bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [10, 300, 4000, 5000, 70_000, 1000, 2, 9000]
+    ranges, at = [], 0
+    for size in sizes:
+        ranges.append((at, at + size))
+        at += size
+    ks = [3, 100, 40, 5, 70, 999, 1, 200]  # ranks above and below the short array's 64
+    g = torch.randn(at, generator=gen, dtype=dtype)
+    m = torch.randint(-2, 3, (at,), generator=gen).to(dtype)  # ties in the sample
+    s = exact_topk.TopKSearch(ranges, ks, backend="c")
+    s(g, m, torch.empty_like(g), torch.int32)
+    plan = s._plan
+    assert max(plan.ranks) > 64 and min(plan.ranks) < 64 and not all(plan.whole) and any(plan.whole)
+    for mm in (m, None):
+        batch = s._batch(plan, True)
+        got = torch.empty(len(batch.read), dtype=dtype)
+        fused_cpu.sample_bounds(g, mm, batch.bounds, batch.offsets, batch.lengths, batch.positions, batch.ranks,
+                                got, torch.empty(batch.longest, dtype=dtype))
+        sampled = exact_topk._sample_matrix(plan, g, mm)
+        want = torch.stack([torch.topk(row, rank).values[-1] for row, rank in zip(sampled, plan.ranks)])
+        assert same(got[plan.chosen], want)
+        assert torch.isnan(got[[i for i in range(len(batch.read)) if i not in plan.chosen]]).all()
+
+
+@pytest.mark.parametrize("dtype,index_dtype", KINDS)
+def test_compiled_rule_over_many_ranges_keeps_what_the_reference_keeps(dtype, index_dtype):
+    """keep_top_ranges on candidates heavy with ties (few distinct values, sorted runs, all
+    equal) against top_of, range by range, compacted to the front."""
+    gen = torch.Generator().manual_seed(4)
+    counts = [0, 1, 7, 500, 3000, 64, 65, 2000, 2000]
+    ks = [0, 1, 3, 499, 1000, 64, 1, 1999, 7]
+    parts = [torch.randint(0, 5, (counts[0],), generator=gen), torch.tensor([2.0]), torch.randn(7, generator=gen),
+             torch.randint(-4, 5, (500,), generator=gen), torch.randn(3000, generator=gen),
+             torch.full((64,), 3.0), torch.arange(65.0), torch.arange(2000.0).flip(0), torch.ones(2000)]
+    slots, at = [], 3
+    room = sum(counts) + 3 * len(counts) + 3
+    idx = torch.full((room,), -1, dtype=index_dtype)
+    val = torch.full((room,), 99.0, dtype=dtype)
+    want_i, want_v = [], []
+    for part, k in zip(parts, ks):
+        part = part.to(dtype)
+        slots.append(at)
+        positions = torch.arange(at, at + part.numel()) * 3
+        idx[at:at + part.numel()] = positions.to(index_dtype)
+        val[at:at + part.numel()] = part
+        keep = exact_topk.top_of(part.abs(), k, finite=True)
+        want_i.append(positions[keep])
+        want_v.append(part[keep])
+        at += part.numel() + 3
+    longs = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    kept = fused_cpu.keep_top_ranges(idx, val, longs(slots), longs(counts), longs(ks), torch.empty(max(counts), dtype=dtype))
+    assert kept == sum(min(k, c) for k, c in zip(ks, counts))
+    assert idx[:kept].tolist() == torch.cat(want_i).tolist()
+    assert same(val[:kept], torch.cat(want_v))
+
+
+def quickselect_killer(c):
+    """c distinct magnitudes in an order where the C quickselect's middle pivot is always the
+    smallest left (McIlroy's adversary, replaying its partition for k = 1): without its round
+    limit it would take c rounds."""
+    ids, value, frozen = list(range(c)), {}, 0
+    lo, hi = 0, c
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        value[ids[mid]] = frozen  # the pivot: the smallest of what is left
+        frozen += 1
+        ids[mid], ids[hi - 1] = ids[hi - 1], ids[mid]
+        at = lo
+        for j in range(lo, hi - 1):  # every other value (still free) is above the pivot
+            ids[j], ids[at] = ids[at], ids[j]
+            at += 1
+        hi = at
+    out = [0.0] * c
+    for i in range(c):
+        out[i] = float(value.get(i, c))
+    return out
+
+
+def test_compiled_rule_stays_exact_where_the_quickselect_meets_its_worst_order():
+    values = torch.tensor(quickselect_killer(5000))
+    for k in (1, 2, 17):
+        idx = torch.arange(values.numel(), dtype=torch.int64)
+        val = values.clone()
+        fused_cpu.keep_top(idx, val, k, torch.empty(values.numel()))
+        want = exact_topk.top_of(values.abs(), k, finite=True)
+        assert idx[:k].tolist() == want.tolist() and same(val[:k], values[want])
+
+
 @pytest.mark.skipif(not fused.triton_importable(), reason="triton is not installed")
 def test_triton_search_matches_the_reference_under_the_interpreter():
     code = ("import test_exact_topk as t, torch\n"
             "t.check_search('triton', ((torch.float32, torch.int32), (torch.float64, torch.int64)), "
             "('g+m', 'in place'), big=5000)\n"
             "t.check_rare_paths('triton')\n"
+            "t.check_mixed('triton', ((torch.float32, torch.int32),), ('g+m', 'in place'), seeds=(0,))\n"
             "print('ok')\n")
     here = os.path.dirname(__file__)
     env = {**os.environ, "TRITON_INTERPRET": "1",

@@ -13,12 +13,12 @@ leaves the choice among equal values unspecified, and its CPU and CUDA kernels d
 
   1. a bound at or below each range's k-th largest ``|x|`` from a sample of ``x`` (positions
      drawn once, seeded, the same on every rank; a range no longer than the sample is read
-     whole, and its bound is its exact k-th largest);
+     whole, and its bound is its exact k-th largest); on CPU one C call for all ranges;
   2. the fused pass of :mod:`.fused` over the whole vector: ``x = g + m`` written,
      finiteness checked, the positions with ``|x|`` at or above their range's bound compacted
      (a C loop on CPU, Triton on CUDA);
-  3. the rule applied to those candidates (about 3k of them; on CPU a quickselect in the C
-     library, in place);
+  3. the rule applied to those candidates (about 3k of them; on CPU one C call for all
+     ranges, a quickselect per range, in place);
   4. where fewer than k passed (the sample put the bound too high: rare), that range alone is
      read again from ``x`` with a lower bound from the sample, in the end zero.
 
@@ -164,6 +164,24 @@ def _sample_rank(k: int, n: int, s: int) -> int:
 
 
 @dataclass
+class _Batch:
+    """The C backend's arguments for every range of one fused pass, fixed per plan (one C call
+    each for the bounds, the pass and the rule, whatever the number of ranges)."""
+
+    read: list[int]  # the tiles read, ascending
+    bounds: torch.Tensor  # (tiles, 2) int64: [a, b)
+    offsets: torch.Tensor  # per tile: where its sample starts in positions; -1: read whole
+    lengths: torch.Tensor  # per tile: its sample's length
+    positions: torch.Tensor  # the sampled positions of the tiles not read whole, tile after tile
+    ranks: torch.Tensor  # per tile: which largest sampled |x| is the bound; 0: selects nothing
+    ks: torch.Tensor  # per tile: its count (0: selects nothing)
+    caps: torch.Tensor  # per tile: room for its candidates
+    slots: torch.Tensor  # per tile: where its room starts
+    room: int  # all tiles' room
+    longest: int  # the longest sample or room: the scratch the C calls need
+
+
+@dataclass
 class _Plan:
     """What :class:`TopKSearch` fixes at its first call for a vector of ``n`` values: the
     ranges tiling it (``k`` 0 on those with nothing to select), the sample."""
@@ -176,6 +194,9 @@ class _Plan:
     sampled: torch.Tensor  # the sampled positions, row after row
     ranks: list[int]  # per row: which largest sampled |x| is the bound
     whole: list[bool]  # per row: the range was sampled whole (its bound is exact)
+    caps: list[int]  # per row: room for its candidates at its first bound
+    rows: list[torch.Tensor | None]  # per row: its sampled positions (None: read whole)
+    batches: dict[bool, _Batch]  # the C backend's, for reading every tile (True) or the chosen ones
 
 
 class TopKSearch:
@@ -184,7 +205,13 @@ class TopKSearch:
     ``search(g, m, x, index_dtype) -> (x, Selected)``, with :func:`~.fused.compensate_select`'s
     ``g, m, x`` contract. ``backend``: ``"c"`` or ``"triton"`` (default: by device).
     ``last``: the previous call's ``{"candidates": ..., "repassed": ...}`` (the fraction of the
-    vector read again because too few passed)."""
+    vector read again because too few passed).
+
+    On the C backend the bounds of all ranges, the pass and the rule over all candidates are
+    one C call each (:meth:`_batch`), so many ranges (one per layer) cost no Python per range;
+    only a range where too few passed, or more than its room, goes through the per-range loop.
+    On Triton the bounds come from one batched torch selection over the sample, and the
+    kernels and the rule run per range."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]], ks: Sequence[int], seed: int = 0,
                  backend: str | None = None, samples: dict | None = None) -> None:
@@ -213,7 +240,7 @@ class TopKSearch:
         chosen = [i for i, (_, _, k) in enumerate(tiles) if k > 0]
         positions = torch.zeros(len(chosen), s, dtype=torch.int64)  # padding at position 0
         padding = torch.zeros(len(chosen), s, dtype=torch.bool)
-        ranks, whole = [], []
+        ranks, whole, rows = [], [], []
         for row, i in enumerate(chosen):
             a, b, k = tiles[i]
             size = b - a
@@ -222,6 +249,7 @@ class TopKSearch:
                 padding[row, size:] = True
                 ranks.append(k)
                 whole.append(True)
+                rows.append(None)
             else:
                 key = (a, b, s)
                 if key not in self.samples:
@@ -230,9 +258,47 @@ class TopKSearch:
                 positions[row] = self.samples[key]
                 ranks.append(_sample_rank(k, size, s))
                 whole.append(False)
+                rows.append(self.samples[key])
         self._plan = plan = _Plan(n, tiles, chosen, s, padding.to(device), positions[~padding].to(device),
-                                  ranks, whole)
+                                  ranks, whole, [], rows, {})
+        plan.caps = [self._capacity(plan, row) for row in range(len(chosen))]
         return plan
+
+    @staticmethod
+    def _batch(plan: _Plan, every: bool) -> _Batch:
+        """The C calls' arguments for a pass over every tile (``every``) or the chosen ones."""
+        batch = plan.batches.get(every)
+        if batch is not None:
+            return batch
+        read = list(range(len(plan.tiles))) if every else plan.chosen
+        row_of = {i: row for row, i in enumerate(plan.chosen)}
+        offsets, lengths, ranks, ks, caps, parts, at, longest = [], [], [], [], [], [], 0, 1
+        for i in read:
+            row = row_of.get(i)
+            sample = None if row is None else plan.rows[row]
+            a, b, k = plan.tiles[i]
+            offsets.append(at if sample is not None else -1)
+            lengths.append(0 if sample is None else sample.numel())
+            ranks.append(0 if row is None else plan.ranks[row])
+            ks.append(k)
+            caps.append(0 if row is None else plan.caps[row])
+            if sample is not None:
+                parts.append(sample)
+                at += sample.numel()
+            reads = 0 if row is None else b - a if sample is None else sample.numel()  # for the bound
+            longest = max(longest, caps[-1], reads)
+        slots = [0]
+        for c in caps:
+            slots.append(slots[-1] + c)
+
+        def longs(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.int64)
+
+        batch = plan.batches[every] = _Batch(
+            read, longs([[a, b] for a, b, _ in (plan.tiles[i] for i in read)]).view(-1, 2), longs(offsets),
+            longs(lengths), torch.cat(parts) if parts else longs([0]), longs(ranks), longs(ks), longs(caps),
+            longs(slots[:-1]), slots[-1], longest)
+        return batch
 
     def __call__(self, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,
                  index_dtype: torch.dtype) -> tuple[torch.Tensor, Selected]:
@@ -240,26 +306,64 @@ class TopKSearch:
         xs = g if x is None else x
         plan = self._plan_for(n, g.device)
         backend = self.backend or ("triton" if g.device.type == "cuda" else "c")
+        every = not (m is None and x is None)  # only the tiles that select when nothing is written
+        if backend == "c":
+            return self._search_c(plan, g, m, x, xs, index_dtype, every)
         # 1. the bounds, from the sample (|g + m| there is |x| there, bit for bit)
-        values = torch.index_select(g, 0, plan.sampled)  # index_select: 40x faster than g[2-D positions]
-        if m is not None:
-            values = torch.add(torch.index_select(m, 0, plan.sampled), values)
-        sampled = torch.full(plan.padding.shape, -1.0, dtype=g.dtype, device=g.device)  # -1: below every |x|
-        sampled.masked_scatter_(plan.padding.logical_not(), values.abs_())
+        sampled = _sample_matrix(plan, g, m)
         order = torch.topk(sampled, max(plan.ranks), dim=1).values if plan.chosen else sampled
         ranks = torch.tensor(plan.ranks, device=g.device).sub_(1).view(-1, 1)
         bounds = order.gather(1, ranks).view(-1).tolist() if plan.chosen else []
         thresholds, caps = [math.nan] * len(plan.tiles), [0] * len(plan.tiles)
         for row, i in enumerate(plan.chosen):
-            thresholds[i], caps[i] = bounds[row], self._capacity(plan, row)
+            thresholds[i], caps[i] = bounds[row], plan.caps[row]
         # 2. the fused pass over every tile (only over those that select when nothing is written)
-        read = plan.chosen if m is None and x is None else range(len(plan.tiles))
+        read = range(len(plan.tiles)) if every else plan.chosen
         got, finite = _pass(backend, g, m, x, [plan.tiles[i] for i in read], [thresholds[i] for i in read],
                             [caps[i] for i in read], index_dtype)
-        found = dict(zip(read, got))
         if not finite:
-            idx = reference(xs, [(a, b) for a, b, _ in self.rows], [k for _, _, k in self.rows], index_dtype)
-            return xs, Selected(idx, xs[idx], False)
+            return xs, self._reference(xs, index_dtype)
+        return self._finish(plan, backend, g, m, xs, dict(zip(read, got)), thresholds, sampled, index_dtype)
+
+    def _search_c(self, plan: _Plan, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,
+                  xs: torch.Tensor, index_dtype: torch.dtype, every: bool) -> tuple[torch.Tensor, Selected]:
+        """Steps 1 to 3 as three C calls over all ranges; the per-range loop only where a range
+        must be read again."""
+        from . import fused_cpu
+        batch = self._batch(plan, every)
+        scratch = torch.empty(batch.longest, dtype=g.dtype)
+        thresholds = torch.empty(len(batch.read), dtype=g.dtype)
+        fused_cpu.sample_bounds(g, m, batch.bounds, batch.offsets, batch.lengths, batch.positions, batch.ranks,
+                                thresholds, scratch)
+        idx = torch.empty(batch.room + 1, dtype=index_dtype)
+        val = torch.empty(batch.room + 1, dtype=g.dtype)
+        counts, finite = fused_cpu.compensate_select_ranges(g, m, x, batch.bounds, thresholds, idx, val,
+                                                            batch.slots, batch.caps)
+        if not finite:
+            return xs, self._reference(xs, index_dtype)
+        if bool(((counts < batch.ks) | (counts > batch.caps)).any()):  # rare: some range is read again
+            found = {i: (idx[slot:slot + min(c, cap)], val[slot:slot + min(c, cap)], c) for i, c, cap, slot in
+                     zip(batch.read, counts.tolist(), batch.caps.tolist(), batch.slots.tolist())}
+            full = [math.nan] * len(plan.tiles)
+            for i, t in zip(batch.read, thresholds.tolist()):
+                full[i] = t
+            return self._finish(plan, "c", g, m, xs, found, full, None, index_dtype)
+        kept = fused_cpu.keep_top_ranges(idx, val, batch.slots, counts, batch.ks, scratch)
+        self.last = {"candidates": int(counts.sum()), "repassed": 0.0}
+        return xs, Selected(idx[:kept], val[:kept], finite)
+
+    def _reference(self, xs: torch.Tensor, index_dtype: torch.dtype) -> Selected:
+        """A vector not all finite: the rule by :func:`reference`."""
+        idx = reference(xs, [(a, b) for a, b, _ in self.rows], [k for _, _, k in self.rows], index_dtype)
+        return Selected(idx, xs[idx], False)
+
+    def _finish(self, plan: _Plan, backend: str, g: torch.Tensor, m: torch.Tensor | None, xs: torch.Tensor,
+                found: dict, thresholds: list[float], sampled: torch.Tensor | None, index_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, Selected]:
+        """Steps 4 and 3 range by range, from the pass's candidates ``found`` (tile -> (positions,
+        values, count)) at ``thresholds`` (per tile). ``sampled``: the sample's |x| per row
+        (None: drawn here if a range needs a lower bound)."""
+        n = g.numel()
         # 4. the ranges where too few passed (or more than their buffer held), read again from x
         repassed, rank_now = 0, dict(enumerate(plan.ranks))
         while True:
@@ -268,6 +372,8 @@ class TopKSearch:
                 a, b, k = plan.tiles[i]
                 idx, val, count = found[i]
                 if count < k:
+                    if sampled is None:
+                        sampled = _sample_matrix(plan, xs, None)
                     rank_now[row], thresholds[i] = self._lower(plan, sampled, row, rank_now[row])
                     again.append((i, self._capacity(plan, row, rank_now[row])))
                 elif count > idx.numel():
@@ -299,8 +405,8 @@ class TopKSearch:
         self.last = {"candidates": candidates, "repassed": repassed / n if n else 0.0}
         if not parts_i:
             return xs, Selected(torch.empty(0, dtype=index_dtype, device=g.device),
-                                torch.empty(0, dtype=g.dtype, device=g.device), finite)
-        return xs, Selected(torch.cat(parts_i), torch.cat(parts_v), finite)
+                                torch.empty(0, dtype=g.dtype, device=g.device), True)
+        return xs, Selected(torch.cat(parts_i), torch.cat(parts_v), True)
 
     @staticmethod
     def _capacity(plan: _Plan, row: int, rank: int | None = None) -> int:
@@ -323,6 +429,17 @@ class TopKSearch:
             return s, 0.0
         deeper = min(s, 4 * rank + 16)
         return deeper, float(torch.topk(sampled[row], deeper).values[-1])
+
+
+def _sample_matrix(plan: _Plan, g: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """The sample's ``|m + g|`` (m None: ``|g|``), one row per range that selects, -1 past a
+    row's last sampled position (below every ``|x|``)."""
+    values = torch.index_select(g, 0, plan.sampled)  # index_select: 40x faster than g[2-D positions]
+    if m is not None:
+        values = torch.add(torch.index_select(m, 0, plan.sampled), values)
+    sampled = torch.full(plan.padding.shape, -1.0, dtype=g.dtype, device=g.device)
+    sampled.masked_scatter_(plan.padding.logical_not(), values.abs_())
+    return sampled
 
 
 def _pass(backend: str, g: torch.Tensor, m: torch.Tensor | None, x: torch.Tensor | None,

@@ -23,10 +23,12 @@ import threading
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "compensate_select", "compensate_select_ranges", "keep_top"]
+__all__ = ["available", "unavailable_reason", "compensate_select", "compensate_select_ranges", "keep_top",
+           "keep_top_ranges", "sample_bounds"]
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 /* x = m + g over [0, n) (m NULL: x = g; x NULL: nothing is written); *bad = 1 when some x is
@@ -96,37 +98,121 @@ void NAME(const T *g, const T *m, T *x, int64_t nr, const int64_t *lo, const int
   }                                                                                             \
   *bad = any != 0;                                                                              \
 }
-/* The exact top-k's rule over one range's c finite candidates (positions ascending): the k of
-   largest |val|, equal ones in their order, kept in place and in order (the first k slots).
-   mag: scratch for c values, where a quickselect (Hoare partition) finds the k-th largest. */
-#define DEFINE_KEEP(NAME, T, I, ABS)                                                             \
-void NAME(I *restrict idx, T *restrict val, int64_t c, int64_t k, T *restrict mag) {            \
-  if (k >= c) return;                                                                           \
-  for (int64_t j = 0; j < c; j++) mag[j] = ABS(val[j]);                                         \
-  int64_t lo = 0, hi = c - 1, want = k - 1;                                                     \
-  while (lo < hi) {                                                                             \
-    T pivot = mag[lo + (hi - lo) / 2];                                                          \
-    int64_t i = lo, j = hi;                                                                     \
-    while (i <= j) {                                                                            \
-      while (mag[i] > pivot) i++;                                                               \
-      while (mag[j] < pivot) j--;                                                               \
-      if (i <= j) { T t = mag[i]; mag[i] = mag[j]; mag[j] = t; i++; j--; }                      \
+/* The k-th largest (want = k - 1) of c magnitudes, found in place by a quickselect without
+   branches on the data (mag holds no NaN): a Lomuto partition that swaps unconditionally puts
+   the values above the pivot (the middle one) first; where the k-th is not among them, a
+   second such pass puts the values equal to it next (ties end the search at once). Past
+   ROUNDS rounds (random data takes about 2 ln c; an adversarial order could take c) what is
+   left is sorted instead. */
+#define ROUNDS 128
+#define DEFINE_KTH(NAME, T)                                                                      \
+static int NAME##_desc(const void *a, const void *b) {                                          \
+  T x = *(const T *)a, y = *(const T *)b; return (x < y) - (x > y);                             \
+}                                                                                               \
+static T NAME(T *restrict mag, int64_t c, int64_t want) {                                       \
+  int64_t lo = 0, hi = c, rounds = 0; /* the k-th lies in [lo, hi) */                          \
+  while (hi - lo > 1) {                                                                         \
+    if (++rounds > ROUNDS) { qsort(mag + lo, (size_t)(hi - lo), sizeof(T), NAME##_desc); return mag[want]; } \
+    int64_t mid = lo + (hi - lo) / 2, at = lo;                                                  \
+    T p = mag[mid]; mag[mid] = mag[hi - 1]; mag[hi - 1] = p;                                    \
+    for (int64_t j = lo; j < hi - 1; j++) {                                                     \
+      T v = mag[j]; mag[j] = mag[at]; mag[at] = v; at += v > p;                                 \
     }                                                                                           \
-    if (want <= j) hi = j; else if (want >= i) lo = i; else break;                              \
+    if (want < at) { hi = at; continue; }                                                       \
+    mag[hi - 1] = mag[at]; mag[at] = p; /* the pivot at its place */                            \
+    int64_t eq = at + 1;                                                                        \
+    for (int64_t j = at + 1; j < hi; j++) {                                                     \
+      T v = mag[j]; mag[j] = mag[eq]; mag[eq] = v; eq += v == p;                                \
+    }                                                                                           \
+    if (want < eq) return p;                                                                    \
+    lo = eq;                                                                                    \
   }                                                                                             \
-  T kth = mag[want];                                                                            \
+  return mag[lo];                                                                               \
+}
+DEFINE_KTH(sc_kth_f32, float)
+DEFINE_KTH(sc_kth_f64, double)
+/* The exact top-k's rule over one range's c finite candidates (positions ascending): the k of
+   largest |val|, equal ones in their order, kept in place and in order (the first k slots;
+   the slots after them up to c may be overwritten). mag: scratch for c values, where the
+   quickselect finds the k-th largest. The compaction too goes without branches on the data. */
+#define DEFINE_KEEP(NAME, KTH, T, I, ABS)                                                        \
+void NAME(I *restrict idx, T *restrict val, int64_t c, int64_t k, T *restrict mag) {            \
+  if (k >= c || k <= 0) return;                                                                 \
+  for (int64_t j = 0; j < c; j++) mag[j] = ABS(val[j]);                                         \
+  T kth = KTH(mag, c, k - 1);                                                                   \
   int64_t above = 0, out = 0;                                                                   \
   for (int64_t j = 0; j < c; j++) above += ABS(val[j]) > kth;                                   \
   int64_t ties = k - above;                                                                     \
-  for (int64_t j = 0; j < c && out < k; j++) {                                                  \
-    T a = ABS(val[j]);                                                                          \
-    if (a > kth || (a == kth && ties-- > 0)) { idx[out] = idx[j]; val[out] = val[j]; out++; }   \
+  for (int64_t j = 0; j < c; j++) {                                                             \
+    T a = ABS(val[j]); I i = idx[j]; T v = val[j];                                              \
+    int64_t eq = a == kth, take = (a > kth) | (eq & (ties > 0));                                \
+    ties -= eq & take; idx[out] = i; val[out] = v; out += take;                                 \
   }                                                                                             \
 }
-DEFINE_KEEP(sc_keep_f32_i32, float, int32_t, fabsf)
-DEFINE_KEEP(sc_keep_f32_i64, float, int64_t, fabsf)
-DEFINE_KEEP(sc_keep_f64_i32, double, int32_t, fabs)
-DEFINE_KEEP(sc_keep_f64_i64, double, int64_t, fabs)
+/* The rule over consecutive ranges' candidates in one call: range r's counts[r] candidates at
+   idx/val from slot[r] keep their min(k[r], counts[r]) of largest |val| (as above), and the
+   kept go, range after range, to the front of idx/val. Returns how many were kept. */
+#define DEFINE_KEEP_RANGES(NAME, KEEP, T, I)                                                     \
+int64_t NAME(I *idx, T *val, int64_t nr, const int64_t *slot, const int64_t *counts,           \
+             const int64_t *k, T *mag) {                                                        \
+  int64_t out = 0;                                                                              \
+  for (int64_t r = 0; r < nr; r++) {                                                            \
+    int64_t c = counts[r], kk = k[r] < c ? k[r] : c;                                            \
+    if (kk <= 0) continue;                                                                      \
+    KEEP(idx + slot[r], val + slot[r], c, kk, mag);                                             \
+    memmove(idx + out, idx + slot[r], (size_t)kk * sizeof(I));                                  \
+    memmove(val + out, val + slot[r], (size_t)kk * sizeof(T));                                  \
+    out += kk;                                                                                  \
+  }                                                                                             \
+  return out;                                                                                   \
+}
+/* Each range's bound from its sample in one call: thr[r], the rank[r]-th largest |m + g| (m
+   NULL: |g|) over the positions pos[off[r]], ..., pos[off[r] + len[r] - 1] (ascending), or over
+   all of [lo[r], hi[r]) when off[r] < 0; NaN (nothing passes) when rank[r] is 0; 0 when rank[r]
+   exceeds the sample. A NaN read counts as +Inf (the pass then finds x not finite and the
+   bound is not used). mag: scratch for the longest sample. A rank of at most SMALL is kept in
+   a sorted array of that many as the sample streams by (the usual case: 12 of 4,096), a
+   larger one found by the quickselect. */
+#define SMALL 64
+#define DEFINE_BOUNDS(NAME, KTH, T, ABS)                                                         \
+void NAME(const T *restrict g, const T *restrict m, int64_t nr, const int64_t *lo,             \
+          const int64_t *hi, const int64_t *off, const int64_t *len, const int64_t *pos,        \
+          const int64_t *rank, T *thr, T *restrict mag) {                                       \
+  for (int64_t r = 0; r < nr; r++) {                                                            \
+    int64_t c, want = rank[r];                                                                  \
+    if (want <= 0) { thr[r] = NAN; continue; }                                                  \
+    if (off[r] < 0) {                                                                           \
+      const T *gp = g + lo[r], *mp = m ? m + lo[r] : 0; c = hi[r] - lo[r];                      \
+      for (int64_t j = 0; j < c; j++) mag[j] = mp ? mp[j] + gp[j] : gp[j];                      \
+    } else {                                                                                    \
+      const int64_t *p = pos + off[r]; c = len[r];                                              \
+      for (int64_t j = 0; j < c; j++) mag[j] = g[p[j]];                                          \
+      if (m) for (int64_t j = 0; j < c; j++) mag[j] = m[p[j]] + mag[j];                         \
+    }                                                                                           \
+    for (int64_t j = 0; j < c; j++) { T a = ABS(mag[j]); mag[j] = a != a ? INFINITY : a; }      \
+    if (want > c) { thr[r] = 0; continue; }                                                     \
+    if (want > SMALL) { thr[r] = KTH(mag, c, want - 1); continue; }                             \
+    T top[SMALL]; int64_t held = 0; /* the want largest so far, descending */                   \
+    for (int64_t j = 0; j < c; j++) {                                                           \
+      T a = mag[j];                                                                             \
+      if (held == want && !(a > top[want - 1])) continue;                                       \
+      int64_t at = held < want ? held++ : want - 1;                                             \
+      while (at > 0 && top[at - 1] < a) { top[at] = top[at - 1]; at--; }                        \
+      top[at] = a;                                                                              \
+    }                                                                                           \
+    thr[r] = top[want - 1];                                                                     \
+  }                                                                                             \
+}
+DEFINE_KEEP(sc_keep_f32_i32, sc_kth_f32, float, int32_t, fabsf)
+DEFINE_KEEP(sc_keep_f32_i64, sc_kth_f32, float, int64_t, fabsf)
+DEFINE_KEEP(sc_keep_f64_i32, sc_kth_f64, double, int32_t, fabs)
+DEFINE_KEEP(sc_keep_f64_i64, sc_kth_f64, double, int64_t, fabs)
+DEFINE_KEEP_RANGES(sc_keep_ranges_f32_i32, sc_keep_f32_i32, float, int32_t)
+DEFINE_KEEP_RANGES(sc_keep_ranges_f32_i64, sc_keep_f32_i64, float, int64_t)
+DEFINE_KEEP_RANGES(sc_keep_ranges_f64_i32, sc_keep_f64_i32, double, int32_t)
+DEFINE_KEEP_RANGES(sc_keep_ranges_f64_i64, sc_keep_f64_i64, double, int64_t)
+DEFINE_BOUNDS(sc_bounds_f32, sc_kth_f32, float, fabsf)
+DEFINE_BOUNDS(sc_bounds_f64, sc_kth_f64, double, fabs)
 DEFINE_RANGES(sc_ranges_f32_i32, sc_select_f32_i32, float, int32_t)
 DEFINE_RANGES(sc_ranges_f32_i64, sc_select_f32_i64, float, int64_t)
 DEFINE_RANGES(sc_ranges_f64_i32, sc_select_f64_i32, double, int32_t)
@@ -182,6 +268,9 @@ def _build() -> ctypes.CDLL:
                 _compile(compiler, folder, path)
     lib = ctypes.CDLL(path)
     for dname, ctype in _DTYPES.values():
+        fn = getattr(lib, f"sc_bounds_{dname}")
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8
         for iname in ("i32", "i64"):
             fn = getattr(lib, f"sc_select_{dname}_{iname}")
             fn.restype = ctypes.c_int64
@@ -191,6 +280,9 @@ def _build() -> ctypes.CDLL:
             fn = getattr(lib, f"sc_keep_{dname}_{iname}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            fn = getattr(lib, f"sc_keep_ranges_{dname}_{iname}")
+            fn.restype = ctypes.c_int64
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
             fn = getattr(lib, f"sc_ranges_{dname}_{iname}")
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 8 + \
@@ -274,3 +366,36 @@ def keep_top(idx: torch.Tensor, val: torch.Tensor, k: int, scratch: torch.Tensor
     dname, _ = _DTYPES[val.dtype]
     getattr(lib, f"sc_keep_{dname}_{_INDEX[idx.dtype]}")(idx.data_ptr(), val.data_ptr(), val.numel(), k,
                                                          scratch.data_ptr())
+
+
+def keep_top_ranges(idx: torch.Tensor, val: torch.Tensor, slots: torch.Tensor, counts: torch.Tensor,
+                    ks: torch.Tensor, scratch: torch.Tensor) -> int:
+    """:func:`keep_top` over many ranges' candidates in one call: range r's ``counts[r]``
+    candidates at ``idx``/``val`` from ``slots[r]`` (as :func:`compensate_select_ranges` leaves
+    them, none past its cap) keep their ``min(ks[r], counts[r])`` by the rule, and the kept go,
+    range after range, to the front of ``idx``/``val``. ``slots``, ``counts``, ``ks``:
+    contiguous int64; ``scratch``: at least the largest count of values of val's dtype.
+    Returns how many were kept."""
+    lib = _load()
+    assert lib is not None, _error
+    dname, _ = _DTYPES[val.dtype]
+    fn = getattr(lib, f"sc_keep_ranges_{dname}_{_INDEX[idx.dtype]}")
+    return int(fn(idx.data_ptr(), val.data_ptr(), slots.numel(), slots.data_ptr(), counts.data_ptr(),
+                  ks.data_ptr(), scratch.data_ptr()))
+
+
+def sample_bounds(g: torch.Tensor, m: torch.Tensor | None, bounds: torch.Tensor, offsets: torch.Tensor,
+                  lengths: torch.Tensor, positions: torch.Tensor, ranks: torch.Tensor, out: torch.Tensor,
+                  scratch: torch.Tensor) -> None:
+    """Every range's bound in one call: ``out[r]`` (g's dtype), the ``ranks[r]``-th largest
+    ``|m + g|`` (m None: ``|g|``) over the ascending ``positions[offsets[r]:offsets[r] +
+    lengths[r]]``, or over all of the range ``bounds[r] = [lo, hi)`` where ``offsets[r] < 0``;
+    NaN (nothing passes) where ``ranks[r]`` is 0, and 0 where it exceeds the sample. A NaN
+    counts as +Inf. Tensors contiguous, int64 but ``out``; ``scratch``: the longest sample."""
+    lib = _load()
+    assert lib is not None, _error
+    dname, _ = _DTYPES[g.dtype]
+    fn = getattr(lib, f"sc_bounds_{dname}")
+    lo, hi = bounds[:, 0].contiguous(), bounds[:, 1].contiguous()
+    fn(g.data_ptr(), _ptr(m), bounds.shape[0], lo.data_ptr(), hi.data_ptr(), offsets.data_ptr(), lengths.data_ptr(),
+       positions.data_ptr(), ranks.data_ptr(), out.data_ptr(), scratch.data_ptr())
