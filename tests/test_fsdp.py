@@ -272,6 +272,14 @@ def test_owners_tile_the_vector_and_route_to_checks_the_world():
         Owners([(0, 2, 2)], 2)
     with pytest.raises(ValueError, match="does not fit 1 workers"):
         reducers.build("topk", density=0.1, group=reducers.SoloCommunicator()).route_to(owners)
+    from sparsecomm.reducers.comm.exchange import routed_gather_sum
+
+    idx = torch.tensor([1, 3], dtype=torch.int32)
+    one = Owners([(0, 4, 0)], 1)
+    avg, union, routed = routed_gather_sum(reducers.SoloCommunicator(), torch.arange(4.0), idx, [2], torch.zeros(4), one)
+    assert avg.tolist() == [0.0, 1.0, 0.0, 3.0] and union.tolist() == [1, 3] and not routed  # one worker: gathered
+    with pytest.raises(ValueError, match="for a vector of 5 coordinates"):
+        routed_gather_sum(reducers.SoloCommunicator(), torch.arange(5.0), idx, [2], torch.zeros(5), one)
 
 
 def test_all_to_all_of_one_worker_is_a_counted_copy():

@@ -295,6 +295,8 @@ def routed_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, co
     :func:`sparse_gather_sum` instead (``routed`` False; the whole average filled, the whole
     union returned). ``values``: ``x[idx]`` when the caller has it already."""
     P, me = comm.size, comm.rank
+    if owners.d != avg.numel() or owners.size != P:
+        raise ValueError(f"routed_gather_sum: {owners!r} for a vector of {avg.numel()} coordinates over {P} workers")
     n = max(counts) if counts else 0
     if n == 0:
         return avg, idx[:0], False
