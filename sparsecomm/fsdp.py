@@ -22,16 +22,26 @@ method state are its own:
 3. this rank's rows of the average are written to the output (padding rows zero).
 
 Every rank thus holds the shard of the same average the method computes, and the
-conservation identity of error feedback holds per module. ``exact`` is FSDP's own
+conservation identity of error feedback holds per module.
+
+Routing (``route=True``, the default; docs/reducers.md, *FSDP2*, *Routing to the owner*): each
+module's reducer is told which rank owns which coordinates (:meth:`ModuleReduceScatter._owners`,
+``Reducer.route_to``), and a method whose pairs travel by sparse gather-sum (topk,
+global_topk, thresh, sage, legacy, accordion's gather-sum steps, dgc's compressed tensors;
+default wire format) sends each pair only to its owner by one all-to-all (after an all-gather
+of the per-owner counts), or all-gathers them where that moves no more bytes at the step's
+counts. The shard is bit for bit the unrouted one; the reducer's average is then filled only
+in this rank's rows (the rest left 0, never read), and its ``density`` is a lower bound
+(``shard_density`` exact). The other methods ignore the owners: every rank receives their
+whole average and keeps its rows. ``exact`` is FSDP's own
 reduce-scatter (a sum over the process group, divided as FSDP asks), with no reducer.
 
 What this costs and changes (docs/reducers.md, *FSDP2*): each rank keeps one unsharded
 residual per module (the residual of error feedback is the full gradient's size, not the
 shard's) and a flat buffer of the module's gradient during the call; methods that select over
 the whole model (exdyna, micro, sage, global_topk, gtopk, cltk, deft, omgs, agtf) select over
-each module's gradient, with the module's share of the density each. Not done: routing
-selected pairs straight to the rank owning their shard (every rank receives the whole
-average and keeps its rows).
+each module's gradient, with the module's share of the density each. Not done: quantised
+or dense methods decoding only their owner's chunk (a reduce-scatter of their payload).
 
 Refused in one line at registration: modules with a 2-D mesh (HSDP) or a replicate mesh,
 parameters sharded on a dimension other than 0, several parameter groups on one module.
@@ -51,6 +61,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from . import reducers
 from .reducers import Communicator, LayoutMismatchError, ProcessGroupCommunicator, Reducer
+from .reducers.comm.exchange import Owners
 
 __all__ = ["register_reducer", "shard_children", "FSDPReducerState", "ModuleReduceScatter", "STATE_FORMAT"]
 
@@ -63,12 +74,14 @@ _WEIGHTED = ("density", "local_density", "target_density")
 
 
 def register_reducer(model: nn.Module, method: str, density: float = 0.001, *, error_feedback: bool = True,
-                     seed: int = 0, **options: Any) -> "FSDPReducerState":
+                     seed: int = 0, route: bool = True, **options: Any) -> "FSDPReducerState":
     """Make ``method`` the reduce-scatter of every FSDP module under ``model`` (``fully_shard``
     already applied); returns the state that holds their reducers. ``density``,
     ``error_feedback``, ``seed`` and ``options`` are those of :func:`sparsecomm.reducers.build`,
-    checked here (bad values raise its ValueError), before any training."""
-    state = FSDPReducerState(method, density, error_feedback=error_feedback, seed=seed, **options)
+    checked here (bad values raise its ValueError), before any training. ``route``: send each
+    selected pair only to the rank owning its shard, where the method can (the same shards
+    bit for bit; False: every rank receives the whole average, as before)."""
+    state = FSDPReducerState(method, density, error_feedback=error_feedback, seed=seed, route=route, **options)
     state._attach(model)
     return state
 
@@ -108,7 +121,8 @@ class ModuleReduceScatter(ReduceScatter):
     own reduce-scatter, for ``exact``) over ``comm``, this rank's rows of the average kept.
     ``shapes``: the module's trainable parameters' shapes in FSDP's order."""
 
-    def __init__(self, name: str, shapes: list[torch.Size], comm: Communicator, reducer: Reducer | None) -> None:
+    def __init__(self, name: str, shapes: list[torch.Size], comm: Communicator, reducer: Reducer | None,
+                 route: bool = True) -> None:
         self.name = name
         self.shapes = [torch.Size(s) for s in shapes]
         self.comm = comm
@@ -119,6 +133,20 @@ class ModuleReduceScatter(ReduceScatter):
         self._row_numel = [s[1:].numel() for s in self.shapes]
         self.shard_numel = sum(r * n for r, n in zip(self._rows, self._row_numel))
         self.numel = sum(s.numel() for s in self.shapes)
+        self.owners = self._owners()
+        if route and reducer is not None:
+            reducer.route_to(self.owners)
+
+    def _owners(self) -> Owners:
+        """Which rank owns which coordinates of the module's flat gradient: per parameter,
+        rank r its dim-0 rows ``[r rows, (r + 1) rows)`` (fewer, or none, past the end)."""
+        world, ranges, at = self.comm.size, [], 0
+        for shape, rows, row_numel in zip(self.shapes, self._rows, self._row_numel):
+            for r in range(world):
+                first, last = min(r * rows, shape[0]), min((r + 1) * rows, shape[0])
+                ranges.append((at + first * row_numel, at + last * row_numel, r))
+            at += shape.numel()
+        return Owners(ranges, world)
 
     def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
@@ -168,7 +196,8 @@ class ModuleReduceScatter(ReduceScatter):
         return grads
 
     def _keep_rows(self, grads: list[torch.Tensor], output_tensor: torch.Tensor) -> None:
-        """Write this rank's rows of each averaged gradient into ``output_tensor``, zero past the end."""
+        """Write this rank's rows of each averaged gradient into ``output_tensor``, zero past the
+        end. Reads only this rank's rows (:attr:`owners`): a routing reducer fills no others."""
         rank = self.comm.rank
         col = 0
         for g, rows, row_numel in zip(grads, self._rows, self._row_numel):
@@ -198,7 +227,7 @@ class FSDPReducerState:
     model's)."""
 
     def __init__(self, method: str, density: float = 0.001, *, error_feedback: bool = True, seed: int = 0,
-                 **options: Any) -> None:
+                 route: bool = True, **options: Any) -> None:
         if "group" in options:
             raise ValueError("register_reducer takes each module's process group from its FSDP mesh; drop group=")
         reducers.build(method, density=density, error_feedback=error_feedback, seed=seed,
@@ -207,6 +236,7 @@ class FSDPReducerState:
         self.density = density
         self.error_feedback = error_feedback
         self.seed = seed
+        self.route = bool(route)  # not a setting: a state saved routed resumes unrouted and back
         self.options = dict(options)
         self.modules: dict[str, ModuleReduceScatter] = {}
         self.rank = 0
@@ -300,7 +330,7 @@ class FSDPReducerState:
             reducer = None if self.method == "exact" else reducers.build(
                 self.method, density=self.density, error_feedback=self.error_feedback, seed=self.seed,
                 group=comm, **self.options)
-            self.modules[name] = ModuleReduceScatter(name, shapes, comm, reducer)
+            self.modules[name] = ModuleReduceScatter(name, shapes, comm, reducer, self.route)
             module.set_reduce_scatter_unused_params(True, recurse=False)  # every step, every parameter
             module.set_custom_reduce_scatter(self.modules[name])
             self.rank, self.world_size = comm.rank, comm.size

@@ -183,6 +183,35 @@ def train_resumed(name: str, cut: int, total: int, options: dict | None = None) 
     return full(model.parameters())
 
 
+def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSITY) -> dict[str, Any]:
+    """For each method, two registrations on the same model, ``route=True`` and ``route=False``,
+    trained side by side: per step, this rank's gradient shards, each unit's residual and each
+    unit's stats (bytes, routed, counts)."""
+    me = dist.get_rank()
+    out = {}
+    for name in names:
+        options = DETERMINISTIC.get(name, {})
+        runs = {}
+        for route in (True, False):
+            model = shard(make_model())
+            state = register_reducer(model, name, density=density, seed=0, route=route, **options)
+            runs[route] = (model, state, torch.optim.SGD(model.parameters(), lr=LR))
+        got: dict[bool, dict[str, list]] = {True: {"shards": [], "residuals": [], "stats": []},
+                                            False: {"shards": [], "residuals": [], "stats": []}}
+        for t in range(steps):
+            for route, (model, state, opt) in runs.items():
+                opt.zero_grad()
+                loss_of(model, me, t).backward()
+                got[route]["shards"].append([p.grad.to_local().clone() for p in model.parameters()])
+                got[route]["residuals"].append({u: [m.clone() for m in rs.reducer.residual]
+                                                for u, rs in state.modules.items()})
+                got[route]["stats"].append({u: {**rs.reducer.stats, "d": rs.numel,
+                                                "owned": rs.owners.numel(me)} for u, rs in state.modules.items()})
+                opt.step()
+        out[name] = got
+    return out
+
+
 # ------------------------------------------------------------------------ what must fail
 def hsdp() -> dict[str, Any]:
     model = shard(make_model(), mesh_shape=(1, dist.get_world_size()))

@@ -176,3 +176,115 @@ def test_a_model_without_fsdp_modules_is_refused():
 def test_state_format_is_checked():
     with pytest.raises(ValueError, match="not a sparsecomm FSDP reducer state"):
         FSDPReducerState("topk", density=0.1).load_state_dict({"format": "sparsecomm.ddp_hook/1"})
+
+
+# ------------------------------------------------------------------ routing (issue 22)
+ROUTING = ["topk", "global_topk", "thresh", "sage", "dgc", "accordion", "legacy"]
+
+
+def _pairs_all_gather_is_no_dearer(counts: list[int], world: int, pair_bytes: int = 8) -> bool:
+    """The rule of exchange.routed_gather_sum: the all-gather where its padded pairs cost no
+    more bytes per rank than routing's table of counts (int32 positions, float32 values)."""
+    return max(counts) * pair_bytes <= 8 * world
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_routed_shards_and_residuals_equal_unrouted_bit_for_bit(clusters, world):
+    """route=True against route=False on the model of three FSDP units: every rank's gradient
+    shard and every unit's residual identical bit for bit at every step. Bytes: a routed unit
+    moves fewer over all ranks and steps; on one rank and step it may move up to routing's
+    table of counts more (every pair of the others landing in its shard)."""
+    results = clusters(world).run(sc.routed_vs_unrouted, ROUTING, 3)
+    routed_units, table = 0, 8 * world
+    totals = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            for t in range(3):
+                for i, (a, b) in enumerate(zip(got[True]["shards"][t], got[False]["shards"][t], strict=True)):
+                    assert torch.equal(a, b), f"{name}, rank {rank}/{world}, step {t}, parameter {i}"
+                for unit, ms in got[True]["residuals"][t].items():
+                    for a, b in zip(ms, got[False]["residuals"][t][unit], strict=True):
+                        assert torch.equal(a, b), f"{name}, rank {rank}/{world}, step {t}, unit {unit}: residual"
+                for unit, st in got[True]["stats"][t].items():
+                    plain = got[False]["stats"][t][unit]
+                    assert "routed" not in plain and st["local_density"] == plain["local_density"]
+                    if st.get("routed") is None:  # no gather-sum this step (accordion's dense step)
+                        assert st["bytes_wire"] == plain["bytes_wire"], (name, unit, st, plain)
+                    elif st["routed"]:
+                        routed_units += 1
+                        for key, bound in (("bytes_wire", (world - 1) * table), ("bytes_sent", table)):
+                            assert st[key] <= plain[key] + bound, (name, unit, key, st, plain)
+                        for route, entry in ((True, st), (False, plain)):
+                            totals[route][0] += entry["bytes_wire"]
+                            totals[route][1] += entry["bytes_sent"]
+                        assert st["density"] <= plain["density"] and 0 <= st["shard_density"] <= 1
+                    else:  # the all-gather: what the unrouted step moves, the whole union known
+                        assert st["bytes_wire"] == plain["bytes_wire"] and st["density"] == plain["density"]
+    assert routed_units, "some unit must route"
+    assert totals[True][0] < totals[False][0] and totals[True][1] < totals[False][1], totals
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_routing_falls_back_to_the_all_gather_where_that_moves_no_more_bytes(clusters, world):
+    """topk at density 0.005: unit 0 selects 2 + 1 pairs, the root's unit 1 + 1 (k_t >= 1 per
+    tensor), unit 2 5 + 1. Every rank takes the same choice, the one the byte rule gives from
+    the counts every rank saw, and the shards stay those of the unrouted step."""
+    results = clusters(world).run(sc.routed_vs_unrouted, ["topk"], 2, 0.005)
+    seen = set()
+    for t in range(2):
+        for unit in results[0]["topk"][True]["stats"][t]:
+            stats = [r["topk"][True]["stats"][t][unit] for r in results]
+            counts = [round(s["local_density"] * s["d"]) for s in stats]
+            want = not _pairs_all_gather_is_no_dearer(counts, world)
+            assert all(s["routed"] == want for s in stats), (unit, counts, stats)
+            seen.add(want)
+    for rank, r in enumerate(results):
+        for t in range(2):
+            for a, b in zip(r["topk"][True]["shards"][t], r["topk"][False]["shards"][t], strict=True):
+                assert torch.equal(a, b), f"rank {rank}, step {t}"
+    assert False in seen, "the root's unit (2 pairs) must take the all-gather"
+    if world == 2:
+        assert True in seen, "unit 2 (6 pairs) must route at 2 workers"
+
+
+@pytest.mark.parametrize("world,name", [(3, "topk"), (4, "dgc")])
+def test_routed_training_and_resume_equal_unrouted(clusters, world, name):
+    """Routed and unrouted training end at the same parameters; a state saved routed resumes
+    (routed) to them as well."""
+    cluster = clusters(world)
+    routed = cluster.run(sc.train, name, 6)
+    plain = cluster.run(sc.train, name, 6, {"route": False})
+    resumed = cluster.run(sc.train_resumed, name, 3, 6)
+    for a, b, c in zip(routed, plain, resumed, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_owners_tile_the_vector_and_route_to_checks_the_world():
+    from sparsecomm.reducers.comm.exchange import Owners
+
+    owners = Owners([(0, 3, 0), (3, 3, 1), (3, 5, 1), (5, 9, 0)], 2)
+    assert owners.d == 9 and owners.owned(0) == [(0, 3), (5, 9)] and owners.numel(1) == 2
+    for dtype in (torch.int32, torch.int64):
+        assert owners.of(torch.arange(9, dtype=dtype)).tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="tile"):
+        Owners([(0, 2, 0), (3, 4, 1)], 2)
+    with pytest.raises(ValueError, match="tile"):
+        Owners([(0, 2, 2)], 2)
+    with pytest.raises(ValueError, match="does not fit 1 workers"):
+        reducers.build("topk", density=0.1, group=reducers.SoloCommunicator()).route_to(owners)
+    from sparsecomm.reducers.comm.exchange import routed_gather_sum
+
+    idx = torch.tensor([1, 3], dtype=torch.int32)
+    one = Owners([(0, 4, 0)], 1)
+    avg, union, routed = routed_gather_sum(reducers.SoloCommunicator(), torch.arange(4.0), idx, [2], torch.zeros(4), one)
+    assert avg.tolist() == [0.0, 1.0, 0.0, 3.0] and union.tolist() == [1, 3] and not routed  # one worker: gathered
+    with pytest.raises(ValueError, match="for a vector of 5 coordinates"):
+        routed_gather_sum(reducers.SoloCommunicator(), torch.arange(5.0), idx, [2], torch.zeros(5), one)
+
+
+def test_all_to_all_of_one_worker_is_a_counted_copy():
+    comm = reducers.SoloCommunicator()
+    got = comm.all_to_all(torch.arange(3, dtype=torch.int32), [3], [3])
+    assert got.tolist() == [0, 1, 2] and comm.bytes_sent == 12 and comm.bytes_wire == 0.0
+    with pytest.raises(ValueError, match="all_to_all"):
+        comm.all_to_all(torch.arange(3), [2], [2])

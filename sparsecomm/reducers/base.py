@@ -10,7 +10,7 @@ import torch
 
 from ..validate import choice, number
 from .comm.communicator import Communicator, make_communicator
-from .comm.exchange import Header, LayoutMismatchError, SkipStep, handshake
+from .comm.exchange import Header, LayoutMismatchError, Owners, SkipStep, handshake
 from .layout import Layout
 from .error_feedback import ErrorFeedback
 from .timing import PhaseTimer
@@ -345,6 +345,7 @@ class Reducer(abc.ABC):
         self._pending_state: dict | None = None
         self._pending_tensors: list[dict[str, Any] | None] | None = None  # seed_tensor_states
         self._opened: ReduceCall | None = None  # a call opened before its reduce (open_call)
+        self.owners: Owners | None = None  # route_to
         self._raw_stats: dict[str, Any] = {}
         self._stats: dict[str, Any] | None = {}
         self.steps = 0
@@ -379,6 +380,19 @@ class Reducer(abc.ABC):
     def begin_epoch(self, epoch: int, lr: float, epochs: float) -> None:
         """Called on every rank before the first step of each epoch (also when resuming
         mid-epoch) with the epoch index, its learning rate and the total epoch count."""
+
+    def route_to(self, owners: Owners | None) -> None:
+        """Tell the reducer which worker needs which coordinates of the average (the same
+        :class:`~sparsecomm.reducers.comm.exchange.Owners` on every rank; None: every worker
+        needs all). A method that can send each selected pair straight to its owner
+        (``routes``: the sparse gather-sum of topk, global_topk, thresh, sage, accordion,
+        legacy and dgc) then fills the average only at this rank's owned coordinates, bit for
+        bit as without routing, and leaves the rest 0; the others ignore it. Every rank must
+        set the same owners before the same step."""
+        if owners is not None and (owners.size != self.world_size or (self._layout is not None and owners.d != self._layout.numel)):
+            raise ValueError(f"route_to: {owners!r} does not fit {self.world_size} workers"
+                             + ("" if self._layout is None else f" and {self._layout.numel} coordinates"))
+        self.owners = owners
 
     def describe(self) -> dict[str, Any]:
         """What the method decided or measured that a reader of the run should see (fitted cost

@@ -1,6 +1,6 @@
 """Communicators: the only place reducers touch ``torch.distributed``.
 
-A reducer gets its collectives (all-reduce, all-gather, broadcast) from a
+A reducer gets its collectives (all-reduce, all-gather, broadcast, all-to-all) from a
 :class:`Communicator`. The default wraps a ``torch.distributed`` process group (gloo on
 CPU tensors, NCCL on CUDA tensors); :class:`SoloCommunicator` serves a single worker
 without any process group. Other implementations (for example simulated workers in one
@@ -16,7 +16,8 @@ Every collective is counted, per worker, in two ways (docs/reducers.md, *Metrics
     an estimate of the bytes that reach this worker over the network under ring
     algorithms: all-reduce of n bytes ``2(P-1)/P * n``; reduce-scatter of n bytes
     ``(P-1)/P * n``; all-gather of n bytes per worker ``(P-1) * n``; broadcast of n bytes ``n`` on every receiver, 0 on the root; a point-to-point
-    message of n bytes ``n`` on its receiver.
+    message of n bytes ``n`` on its receiver; an all-to-all: the bytes this worker receives
+    from the others (exact, not an estimate: each part travels once, sender to receiver).
 
 The ``*_async`` forms start a collective and return a :class:`Pending`; collectives must be
 started in the same order on every worker.
@@ -105,6 +106,27 @@ class Communicator:
         work = self._all_gather(out, tensor.view(-1)) if tensor.numel() > 0 else None
         return Pending(out.view(self.size, *tensor.shape), work)
 
+    def all_to_all(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Send the consecutive parts of the flat ``tensor`` (``send_counts[r]`` elements for
+        worker r) to their workers; returns what the others sent here, in worker order
+        (``recv_counts[r]`` elements from worker r), as one new flat tensor. A collective: every
+        worker calls it, with counts that agree (worker w's ``send_counts[r]`` is worker r's
+        ``recv_counts[w]``), even when it sends and receives nothing. ``bytes_sent``: the whole
+        ``tensor``; ``bytes_wire``: the bytes received from the others (this worker's own part,
+        if any, is copied, not counted)."""
+        if len(send_counts) != self.size or len(recv_counts) != self.size or sum(send_counts) != tensor.numel():
+            raise ValueError(f"all_to_all: {len(send_counts)} send and {len(recv_counts)} receive counts for "
+                             f"{self.size} workers, {sum(send_counts)} elements to send of {tensor.numel()}")
+        tensor = tensor.contiguous().view(-1)
+        self.bytes_sent += _nbytes(tensor)
+        size = tensor.element_size()
+        self.bytes_wire += float(size * (sum(recv_counts) - recv_counts[self.rank]))
+        out = torch.empty(sum(recv_counts), dtype=tensor.dtype, device=tensor.device)
+        if self.size == 1:
+            return out.copy_(tensor)
+        self._all_to_all(out, tensor, list(send_counts), list(recv_counts))
+        return out
+
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """Send ``tensor`` to worker ``dst`` (which calls :meth:`recv_`)."""
         self._check_peer(dst)
@@ -163,6 +185,11 @@ class Communicator:
     def _reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no reduce-scatter")
 
+    def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int]) -> None:
+        """Called with size > 1 on every worker, empty tensors included."""
+        raise NotImplementedError(f"{type(self).__name__} has no all-to-all")
+
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         raise NotImplementedError
 
@@ -204,6 +231,10 @@ class ProcessGroupCommunicator(Communicator):
 
     def _reduce_scatter(self, out: torch.Tensor, tensor: torch.Tensor) -> None:
         _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
+
+    def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int]) -> None:
+        dist.all_to_all_single(out, tensor, recv_counts, send_counts, group=self.group)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         ops = []

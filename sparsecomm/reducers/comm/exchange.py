@@ -10,7 +10,8 @@ and size padded all-gathers from the counts. The schemes below then move the pay
 * :func:`sparse_gather_sum` -- everyone's (index, value) pairs, padded to the largest count,
   scatter-added in rank order (also in two halves: :func:`start_pairs_gather` starts the
   all-gather, :meth:`PairsInFlight.add_into` finishes it, so a method can overlap it with
-  backward);
+  backward); :func:`routed_gather_sum` sends each pair only to the worker that owns its
+  position (:class:`Owners`: FSDP's shards) by one all-to-all;
 * :func:`union_allreduce` -- indices are all-gathered, then every worker all-reduces its own
   values at the union of everyone's indices;
 * :func:`allreduce_at` -- all-reduce at positions every worker already agrees on;
@@ -36,9 +37,9 @@ from ..layout import Layout
 
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
-    "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "union_allreduce", "allreduce_at", "union_of",
-    "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight", "gather_decoded_mean", "Encoded",
-    "gather_in_windows", "RowBytes", "windows", "table_limit", "chunks",
+    "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "Owners", "routed_gather_sum", "union_allreduce",
+    "allreduce_at", "union_of", "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight",
+    "gather_decoded_mean", "Encoded", "gather_in_windows", "RowBytes", "windows", "table_limit", "chunks",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -233,6 +234,110 @@ def sparse_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, co
     if n == 0:
         return avg, idx[:0]
     return avg, start_pairs_gather(comm, idx, x[idx] if values is None else values, n).add_into(avg, counts)
+
+
+class Owners:
+    """Which worker needs which coordinates of the flat average: consecutive ``(start, end,
+    worker)`` ranges tiling ``[0, d)`` (empty ones dropped). Every worker holds the same
+    description, so each can tell where any position goes. FSDP (:mod:`sparsecomm.fsdp`): per
+    parameter, rank r owns its dim-0 rows ``[r rows, (r + 1) rows)``."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int, int]], size: int) -> None:
+        kept = [(int(a), int(b), int(w)) for a, b, w in ranges if b > a]
+        end = 0
+        for a, b, w in kept:
+            if a != end or not 0 <= w < size:
+                raise ValueError(f"Owners: ranges must tile [0, d) in order with workers in [0, {size}); "
+                                 f"got ({a}, {b}, {w}) after {end}")
+            end = b
+        self.ranges, self.size, self.d = kept, int(size), end
+        self._starts = torch.tensor([a for a, _, _ in kept], dtype=torch.int64)
+        self._workers = torch.tensor([w for _, _, w in kept], dtype=torch.int64)
+        self._on: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def owned(self, worker: int) -> list[tuple[int, int]]:
+        """The ranges ``worker`` owns, in order."""
+        return [(a, b) for a, b, w in self.ranges if w == worker]
+
+    def numel(self, worker: int) -> int:
+        return sum(b - a for a, b in self.owned(worker))
+
+    def of(self, positions: torch.Tensor) -> torch.Tensor:
+        """The owner (int64) of each position (all in ``[0, d)``)."""
+        key = (positions.device, positions.dtype)
+        if key not in self._on:
+            self._on[key] = (self._starts.to(positions.device, positions.dtype), self._workers.to(positions.device))
+        starts, workers = self._on[key]
+        return workers[torch.searchsorted(starts, positions, right=True).sub_(1)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Owners) and (self.ranges, self.size) == (other.ranges, other.size)
+
+    def __repr__(self) -> str:
+        return f"Owners({len(self.ranges)} ranges over {self.d} coordinates, {self.size} workers)"
+
+
+_COUNT_BYTES = 8  # one int64 per destination in the table of counts routing needs first
+
+
+def routed_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
+                      avg: torch.Tensor, owners: Owners,
+                      values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The sparse gather-sum with each pair sent only to the worker that owns its position:
+    ``avg`` (zeroed) gets the mean over workers at this worker's owned positions, bit for bit
+    what :func:`sparse_gather_sum` puts there (the same pairs added in rank order, divided by
+    P where any arrived), and stays 0 at the others. Returns ``(avg, positions of this
+    worker's part that got a value (sorted), routed)``.
+
+    Each worker splits its pairs by owner; one small all-gather gives every worker the table
+    of counts (P int64 per worker) that sizes one all-to-all of positions and one of values
+    (a worker's pairs for its own part do not travel). Where the all-gather of everyone's
+    padded pairs moves no more bytes than that table (``n`` padded pairs x pair bytes <= 8 P,
+    from the handshake's counts, so every rank decides alike), it is
+    :func:`sparse_gather_sum` instead (``routed`` False; the whole average filled, the whole
+    union returned). ``values``: ``x[idx]`` when the caller has it already."""
+    P, me = comm.size, comm.rank
+    if owners.d != avg.numel() or owners.size != P:
+        raise ValueError(f"routed_gather_sum: {owners!r} for a vector of {avg.numel()} coordinates over {P} workers")
+    n = max(counts) if counts else 0
+    if n == 0:
+        return avg, idx[:0], False
+    values = x[idx] if values is None else values
+    dtypes = (idx.dtype, values.dtype)
+    if P == 1 or packed_count(dtypes, n) * sum(dt.itemsize for dt in dtypes) <= _COUNT_BYTES * P:
+        return avg, start_pairs_gather(comm, idx, values, n).add_into(avg, counts), False
+    dest = owners.of(idx)
+    table = comm.all_gather(torch.bincount(dest, minlength=P)).cpu()  # [sender, receiver]
+    order = torch.argsort(dest, stable=True)  # by owner, each owner's pairs in their order
+    del dest
+    idx, values = idx.index_select(0, order), values.index_select(0, order)
+    del order
+    send = table[me].tolist()
+    lo = sum(send[:me])
+    hi = lo + send[me]
+    mine = (idx[lo:hi], values[lo:hi])
+    recv = [0 if w == me else int(table[w, me]) for w in range(P)]
+    send[me] = 0
+    got_idx = got_values = None
+    if int(table.sum() - table.diagonal().sum()):  # the same on every rank
+        got_idx = comm.all_to_all(torch.cat([idx[:lo], idx[hi:]]), send, recv)
+        got_values = comm.all_to_all(torch.cat([values[:lo], values[hi:]]), send, recv)
+    received, at = [], 0
+    for w in range(P):
+        if w == me:
+            iw, vw = mine
+        elif recv[w]:
+            iw, vw = got_idx[at:at + recv[w]], got_values[at:at + recv[w]]
+            at += recv[w]
+        else:
+            continue
+        if iw.numel():
+            avg.index_add_(0, iw, vw)
+            received.append(iw)
+    union = union_of(received, avg.numel()) if received else idx[:0]
+    if union.numel():
+        put_at(avg, union, avg.index_select(0, union).div_(P))
+    return avg, union, True
 
 
 def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],

@@ -8,10 +8,11 @@ import torch
 
 from ...validate import boolean, nonnegative_int, number
 from ..base import ReduceCall, Reducer
-from ..comm.exchange import SkipStep, allreduce_at, sparse_gather_sum
+from ..comm.exchange import SkipStep, allreduce_at, routed_gather_sum, sparse_gather_sum
 from ..layout import Layout
 from ..registry import register
 from ..select.primitives import target_count
+from .sparse_base import routed_stats
 
 _LOWER = 0.8  # a count below 0.8 k lowers the threshold by this factor (the authors' code)
 _ADAPTATIONS = 10  # at most this many lowerings per tensor and step
@@ -155,7 +156,11 @@ class DGC(Reducer):
             raise
         dense = self._dense
         with call.phase("comm"):
-            avg, union = sparse_gather_sum(self.comm, x, idx, header.counts, call.output())
+            routed = None
+            if self.owners is None:
+                avg, union = sparse_gather_sum(self.comm, x, idx, header.counts, call.output())
+            else:  # route_to: each pair to its owner; the 1-d tensors stay all-reduced (everyone has them)
+                avg, union, routed = routed_gather_sum(self.comm, x, idx, header.counts, call.output(), self.owners)
             if dense.numel():
                 allreduce_at(self.comm, x, dense, avg)
         with call.phase("select"):
@@ -168,7 +173,10 @@ class DGC(Reducer):
                     u[dense] = u[dense] * mu + avg[dense]
                     avg[dense] = u[dense]
         call.commit_sparse(torch.cat([idx, dense]) if dense.numel() else idx)
-        call.counted(selected=idx.numel() + dense.numel(), received=union.numel() + dense.numel())
+        if routed is None:
+            call.counted(selected=idx.numel() + dense.numel(), received=union.numel() + dense.numel())
+        else:
+            routed_stats(call, self.owners, idx.numel(), union, routed, dense)
         call.stats.update(adaptations=adaptations, cut=cut)
         return avg
 

@@ -7,7 +7,7 @@ import torch
 
 from ...validate import choice
 from ..base import ReduceCall, Reducer
-from ..comm.exchange import dense_allreduce_mean, sparse_gather_sum, union_allreduce
+from ..comm.exchange import Owners, dense_allreduce_mean, routed_gather_sum, sparse_gather_sum, union_allreduce
 from ..comm.wire import WireFormat, floor_bits, gather_pairs, union_pairs
 
 EXCHANGES = ("gather", "union")
@@ -42,6 +42,8 @@ class SparseReducer(Reducer):
         ``exchange``: ``"gather"`` or ``"union"`` (default: the reducer's own)."""
         exchange = exchange or self.exchange
         kept = None
+        if self.owners is not None and exchange == "gather" and self.wire.default:
+            return self._send_routed(call, idx, counts, values)
         with call.phase("comm"):
             if self.wire.default:
                 if exchange == "gather":
@@ -57,6 +59,20 @@ class SparseReducer(Reducer):
         call.commit_sparse(sent, kept)
         call.counted(selected=idx.numel(), received=union.numel())
         self._wire_floor(call, idx.numel(), sent.numel())
+        return avg
+
+    def _send_routed(self, call: ReduceCall, idx: torch.Tensor, counts: list[int],
+                     values: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`_send`'s gather-sum with each pair sent to the worker that owns its position
+        (:meth:`~..base.Reducer.route_to`, :func:`~..comm.exchange.routed_gather_sum`): the
+        average is filled at this rank's owned coordinates only. The residual is as unrouted
+        (this worker zeroes what it sent). See :func:`routed_stats` for the counts."""
+        with call.phase("comm"):
+            avg, union, routed = routed_gather_sum(self.comm, call.x, idx, counts, call.output(), self.owners,
+                                                   values)
+        call.commit_sparse(idx)
+        routed_stats(call, self.owners, idx.numel(), union, routed)
+        self._wire_floor(call, idx.numel(), idx.numel())
         return avg
 
     def _send_dense(self, call: ReduceCall, selection: torch.Tensor, selected: int) -> torch.Tensor:
@@ -87,3 +103,24 @@ class SparseReducer(Reducer):
 
     def _wire_floor(self, call: ReduceCall, selected: int, sent: int) -> None:
         call.stats["wire_floor_bytes"] = floor_bits(call.d, selected, sent, self.wire.value_bits(call.x.dtype)) / 8
+
+
+def routed_stats(call: ReduceCall, owners: Owners, selected: int, union: torch.Tensor, routed: bool,
+                 dense: torch.Tensor | None = None) -> None:
+    """The counts of a step whose pairs went by :func:`~..comm.exchange.routed_gather_sum`
+    (``dense``: positions averaged densely beside them, every one of which gets a value, e.g.
+    DGC's 1-d tensors). ``routed``: the pairs went by all-to-all (False: by the all-gather,
+    no dearer at these counts). ``received`` (``density``): the union of everyone's positions
+    where this rank saw it whole (not routed); routed, a rank sees only its own part of it, and
+    ``received`` is the lower bound max(selected, the part's union) (exact with one worker), as
+    for accordion's dense step. ``shard_density``: coordinates of this rank's owned part that
+    got a value, divided by that part's size (exact either way)."""
+    me = call.comm.rank
+    in_shard = int((owners.of(union) == me).sum()) if union.numel() else 0
+    received = union.numel() if not routed else max(selected, in_shard)
+    extra = 0 if dense is None else dense.numel()
+    if extra:
+        in_shard += int((owners.of(dense) == me).sum())
+    call.counted(selected=selected + extra, received=received + extra)
+    size = owners.numel(me)
+    call.stats.update(routed=routed, shard_density=in_shard / size if size else 0.0)
