@@ -87,22 +87,25 @@ time_model = functools.partial(ddp_links.time_model, build=_build, summarize=sum
 
 
 def markdown(cells: list[dict]) -> str:
-    """Per model and host count, one table per rate: iteration ms, MB this host sent per step,
-    the iteration's ratio to ``fsdp``."""
+    """Per model, host count and rate, one table: iteration ms, backward ms, the method's reduce
+    ms, MB this host sent per step and of those the gradient exchange's (beyond ``local``'s, which
+    are the parameters' all-gathers), the iteration's ratio to ``fsdp``."""
     lines = []
     for cell in cells:
         rows = cell["rows"]
         base = rows.get(BASE, {}).get("t_iter")
+        floor = rows.get("local", {}).get("tx_bytes")
         first = next(iter(rows.values()))
         lines += [f"**{cell['model']} ({first.get('params', 0) / 1e6:.2f}M parameters), {cell['hosts']} hosts at "
                   f"{cell['rate']}** (rank 0's medians of {first['steps']} steps)", "",
-                  "| configuration | iteration ms | backward ms | reduce ms | MB on the link per step | / fsdp |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| configuration | iteration ms | backward ms | reduce ms | MB on the link per step | of which gradients "
+                  "| / fsdp |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for label, r in rows.items():
             reduce = "" if r.get("t_reduce") is None else f"{r['t_reduce'] * 1e3:.0f}"
             ratio = "" if not base else f"{r['t_iter'] / base:.2f}"
+            grads = "" if floor is None or label == "local" else f"{(r['tx_bytes'] - floor) / 1e6:.3g}"
             lines.append(f"| {label} | {r['t_iter'] * 1e3:.0f} | {r['t_backward'] * 1e3:.0f} | {reduce} | "
-                         f"{r['tx_bytes'] / 1e6:.3g} | {ratio} |")
+                         f"{r['tx_bytes'] / 1e6:.3g} | {grads} | {ratio} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -50,4 +50,5 @@ def test_tables_from_a_results_file(tmp_path, capsys):
     assert "/fsdp" in text and "mnist_cnn (1.20M parameters), 2 hosts at 100mbit" in text
     assert fsdp_links.main(["table", str(path), "--markdown"]) == 0
     md = capsys.readouterr().out.splitlines()
-    assert "| topk | 200 | 100 | 50 | 2.6 | 0.50 |" in md and "| fsdp | 400 | 200 |  | 7.5 | 1.00 |" in md
+    assert "| topk | 200 | 100 | 50 | 2.6 | 0.1 | 0.50 |" in md and "| fsdp | 400 | 200 |  | 7.5 | 5 | 1.00 |" in md
+    assert "| local | 100 | 50 |  | 2.5 |  | 0.25 |" in md
