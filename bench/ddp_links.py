@@ -40,7 +40,8 @@ share that X does not show.
     .venv/bin/python bench/ddp_links.py table bench/results/ddp_links.json
     .venv/bin/python bench/ddp_links.py validate bench/results/ddp_links.json   # the cost model against them
 
-Needs root and iproute2 (the netlab); refuses to start while another netlab is up.
+Needs root and iproute2 (the netlab); refuses to start while another netlab is up. bench/fsdp_links.py
+runs FSDP2 configurations on this driver, worker and timing loop.
 """
 from __future__ import annotations
 
