@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import ddp_links  # noqa: E402  (bench/ddp_links.py: the hosts, the timing loop, the driver)
+import ddp_links  # bench/ddp_links.py: the hosts, the timing loop, the driver
 
 CONFIGS = "local,fsdp,fsdp-bf16,topk,exdyna,powersgd,fp16"
 BASE = "fsdp"
@@ -96,10 +96,11 @@ def markdown(cells: list[dict]) -> str:
         base = rows.get(BASE, {}).get("t_iter")
         floor = rows.get("local", {}).get("tx_bytes")
         first = next(iter(rows.values()))
-        lines += [f"**{cell['model']} ({first.get('params', 0) / 1e6:.2f}M parameters), {cell['hosts']} hosts at "
-                  f"{cell['rate']}** (rank 0's medians of {first['steps']} steps)", "",
-                  "| configuration | iteration ms | backward ms | reduce ms | MB on the link per step | of which gradients "
-                  "| / fsdp |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        title = (f"**{cell['model']} ({first.get('params', 0) / 1e6:.2f}M parameters), {cell['hosts']} hosts at "
+                 f"{cell['rate']}** (rank 0's medians of {first['steps']} steps)")
+        head = ("| configuration | iteration ms | backward ms | reduce ms | MB on the link per step | of which gradients "
+                "| / fsdp |")
+        lines += [title, "", head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for label, r in rows.items():
             reduce = "" if r.get("t_reduce") is None else f"{r['t_reduce'] * 1e3:.0f}"
             ratio = "" if not base else f"{r['t_iter'] / base:.2f}"
@@ -121,7 +122,7 @@ def show(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
-    r, w, t = ddp_links.run_verbs(verbs, CONFIGS, "mnist_cnn,lstm", "bench/results/fsdp_links.json")
+    r, _, t = ddp_links.run_verbs(verbs, CONFIGS, "mnist_cnn,lstm", "bench/results/fsdp_links.json")
     r.set_defaults(rates="100mbit,1gbit")
     t.add_argument("--markdown", action="store_true", help="docs/benchmarks.md's tables")
     args = p.parse_args(argv)

@@ -9,8 +9,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import fsdp_links  # noqa: E402
-import gloo_workers  # noqa: E402
+import fsdp_links
+import gloo_workers
 
 
 def test_two_workers_time_every_kind_of_configuration(tmp_path):
