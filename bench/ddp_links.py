@@ -40,7 +40,8 @@ share that X does not show.
     .venv/bin/python bench/ddp_links.py table bench/results/ddp_links.json
     .venv/bin/python bench/ddp_links.py validate bench/results/ddp_links.json   # the cost model against them
 
-Needs root and iproute2 (the netlab); refuses to start while another netlab is up.
+Needs root and iproute2 (the netlab); refuses to start while another netlab is up. bench/fsdp_links.py
+runs FSDP2 configurations on this driver, worker and timing loop.
 """
 from __future__ import annotations
 
@@ -158,11 +159,20 @@ def _tx_bytes() -> int:
     return 0
 
 
-def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[str, dict]:
+def time_model(model: str, labels: list[str], args: argparse.Namespace, build: Any = None,
+               summarize: Any = None) -> dict[str, dict]:
+    """Every configuration of ``labels`` on ``model``, interleaved round by round (see the module
+    docstring): rank 0's medians per configuration. ``build(model, label, args) -> (net, state)``
+    makes a configuration (None: DDP's, :func:`_build`; bench/fsdp_links.py passes FSDP's);
+    ``summarize(times, state) -> row`` makes its row (None: bench/ddp_overlap.py's ``summary``).
+    ``state``: what has the method's ``stats`` (``t_select``, ``t_comm``), or None."""
     import torch
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    runs = {label: _build(model, label, args) for label in labels}
+    if summarize is None:
+        from ddp_overlap import summary as summarize  # bench/ddp_overlap.py
+    runs = {label: (build or _build)(model, label, args) for label in labels}
     optims = {label: torch.optim.SGD(net.parameters(), lr=0.01) for label, (net, _) in runs.items()}
     gen = torch.Generator().manual_seed(1000 + dist.get_rank())
     batches = [_batch(model, gen) for _ in range(2)]
@@ -180,7 +190,7 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[
                 dist.barrier()
                 t0 = time.perf_counter()
                 # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
-                with net.no_sync() if label == "local" else contextlib.nullcontext():
+                with net.no_sync() if label == "local" and isinstance(net, DDP) else contextlib.nullcontext():
                     opt.zero_grad()
                     loss = _loss(model, net, x, y)
                     t1 = time.perf_counter()
@@ -203,18 +213,18 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace) -> dict[
                 times[label]["tx_bytes"].append((_tx_bytes() - tx) / steps)
         if dist.get_rank() == 0:
             print(f"  {model}: round {round_} done", flush=True)
-    from ddp_overlap import summary  # bench/ddp_overlap.py
-
     out = {}
     for label in labels:
-        out[label] = {**summary(times[label], runs[label][1]), "steps": len(times[label]["t_iter"])}
+        out[label] = {**summarize(times[label], runs[label][1]), "steps": len(times[label]["t_iter"])}
     params = sum(p.numel() for p in runs[labels[0]][0].parameters())
     for label in labels:
         out[label]["params"] = params
     return out
 
 
-def worker(args: argparse.Namespace) -> int:
+def worker(args: argparse.Namespace, timer: Any = None) -> int:
+    """One host's worker: ``timer`` (None: :func:`time_model`) on each model, rank 0 writing the
+    results to ``args.result``."""
     import logging
 
     from sparsecomm.launch.job import join
@@ -224,7 +234,7 @@ def worker(args: argparse.Namespace) -> int:
     labels = args.configs.split(",")
     results = {}
     for model in args.models.split(","):
-        results[model] = time_model(model, labels, args)
+        results[model] = (timer or time_model)(model, labels, args)
         job.barrier()
     if job.is_main:
         Path(args.result).write_text(json.dumps(results))
@@ -232,7 +242,10 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ driver
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, script: str | Path = __file__, base: str = "ddp") -> int:
+    """Bring up a netlab per host count and rate, run ``script``'s ``worker`` on each host
+    (bench/fsdp_links.py passes its own), gather rank 0's rows into ``args.out``; ``base``: the
+    configuration the tables divide by."""
     current = netlab.status()
     if current is not None:
         print(f"a netlab is up ({current.hosts} hosts at {current.rate}), perhaps another job's; "
@@ -240,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     results: dict[str, Any] = {"settings": vars(args), "command": " ".join([sys.executable] + sys.argv),
                                "cells": []}
-    scratch = Path(tempfile.mkdtemp(prefix="ddp-links-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{Path(script).stem}-"))
     results_files.keep_earlier(args.out)  # written after every cell from here on
     try:
         for hosts in [int(h) for h in args.hosts.split(",")]:
@@ -248,16 +261,16 @@ def run(args: argparse.Namespace) -> int:
                 netlab.down(force=True)
                 netlab.up(hosts, rate)
                 result = scratch / f"h{hosts}-{rate}.json"
-                command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
+                command = [sys.executable, str(Path(script).resolve()), "worker", "--models", args.models,
                            "--configs", args.configs, "--density", str(args.density), "--steps",
                            str(args.steps), "--rounds", str(args.rounds), "--result", str(result)]
-                if args.bucket_mb is not None:
+                if getattr(args, "bucket_mb", None) is not None:
                     command += ["--bucket-mb", str(args.bucket_mb)]
                 print(f"== {hosts} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
                 network.run_hosts(hosts, command, {}, args.timeout, port=PORT)
                 for model, rows in json.loads(result.read_text()).items():
                     results["cells"].append({"hosts": hosts, "rate": rate, "model": model, "rows": rows})
-                    print(table([results["cells"][-1]]), flush=True)
+                    print(table([results["cells"][-1]], base), flush=True)
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.out).write_text(json.dumps(results, indent=1))
     finally:
@@ -266,15 +279,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def table(cells: list[dict]) -> str:
+def table(cells: list[dict], base: str = "ddp") -> str:
+    """Each cell's rows as text, the iteration divided by that of ``base``."""
     lines = []
     for cell in cells:
         rows = cell["rows"]
-        ddp = rows.get("ddp", {}).get("t_iter")
+        ddp = rows.get(base, {}).get("t_iter")
         params = next(iter(rows.values())).get("params", 0)
         lines.append(f"{cell['model']} ({params / 1e6:.2f}M parameters), {cell['hosts']} hosts at {cell['rate']}; "
                      f"rank 0's medians of {next(iter(rows.values()))['steps']} steps, ms")
-        head = (f"{'config':<22} {'iter':>7} {'/ddp':>5} {'fwd':>6} {'bwd':>7} {'step':>5} {'reduce':>7} "
+        head = (f"{'config':<22} {'iter':>7} {'/' + base:>5} {'fwd':>6} {'bwd':>7} {'step':>5} {'reduce':>7} "
                 f"{'MB tx':>7} {'hidden':>6}")
         lines += [head, "-" * len(head)]
         for label, r in rows.items():
@@ -423,28 +437,36 @@ def validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    verbs = p.add_subparsers(dest="verb", required=True)
+def run_verbs(verbs: Any, configs: str, models: str, out: str) -> tuple[Any, Any, Any]:
+    """The ``run``, ``worker`` and ``table`` verbs with their shared options (also
+    bench/fsdp_links.py's)."""
     r = verbs.add_parser("run")
     r.add_argument("--hosts", default="2")
     r.add_argument("--rates", default="100mbit,1gbit,10gbit")
-    r.add_argument("--models", default="mnist_cnn,resnet20")
+    r.add_argument("--models", default=models)
     r.add_argument("--timeout", type=float, default=3600)
-    r.add_argument("--out", default="bench/results/ddp_links.json")
+    r.add_argument("--out", default=out)
     w = verbs.add_parser("worker")
     w.add_argument("--models", required=True)
     w.add_argument("--result", required=True)
     for q in (r, w):
-        q.add_argument("--configs", default=CONFIGS)
+        q.add_argument("--configs", default=configs)
         q.add_argument("--density", type=float, default=0.01)
-        q.add_argument("--bucket-mb", type=float, default=None,
-                       help="DDP's bucket_cap_mb (none: DDP's default, a first bucket of 1 MB, then 25 MB; a value "
-                            "given, even 25, makes every bucket that size)")
         q.add_argument("--steps", type=int, default=3)
         q.add_argument("--rounds", type=int, default=3)
     t = verbs.add_parser("table")
     t.add_argument("results", nargs="+")
+    return r, w, t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    verbs = p.add_subparsers(dest="verb", required=True)
+    r, w, t = run_verbs(verbs, CONFIGS, "mnist_cnn,resnet20", "bench/results/ddp_links.json")
+    for q in (r, w):
+        q.add_argument("--bucket-mb", type=float, default=None,
+                       help="DDP's bucket_cap_mb (none: DDP's default, a first bucket of 1 MB, then 25 MB; a value "
+                            "given, even 25, makes every bucket that size)")
     t.add_argument("--markdown", action="store_true", help="docs/benchmarks.md's tables and ratios")
     v = verbs.add_parser("validate", help="the cost model's predicted steps against the measured ones")
     v.add_argument("results", nargs="+")
