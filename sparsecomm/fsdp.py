@@ -247,10 +247,15 @@ class FSDPReducerState:
     def stats(self) -> dict[str, Any]:
         """The last backward's measurements over all modules: bytes and times summed, densities
         weighted by each module's size, ``residual_norm`` over all residuals, ``skipped`` if
-        any module skipped, ``modules`` (how many reduced); empty before the first backward."""
+        any module skipped, ``modules`` (how many reduced); where methods route their pairs to
+        the shard's owner, ``shard_density`` (weighted by the coordinates each module's shard owns) and ``routed``
+        (how many modules sent theirs by all-to-all); empty before the first backward."""
         if not self.stat("modules"):
             return {}
-        return {key: self.stat(key) for key in (*_SUMMED, *_WEIGHTED, "residual_norm", "skipped", "modules")}
+        out = {key: self.stat(key) for key in (*_SUMMED, *_WEIGHTED, "residual_norm", "skipped", "modules")}
+        if self.stat("shard_density") is not None:
+            out.update(shard_density=self.stat("shard_density"), routed=self.stat("routed"))
+        return out
 
     def stat(self, key: str, default: Any = None) -> Any:
         """One of :attr:`stats`, computing only that one (``residual_norm`` costs a pass over
@@ -268,6 +273,14 @@ class FSDPReducerState:
             return sum(float(rs.stat(key, 0.0)) ** 2 for rs in done) ** 0.5
         if key == "skipped":
             return any(rs.stat(key, False) for rs in done)
+        if key in ("shard_density", "routed"):  # modules whose method routes its pairs (route_to)
+            routing = [rs for rs in done if rs.stat("shard_density") is not None]
+            if not routing:
+                return default
+            if key == "routed":  # how many of them sent their pairs by all-to-all this backward
+                return sum(bool(rs.stat("routed", False)) for rs in routing)
+            owned = [rs.owners.numel(rs.comm.rank) for rs in routing]
+            return sum(n * rs.stat(key) for n, rs in zip(owned, routing)) / (sum(owned) or 1)
         return default
 
     @property

@@ -196,8 +196,8 @@ def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSIT
             model = shard(make_model())
             state = register_reducer(model, name, density=density, seed=0, route=route, **options)
             runs[route] = (model, state, torch.optim.SGD(model.parameters(), lr=LR))
-        got: dict[bool, dict[str, list]] = {True: {"shards": [], "residuals": [], "stats": []},
-                                            False: {"shards": [], "residuals": [], "stats": []}}
+        got: dict[bool, dict[str, list]] = {route: {"shards": [], "residuals": [], "stats": [], "state": []}
+                                            for route in (True, False)}
         for t in range(steps):
             for route, (model, state, opt) in runs.items():
                 opt.zero_grad()
@@ -207,6 +207,7 @@ def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSIT
                                                 for u, rs in state.modules.items()})
                 got[route]["stats"].append({u: {**rs.reducer.stats, "d": rs.numel,
                                                 "owned": rs.owners.numel(me)} for u, rs in state.modules.items()})
+                got[route]["state"].append(state.stats)
                 opt.step()
         out[name] = got
     return out

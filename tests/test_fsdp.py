@@ -220,6 +220,13 @@ def test_routed_shards_and_residuals_equal_unrouted_bit_for_bit(clusters, world)
                         assert st["density"] <= plain["density"] and 0 <= st["shard_density"] <= 1
                     else:  # the all-gather: what the unrouted step moves, the whole union known
                         assert st["bytes_wire"] == plain["bytes_wire"] and st["density"] == plain["density"]
+                units = [st for st in got[True]["stats"][t].values() if st.get("shard_density") is not None]
+                total = got[True]["state"][t]
+                if units:  # the state's figures over its units: a count and a weighted mean
+                    assert total["routed"] == sum(bool(st["routed"]) for st in units)
+                    assert total["shard_density"] == pytest.approx(
+                        sum(st["owned"] * st["shard_density"] for st in units) / (sum(st["owned"] for st in units) or 1))
+                assert "shard_density" not in got[False]["state"][t]
     assert routed_units, "some unit must route"
     assert totals[True][0] < totals[False][0] and totals[True][1] < totals[False][1], totals
 

@@ -385,8 +385,8 @@ class Reducer(abc.ABC):
         """Tell the reducer which worker needs which coordinates of the average (the same
         :class:`~sparsecomm.reducers.comm.exchange.Owners` on every rank; None: every worker
         needs all). A method that can send each selected pair straight to its owner
-        (``routes``: the sparse gather-sum of topk, global_topk, thresh, sage, accordion,
-        legacy and dgc) then fills the average only at this rank's owned coordinates, bit for
+        (the sparse gather-sum of topk, global_topk, thresh, sage, accordion, legacy and dgc)
+        then fills the average only at this rank's owned coordinates, bit for
         bit as without routing, and leaves the rest 0; the others ignore it. Every rank must
         set the same owners before the same step."""
         if owners is not None and (owners.size != self.world_size or (self._layout is not None and owners.d != self._layout.numel)):

@@ -463,24 +463,31 @@ def table_limit(d: int, itemsize: int) -> int:
 
 
 def windows(ranges: Sequence[tuple[int, int]], head: int, width: int, size: int,
-            limit: int) -> list[tuple[int, int, int, int]]:
+            limit: int) -> list[tuple[int, int, int, int, int]]:
     """Consecutive groups of ``ranges`` whose part of a row of ``size`` bytes (``head`` bytes,
-    then ``width`` bits per coordinate) holds at most ``limit`` bytes where it can: a window
-    ends only where a range starts on a multiple of 8 coordinates (whole bytes of codes), so
-    it grows past the limit only where no such start came in time. Each is
-    ``(first, last, lo, hi)``: ranges ``first`` to ``last - 1``, bytes ``[lo, hi)`` of the
-    row; the first window holds the head."""
-    out: list[tuple[int, int, int, int]] = []
-    first, lo, cut = 0, 0, None  # cut: the last range of this window that may start the next
+    then ``width`` bits per coordinate, packed eight codes to ``width`` bytes) holds at most
+    ``limit`` bytes where it can. A window ends where a range starts, preferably on a multiple
+    of 8 coordinates (whole groups of codes: consecutive windows share no byte); where none came
+    in time, at the last range start (the next window then starts at the group that holds it,
+    so at most ``width`` bytes travel twice). Each is ``(first, last, lo, hi, start)``: ranges
+    ``first`` to ``last - 1``, bytes ``[lo, hi)`` of the row, ``start`` the coordinate whose
+    code is at byte ``lo`` (0 for the first window, which holds the head)."""
+    out: list[tuple[int, int, int, int, int]] = []
+    first, lo, start = 0, 0, 0
+    whole = some = None  # the last range of this window that may start the next: on a group / anywhere
     for i, (a, b) in enumerate(ranges):
-        if i > first and a % 8 == 0:
-            cut = i
-        if cut is not None and head + (b * width + 7) // 8 - lo > limit:
-            at = head + ranges[cut][0] * width // 8
-            out.append((first, cut, lo, at))
-            first, lo, cut = cut, at, None
+        if i > first:
+            some = i
+            if a % 8 == 0:
+                whole = i
+        if some is not None and head + (b * width + 7) // 8 - lo > limit:
+            cut = whole if whole is not None else some
+            at = ranges[cut][0]
+            group = at - at % 8
+            out.append((first, cut, lo, head + (at * width + 7) // 8, start))
+            first, lo, start, whole, some = cut, head + group * width // 8, group, None, None
     if ranges:
-        out.append((first, len(ranges), lo, size))
+        out.append((first, len(ranges), lo, size, start))
     return out
 
 
@@ -502,11 +509,12 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
     its bytes ``[lo, hi)`` (:data:`RowBytes`), called for each window just before it is sent,
     with ``size``, the row's length in bytes: then the whole row never exists at once.
 
-    What travels is the row itself, byte for byte, in one all-gather per window: the same
-    bytes as one all-gather of the whole row, with the table never larger than a window
-    (the whole row's table is P rows, P/2 times the gradient for 16-bit rows)."""
+    What travels is the row itself, in one all-gather per window: the bytes of one all-gather
+    of the whole row (plus at most ``width`` bytes for each window that :func:`windows` had to
+    start inside a group of codes), with the table never larger than a window where the ranges
+    allow it (the whole row's table is P rows, P/2 times the gradient for 16-bit rows)."""
     d = ranges[-1][1] if ranges else 0
-    limit = table_limit(d, 4) if limit is None else limit
+    limit = table_limit(d, 4) if limit is None else limit  # callers pass their gradient's
     if isinstance(row, torch.Tensor):
         data = row.view(torch.uint8)  # its bytes, whatever its element type
         size, part = data.numel(), (lambda lo, hi: data[lo:hi])
@@ -521,7 +529,7 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
         return comm.all_gather_async(sent), sent
 
     pending = send(0) if plan else None
-    for j, (first, last, lo, hi) in enumerate(plan):
+    for j, (first, last, lo, hi, start) in enumerate(plan):
         assert pending is not None
         table = pending[0].wait()
         if not isinstance(row, torch.Tensor):
@@ -529,9 +537,9 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
         pending = send(j + 1) if j + 1 < len(plan) else None
         if heads is None:
             heads = table[:, :head].clone()
-            body, start = table[:, head:], 0
+            body = table[:, head:]
         else:
-            body, start = table, ranges[first][0]
+            body = table
         parts = [Encoded(heads[w], body[w], start, width) for w in range(comm.size)]
         yield ranges[first:last], parts
         parts.clear()  # the caller's list too: the table goes now (it may be shared: not released)
@@ -561,6 +569,7 @@ def gather_decoded_mean(comm: Communicator, row: torch.Tensor | RowBytes,
     emptied) once sent. Returns ``avg``."""
     P = comm.size
     ranges = chunks(avg.numel()) if ranges is None else ranges
+    limit = table_limit(avg.numel(), avg.element_size()) if limit is None else limit
     for window, parts in gather_in_windows(comm, row, head, width, ranges, limit, size):
         for a, b in window:
             part = avg[a:b]

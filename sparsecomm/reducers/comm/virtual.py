@@ -424,6 +424,25 @@ class VirtualCommunicator(Communicator):
     def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         _Waiting(self.world, self.world._join(self.rank, "broadcast", tensor, src)).wait()
 
+    def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, send_counts: list[int],
+                    recv_counts: list[int]) -> None:
+        """Each part posted to its worker's mailbox, then each worker's part taken from it (a
+        worker's own part copied)."""
+        at, mine = 0, tensor[:0]
+        for peer, n in enumerate(send_counts):
+            if peer == self.rank:
+                mine = tensor[at:at + n]
+            else:
+                self.world._send(self.rank, peer, tensor[at:at + n])
+            at += n
+        at = 0
+        for peer, n in enumerate(recv_counts):
+            if peer == self.rank:
+                out[at:at + n].copy_(mine)
+            else:
+                self.world._recv(peer, self.rank, out[at:at + n])
+            at += n
+
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         if send is not None:
             self.world._send(self.rank, peer, send)

@@ -37,7 +37,8 @@ import torch
 from ...validate import choice, number, positive_int
 from ..base import ReduceCall, Reducer
 from ..comm.bitpack import code_width, pack_bits, packed_bytes
-from ..comm.exchange import DECODE_CHUNK, Encoded, Header, chunks, gather_decoded_mean, gather_in_windows, release
+from ..comm.exchange import (DECODE_CHUNK, Encoded, Header, chunks, gather_decoded_mean, gather_in_windows,
+                             release, table_limit)
 from ..layout import Layout
 from ..registry import register
 
@@ -437,7 +438,8 @@ class SignSGD(QuantizedReducer):
             scale: torch.Tensor | None = None
             avg = call.output()
             ties = torch.zeros((), dtype=torch.int64, device=x.device)
-            for window, parts in gather_in_windows(self.comm, row, at, 1, self._ranges()):
+            for window, parts in gather_in_windows(self.comm, row, at, 1, self._ranges(),
+                                                   table_limit(call.d, layout.dtype.itemsize)):
                 if self.scale == "l1" and scale is None:
                     scale = torch.zeros(L, dtype=cdtype, device=x.device)
                     for w in range(P):  # rank order

@@ -350,6 +350,8 @@ class TopKSearch:
             return self._finish(plan, "c", g, m, xs, found, full, None, index_dtype)
         kept = fused_cpu.keep_top_ranges(idx, val, batch.slots, counts, batch.ks, scratch)
         self.last = {"candidates": int(counts.sum()), "repassed": 0.0}
+        if 2 * kept < idx.numel():  # the buffers hold room for about 3k: not kept through the exchange
+            return xs, Selected(idx[:kept].clone(), val[:kept].clone(), finite)
         return xs, Selected(idx[:kept], val[:kept], finite)
 
     def _reference(self, xs: torch.Tensor, index_dtype: torch.dtype) -> Selected:
