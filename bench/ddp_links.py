@@ -46,12 +46,12 @@ runs FSDP2 configurations on this driver, worker and timing loop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +168,10 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace, build: A
     ``state``: what has the method's ``stats`` (``t_select``, ``t_comm``), or None."""
     import torch
     import torch.distributed as dist
+    from ddp_overlap import timed_step  # bench/ddp_overlap.py
     from torch.nn.parallel import DistributedDataParallel as DDP
-
     if summarize is None:
-        from ddp_overlap import summary as summarize  # bench/ddp_overlap.py
+        from ddp_overlap import summary as summarize
     runs = {label: (build or _build)(model, label, args) for label in labels}
     optims = {label: torch.optim.SGD(net.parameters(), lr=0.01) for label, (net, _) in runs.items()}
     gen = torch.Generator().manual_seed(1000 + dist.get_rank())
@@ -185,25 +185,16 @@ def time_model(model: str, labels: list[str], args: argparse.Namespace, build: A
             steps = args.steps if round_ else max(args.steps, 3)
             dist.barrier()
             tx = _tx_bytes()
+            sync = not (label == "local" and isinstance(net, DDP))
             for step in range(steps):
                 x, y = batches[step % len(batches)]
-                dist.barrier()
-                t0 = time.perf_counter()
-                # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
-                with net.no_sync() if label == "local" and isinstance(net, DDP) else contextlib.nullcontext():
-                    opt.zero_grad()
-                    loss = _loss(model, net, x, y)
-                    t1 = time.perf_counter()
-                    loss.backward()
-                t2 = time.perf_counter()
-                opt.step()
-                t3 = time.perf_counter()
+                t_forward, t_backward, t_step, t_iter = timed_step(net, opt, partial(_loss, model, net, x, y), sync)
                 if round_:
                     row = times[label]
-                    row["t_iter"].append(t3 - t0)
-                    row["t_forward"].append(t1 - t0)
-                    row["t_backward"].append(t2 - t1)
-                    row["t_step"].append(t3 - t2)
+                    row["t_iter"].append(t_iter)
+                    row["t_forward"].append(t_forward)
+                    row["t_backward"].append(t_backward)
+                    row["t_step"].append(t_step)
                     if state is not None:
                         s = state.stats
                         row["t_reduce"].append(s.get("t_select", 0.0) + s.get("t_comm", 0.0))

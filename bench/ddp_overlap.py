@@ -25,6 +25,8 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -88,25 +90,38 @@ def worker(rank: int, results: dict, args) -> None:
             opt = optims[label]
             for step in range(args.steps):
                 x, y = batches[step % len(batches)]
-                dist.barrier()
-                t0 = time.perf_counter()
-                # no_sync() must hold over forward too: DDP decides at forward whether backward syncs
-                with contextlib.nullcontext() if sync else net.no_sync():
-                    opt.zero_grad()
-                    loss = F.cross_entropy(net(x), y)
-                    t1 = time.perf_counter()
-                    loss.backward()
-                t2 = time.perf_counter()
-                opt.step()
-                t3 = time.perf_counter()
+                _, t_backward, _, t_iter = timed_step(net, opt, partial(_cross_entropy, net, x, y), sync)
                 if round_:
-                    times[label]["t_iter"].append(t3 - t0)
-                    times[label]["t_backward"].append(t2 - t1)
+                    times[label]["t_iter"].append(t_iter)
+                    times[label]["t_backward"].append(t_backward)
                     if state is not None:
                         s = state.stats
                         times[label]["t_reduce"].append(s.get("t_select", 0.0) + s.get("t_comm", 0.0))
     for label in labels:
         results[label] = summary(times[label], runs[label][1])
+
+
+def _cross_entropy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(net(x), y)
+
+
+def timed_step(net: nn.Module, opt: torch.optim.Optimizer, loss_of: Callable[[], torch.Tensor],
+               sync: bool) -> tuple[float, float, float, float]:
+    """One iteration (zero_grad, forward, backward, optimizer step) after a barrier, timed:
+    (forward, backward, step, whole) seconds. ``sync`` False: under DDP's ``no_sync()``, which
+    must hold over forward too (DDP decides at forward whether backward syncs). Also
+    bench/ddp_links.py's."""
+    dist.barrier()
+    t0 = time.perf_counter()
+    with contextlib.nullcontext() if sync else net.no_sync():
+        opt.zero_grad()
+        loss = loss_of()
+        t1 = time.perf_counter()
+        loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2, t3 - t0
 
 
 def summary(times: dict[str, list[float]], state: ReducerHookState | None) -> dict:
