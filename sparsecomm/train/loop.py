@@ -409,6 +409,7 @@ class Trainer:
             "run": self.run_dir.name,
             "task": self.cfg.task, "model": self.cfg.model, "reducer": self.cfg.reducer.name, "scope": self.scope,
             "target_density": self.cfg.reducer.density, "workers": self.job.workers,
+            "uses_density": reducers.lookup(self.cfg.reducer.name).uses_density,
             "virtual": bool(self.job.virtual), "parallel": self.cfg.parallel,
             "steps": self.step, "total_steps": self.total_steps, "epochs": self.step / self.steps_per_epoch,
             "complete": self.complete,

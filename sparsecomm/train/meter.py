@@ -74,6 +74,8 @@ class Meter:
         self.totals["timed_steps"] += 1
         self.totals["skipped"] += int(skipped)
         if not skipped and target > 0:
+            self.totals["target"] = self.totals.get("target", 0.0) + target  # absent in older checkpoints
+            self.totals["targeted_steps"] = self.totals.get("targeted_steps", 0) + 1
             ratio = float(measured["density"]) / target
             self.totals["off_target"] += int(not 1 / self.density_factor <= ratio <= self.density_factor)
         loss = loss.double()
@@ -108,12 +110,15 @@ class Meter:
         return line
 
     def summary(self) -> dict[str, Any]:
-        """The run's totals and means, as ``summary.json`` has them."""
+        """The run's totals and means, as ``summary.json`` has them (``mean_target_density``: the
+        reducer's own target over the steps that had one, which a method such as Accordion
+        chooses itself; None when no step had one)."""
         t = self.totals
         steps, timed = max(t["steps"], 1), max(t.get("timed_steps", 0), 1)
         return {"mean_density": t["density"] / steps, "mean_local_density": t["local_density"] / steps,
                 "total_bytes_sent": t["bytes_sent"], "total_bytes_wire": t["bytes_wire"],
                 "bytes_sent_per_step": t["bytes_sent"] / steps, "skipped_steps": t["skipped"],
+                "mean_target_density": t["target"] / t["targeted_steps"] if t.get("targeted_steps") else None,
                 "time_split": {k: t.get(k, 0.0) / timed for k in TIME_PARTS} if t.get("timed_steps") else None}
 
     def warnings(self, target: float) -> list[str]:

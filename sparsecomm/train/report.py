@@ -1,6 +1,7 @@
 """The few lines a run ends with: what it reached and what it cost, from its summary."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..units import duration, seconds, si
@@ -18,9 +19,7 @@ def report(summary: dict[str, Any], where: str) -> str:
     head = (f"{state}: {summary['run']} at step {steps:,}" + (f" of {total:,}" if total else "")
             + f" after {duration(summary['wall_time'])}, in {where}")
     lines = [head, f"  {summary['metric']:<10} {_metric(summary)}"]
-    dense = summary["reducer"] == "exact"
-    target = "dense" if dense else f"target {summary['target_density']:g}"
-    lines.append(f"  {'density':<10} {summary['mean_density']:.4g} ({target}); "
+    lines.append(f"  {'density':<10} {summary['mean_density']:.4g} ({_target(summary)}); "
                  f"{si(summary['bytes_sent_per_step'], 'B')} sent per worker per step, "
                  f"{si(summary['total_bytes_sent'], 'B')} in all")
     split = summary.get("time_split")
@@ -28,6 +27,22 @@ def report(summary: dict[str, Any], where: str) -> str:
         parts = ", ".join(f"{PART_NAMES[k]} {seconds(v)}" for k, v in split.items())
         lines.append(f"  {'per step':<10} {seconds(sum(split.values()))}: {parts}")
     return "\n".join(lines)
+
+
+def _target(summary: dict[str, Any]) -> str:
+    """What the achieved density is to be read against: dense, the density setting, the target
+    the method chose itself (Accordion, DGC's warm-up), or nothing (a method that sends every
+    coordinate whatever the setting)."""
+    name, setting = summary["reducer"], summary["target_density"]
+    mean, unused = summary.get("mean_target_density"), summary.get("uses_density") is False
+    if name == "exact":
+        return "dense"
+    if mean is not None and not math.isclose(mean, 1.0 if unused else setting, rel_tol=1e-6):
+        return (f"target {mean:.4g} on average, chosen by {name}; "
+                + (f"the density setting {setting:g} was not used" if unused else f"density setting {setting:g}"))
+    if unused:
+        return f"{name} sends every coordinate; the density setting {setting:g} was not used"
+    return f"target {setting:g}"
 
 
 def _metric(summary: dict[str, Any]) -> str:
