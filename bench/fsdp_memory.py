@@ -2,9 +2,13 @@
 selecting per FSDP unit changes against selecting over the whole model.
 
 Memory, in P gloo processes (the model split with ``shard_children``: one FSDP unit per
-child, the root's unit holding the rest), after a few backward passes with the method, per
-rank: this rank's parameter shards, the residuals its reducers keep (one unsharded gradient
-per unit), and the largest unit's flat gradient (the buffer one call builds and drops).
+child, the root's unit holding the rest), per rank: this rank's parameter shards, the
+residuals its reducers keep (one unsharded gradient per unit, in ``--residual-dtype``), and
+everything the reducers hold from one backward to the next (``held_bytes``, every tensor
+storage reachable from them, by kind: residuals, the compensated vector's spare buffer and the
+scratch buffers, which ``--keep-buffers false`` drops after each call, and the rest: method
+state and caches); and the mean time of a backward, the method's and FSDP's own reduce-scatter
+(``exact``), over ``--steps`` passes after two untimed ones.
 
 Selection, in this process on one gradient of the unsharded model (seeded batch): top-k over
 the whole model (``global_topk``, ExDyna, MiCRO, SAGE... aim at that set) against top-k
@@ -13,13 +17,14 @@ fraction of the whole-model set kept, and the fraction of the gradient's squared
 set carries.
 
     .venv/bin/python bench/fsdp_memory.py [--model resnet20|resnet18|lstm_lm] [--method topk] [--density 0.01]
-                                          [--workers 2]
+                                          [--workers 2] [--residual-dtype bfloat16] [--keep-buffers true|false]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gloo_workers  # noqa: E402  (bench/gloo_workers.py)
+from sparsecomm import reducers  # noqa: E402
 from sparsecomm.fsdp import register_reducer, shard_children  # noqa: E402
 from sparsecomm.models import build_model  # noqa: E402
 
@@ -56,21 +62,88 @@ def model_and_loss(name: str, seed: int = 0) -> tuple[nn.Module, callable]:
     return model, loss
 
 
-def _memory(rank: int, results: dict, name: str, method: str, density: float, steps: int) -> None:
+def _registered(name: str, rank: int, method: str, density: float, options: dict) -> tuple[nn.Module, callable, object]:
     from torch.distributed.device_mesh import init_device_mesh
 
     model, loss = model_and_loss(name, seed=rank)
     shard_children(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
-    state = register_reducer(model, method, density=density)
-    for _ in range(steps):
-        model.zero_grad()
-        loss(model).backward()
+    return model, loss, register_reducer(model, method, density=density, **options)
+
+
+def _backward(model: nn.Module, loss: callable) -> None:
+    model.zero_grad()
+    loss(model).backward()
+
+
+def held_tensors(root: object) -> dict[int, int]:
+    """Every tensor storage reachable from ``root`` through sparsecomm's own objects, dicts,
+    lists, tuples and sets: {storage address: bytes}. Counts each storage once, however many
+    views of it are reachable."""
+    seen_objects: set[int] = set()
+    storages: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen_objects:
+            continue
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        elif type(obj).__module__.startswith("sparsecomm") and hasattr(obj, "__dict__"):
+            todo.extend(vars(obj).values())
+    return storages
+
+
+def held_by_reducers(state) -> dict[str, int]:
+    """Bytes the registration's reducers hold between backward passes, by kind: residuals, the
+    compensated vector's spare buffers, workspace buffers (scratch, output), and the rest
+    (method state, caches of the exchange and the selection)."""
+    kinds = {"residual": 0, "spare": 0, "buffers": 0, "other": 0}
+    for rs in state.modules.values():
+        if rs.reducer is None:
+            continue
+        held = held_tensors(rs.reducer)
+        feedback, workspace = rs.reducer.workspace.feedback, rs.reducer.workspace
+        named = {"residual": [feedback._m], "spare": [feedback._x], "buffers": list(workspace.buffers.values())}
+        for kind, tensors in named.items():
+            for t in tensors:
+                if t is not None:
+                    kinds[kind] += held.pop(t.untyped_storage().data_ptr(), 0)
+        kinds["other"] += sum(held.values())
+    return kinds
+
+
+def _memory(rank: int, results: dict, name: str, method: str, density: float, steps: int, options: dict) -> None:
+    timed = {}
+    for which, opts in (("exact", {}), (method, options)):
+        model, loss, state = _registered(name, rank, which, density, opts)
+        _backward(model, loss)
+        _backward(model, loss)  # lazily sized buffers settle
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            _backward(model, loss)
+            times.append(time.perf_counter() - start)
+        timed[which] = sum(times) / len(times)
     shards = sum(p.to_local().numel() * p.to_local().element_size() for p in model.parameters())
     largest = max(rs.numel for rs in state.modules.values()) * 4
     full = sum(rs.numel for rs in state.modules.values()) * 4
-    results.update({"units": len(state.modules), "parameter_shard_bytes": shards, "gradient_bytes": full,
-                    "residual_bytes": state.residual_bytes(), "largest_unit_gradient_bytes": largest,
-                    "density": state.stats["density"], "bytes_sent": state.stats["bytes_sent"]})
+    held = held_by_reducers(state)
+    row = {"units": len(state.modules), "parameter_shard_bytes": shards, "gradient_bytes": full,
+           "residual_bytes": state.residual_bytes(), "largest_unit_gradient_bytes": largest,
+           "held_bytes": held, "held_total_bytes": sum(held.values()),
+           "backward_seconds": timed[method], "exact_backward_seconds": timed["exact"],
+           "density": state.stats["density"], "bytes_sent": state.stats["bytes_sent"]}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, row)
+    results.update(everyone[0])
+    results["held_total_bytes"] = max(r["held_total_bytes"] for r in everyone)  # the largest of any rank
 
 
 def selection(name: str, density: float) -> dict:
@@ -102,11 +175,20 @@ def main() -> None:
     ap.add_argument("--method", default="topk")
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="timed backward passes (after two untimed ones)")
+    ap.add_argument("--residual-dtype", default=None, choices=reducers.RESIDUAL_DTYPES)
+    ap.add_argument("--keep-buffers", default=None, choices=("true", "false"),
+                    help="register_reducer's keep_buffers (its default when left out)")
     args = ap.parse_args()
-    memory = gloo_workers.run(_memory, args.workers, args.model, args.method, args.density, args.steps, threads=1)
+    options = {} if args.residual_dtype is None else {"residual_dtype": args.residual_dtype}
+    if args.keep_buffers is not None:
+        options["keep_buffers"] = args.keep_buffers == "true"
+    memory = gloo_workers.run(_memory, args.workers, args.model, args.method, args.density, args.steps, options,
+                              threads=1)
     out = {"model": args.model, "method": args.method, "density": args.density, "workers": args.workers,
-           "memory_rank0": memory, "residual_over_shards": memory["residual_bytes"] / memory["parameter_shard_bytes"],
+           "options": options, "memory": memory,
+           "residual_over_shards": memory["residual_bytes"] / memory["parameter_shard_bytes"],
+           "held_over_shards": memory["held_total_bytes"] / memory["parameter_shard_bytes"],
            "selection": selection(args.model, args.density)}
     print(json.dumps(out, indent=1))
 

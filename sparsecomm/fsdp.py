@@ -80,7 +80,12 @@ def register_reducer(model: nn.Module, method: str, density: float = 0.001, *, e
     ``error_feedback``, ``seed`` and ``options`` are those of :func:`sparsecomm.reducers.build`,
     checked here (bad values raise its ValueError), before any training. ``route``: send each
     selected pair only to the rank owning its shard, where the method can (the same shards
-    bit for bit; False: every rank receives the whole average, as before)."""
+    bit for bit; False: every rank receives the whole average, as before).
+
+    Memory: each module's reducer keeps its residual (one unsharded gradient of the module, in
+    ``residual_dtype``: e.g. "bfloat16" for half of it, the rounding lost to error feedback)
+    and method state between backward passes; its other buffers are dropped after every call
+    (``keep_buffers`` is False here unless given: no value changes, one allocation per call)."""
     state = FSDPReducerState(method, density, error_feedback=error_feedback, seed=seed, route=route, **options)
     state._attach(model)
     return state
@@ -342,7 +347,7 @@ class FSDPReducerState:
             comm = ProcessGroupCommunicator(group)
             reducer = None if self.method == "exact" else reducers.build(
                 self.method, density=self.density, error_feedback=self.error_feedback, seed=self.seed,
-                group=comm, **self.options)
+                group=comm, **{"keep_buffers": False, **self.options})
             self.modules[name] = ModuleReduceScatter(name, shapes, comm, reducer, self.route)
             module.set_reduce_scatter_unused_params(True, recurse=False)  # every step, every parameter
             module.set_custom_reduce_scatter(self.modules[name])

@@ -272,3 +272,17 @@ def nonfinite(policy: str, steps: int = 3) -> dict[str, Any]:
             seen.append({"skipped": state.skipped, "zero": not full(p.grad for p in model.parameters()).any()})
 
     return {**outcome_in_step(run), "steps": seen}
+
+
+def held_between_backwards(name: str, options: dict | None = None, steps: int = 2) -> dict[str, Any]:
+    """After ``steps`` backward passes: each unit's residual dtype, the residuals' bytes, the
+    unsharded gradients' bytes (float32), and whether any reducer kept its spare buffer for
+    ``x`` or a workspace buffer."""
+    model = shard(make_model())
+    state = register_reducer(model, name, density=DENSITY, seed=0, **(options or {}))
+    _train(model, state, 0, steps)
+    found = [rs.reducer for rs in state.modules.values() if rs.reducer is not None]
+    return {"dtypes": sorted({str(m.dtype) for r in found for m in r.residual}),
+            "residual_bytes": state.residual_bytes(),
+            "gradient_bytes": sum(rs.numel for rs in state.modules.values()) * 4,
+            "kept": any(r.workspace.feedback._x is not None or r.workspace.buffers for r in found)}

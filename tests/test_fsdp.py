@@ -295,3 +295,24 @@ def test_all_to_all_of_one_worker_is_a_counted_copy():
     assert got.tolist() == [0, 1, 2] and comm.bytes_sent == 12 and comm.bytes_wire == 0.0
     with pytest.raises(ValueError, match="all_to_all"):
         comm.all_to_all(torch.arange(3), [2], [2])
+
+
+@pytest.mark.parametrize("options, dtype, share, kept", [
+    ({}, "torch.float32", 1.0, False),
+    ({"residual_dtype": "bfloat16"}, "torch.bfloat16", 0.5, False),
+    ({"keep_buffers": True}, "torch.float32", 1.0, True),
+])
+def test_units_hold_their_residual_and_drop_the_other_buffers(clusters, options, dtype, share, kept):
+    for r in clusters(2).run(sc.held_between_backwards, "exdyna", options):
+        assert r["dtypes"] == [dtype] and r["residual_bytes"] == share * r["gradient_bytes"]
+        assert r["kept"] is kept
+
+
+def test_a_bfloat16_residual_resumes_bit_exactly_under_fully_shard(clusters):
+    cluster, options = clusters(2), {"residual_dtype": "bfloat16"}
+    straight = cluster.run(sc.train, "topk", 8, options)
+    resumed = cluster.run(sc.train_resumed, "topk", 4, 8, options)
+    wide = cluster.run(sc.train, "topk", 8)
+    for a, b, c in zip(straight, resumed, wide, strict=True):
+        assert torch.equal(a, b), f"max difference {float((a - b).abs().max()):.3g}"
+        assert not torch.equal(a, c), "the narrow residual must round something"

@@ -453,17 +453,17 @@ def windowed_and_whole(cases, steps=2):
     """Each case reduced twice on this rank: rows gathered whole, then a few bytes at a time."""
     from sparsecomm.reducers.comm import exchange
 
-    out = []
+    out, defaults = [], (exchange.TABLE_MIN, exchange.TABLE_SHARE)
     for name, options in cases:
         runs = []
-        for table_min, share in ((exchange.TABLE_MIN, exchange.TABLE_SHARE), (64, 10 ** 9)):
+        for table_min, share in (defaults, (64, 10 ** 9)):
             exchange.TABLE_MIN, exchange.TABLE_SHARE = table_min, share
             try:
                 r = reducers.build(name, seed=3, **options)
                 avgs = [torch.cat([a.reshape(-1) for a in r.reduce(sc.make_grads(sc.SHAPES, sc.rank(), s))])
                         for s in range(steps)]
             finally:
-                exchange.TABLE_MIN, exchange.TABLE_SHARE = 1 << 22, 8
+                exchange.TABLE_MIN, exchange.TABLE_SHARE = defaults
             residual = torch.cat([m.reshape(-1) for m in r.residual]) if r.compensates else None
             runs.append((avgs, residual, r.stats["bytes_sent"]))
         out.append(runs)

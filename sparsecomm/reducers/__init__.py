@@ -6,7 +6,7 @@
     avg = r.reduce(grads)    # a collective: every rank calls it, in the same order
     r.residual, r.stats, r.state_dict(), r.load_state_dict(state)
 """
-from .base import Reducer, ReduceCall
+from .base import RESIDUAL_DTYPES, Reducer, ReduceCall
 from .comm.communicator import Communicator, ProcessGroupCommunicator, SoloCommunicator, make_communicator
 from .comm.exchange import LayoutMismatchError, NonFiniteGradientError
 from .layout import Layout, bind_flat_gradients
@@ -15,4 +15,4 @@ from . import methods  # noqa: F401  (registers every method)
 
 __all__ = ["available", "build", "is_per_tensor", "lookup", "method_options", "register", "Reducer", "ReduceCall", "Communicator",
            "ProcessGroupCommunicator", "SoloCommunicator", "make_communicator", "LayoutMismatchError",
-           "NonFiniteGradientError", "Layout", "bind_flat_gradients"]
+           "NonFiniteGradientError", "Layout", "bind_flat_gradients", "RESIDUAL_DTYPES"]

@@ -15,11 +15,12 @@ from .layout import Layout
 from .error_feedback import ErrorFeedback
 from .timing import PhaseTimer
 
-__all__ = ["Reducer", "ReduceCall", "Workspace", "NONFINITE_POLICIES", "STATE_FORMAT"]
+__all__ = ["Reducer", "ReduceCall", "Workspace", "NONFINITE_POLICIES", "RESIDUAL_DTYPES", "STATE_FORMAT"]
 
 log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "skip")
+RESIDUAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 STATE_FORMAT = "sparsecomm.reducer/1"
 
 
@@ -34,6 +35,12 @@ class Workspace:
     timer: PhaseTimer
     nonfinite: str
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def release(self) -> None:
+        """Drop the reusable buffers and ``x``'s spare (a reducer built with ``keep_buffers=False``
+        does so after every reduce; they are allocated again when next needed)."""
+        self.buffers.clear()
+        self.feedback.release()
 
     def buffer(self, name: str, layout: Layout) -> torch.Tensor:
         """A flat buffer of ``layout``'s length, dtype and device, kept for reuse."""
@@ -200,7 +207,7 @@ class ReduceCall:
         pending = self._pending
         if pending is not None and pending.flat is not None:
             m, buffer = self._feedback.operands(pending.flat, pending.overwrite)
-            if buffer is None or buffer.dtype == pending.flat.dtype:
+            if buffer is None or (buffer.dtype == pending.flat.dtype and (m is None or m.dtype == buffer.dtype)):
                 self._pending = None
                 with self.phase("select"):
                     x, found = search(pending.flat, m, buffer, index_dtype)
@@ -332,15 +339,22 @@ class Reducer(abc.ABC):
     per_tensor: ClassVar[bool]
 
     def __init__(self, *, density: float = 0.001, error_feedback: bool = True, group: Any = None,
-                 seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False) -> None:
+                 seed: int = 0, nonfinite: str = "raise", sync_timing: bool = False,
+                 residual_dtype: str | None = None, keep_buffers: bool = True) -> None:
         self.density = number("density", density, 0.0, 1.0, low_open=True)
         choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        if residual_dtype is not None:
+            choice("residual_dtype", residual_dtype, RESIDUAL_DTYPES)
+        if not isinstance(keep_buffers, bool):
+            raise ValueError(f"keep_buffers must be true or false, got {keep_buffers!r}")
         self.error_feedback = bool(error_feedback)
         self.seed = int(seed)
         self.nonfinite = nonfinite
+        self.residual_dtype = residual_dtype
+        self.keep_buffers = keep_buffers
         self.comm = make_communicator(group)
-        feedback = ErrorFeedback(self.error_feedback and self.compensates, wide=self.wide_residual)
-        self.workspace = Workspace(self.comm, feedback, PhaseTimer(sync_timing), nonfinite)
+        self.workspace = Workspace(self.comm, self._new_feedback(self.error_feedback and self.compensates),
+                                   PhaseTimer(sync_timing), nonfinite)
         self._layout: Layout | None = None
         self._pending_state: dict | None = None
         self._pending_tensors: list[dict[str, Any] | None] | None = None  # seed_tensor_states
@@ -410,18 +424,22 @@ class Reducer(abc.ABC):
         :func:`~sparsecomm.reducers.layout.bind_flat_gradients`) are read in place, in one pass;
         with ``out=grads`` the average is built in that buffer directly (no copy in or out)."""
         grads = list(grads)
-        call = self._open(grads)
-        call.bind(grads, None if out is None else list(out), fused=self._fuses_compensation())
         try:
-            avg = self._run(call)
-        except SkipStep as skip:
-            return self._skip(call, skip)
+            call = self._open(grads)
+            call.bind(grads, None if out is None else list(out), fused=self._fuses_compensation())
+            try:
+                avg = self._run(call)
+            except SkipStep as skip:
+                return self._skip(call, skip)
+            finally:
+                self._end_step()
+            call.check(self.name)
+            self.steps += 1
+            self._record(call)
+            return call.result(avg)
         finally:
-            self._end_step()
-        call.check(self.name)
-        self.steps += 1
-        self._record(call)
-        return call.result(avg)
+            if not self.keep_buffers:
+                self.workspace.release()
 
     def open_call(self) -> ReduceCall:
         """The call the next ``reduce`` finishes, opened now: for a method that starts work
@@ -510,6 +528,7 @@ class Reducer(abc.ABC):
             "error_feedback": self.error_feedback,
             "seed": self.seed,
             "options": self.options(),
+            "residual_dtype": self.residual_dtype,
             "rank": self.rank,
             "world_size": self.world_size,
             "steps": self.steps,
@@ -528,8 +547,8 @@ class Reducer(abc.ABC):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm reducer state (expected format {STATE_FORMAT!r})")
         mine = {"method": self.name, "density": self.density, "error_feedback": self.error_feedback,
-                "seed": self.seed, "options": _results_options(self.options()), "rank": self.rank,
-                "world_size": self.world_size}
+                "seed": self.seed, "options": _results_options(self.options()),
+                "residual_dtype": self.residual_dtype, "rank": self.rank, "world_size": self.world_size}
         saved = {**state, "options": _results_options(state.get("options"))}
         wrong = [f"{k}: saved {saved.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if wrong:
@@ -537,7 +556,7 @@ class Reducer(abc.ABC):
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
         self._layout = None
-        self.workspace.feedback = ErrorFeedback(self.workspace.feedback.enabled, wide=self.wide_residual)
+        self.workspace.feedback = self._new_feedback(self.workspace.feedback.enabled)
         self._pending_state = state if state["layout"] is not None else None
         self._raw_stats, self._stats = {}, {}
 
@@ -605,6 +624,10 @@ class Reducer(abc.ABC):
                                      f"{residual.numel()}")
                 feedback.residual[a:b].copy_(residual.reshape(-1))
             self._load_tensor_state(i, state)
+
+    def _new_feedback(self, enabled: bool) -> ErrorFeedback:
+        return ErrorFeedback(enabled, wide=self.wide_residual, keep_spare=self.keep_buffers,
+                             residual_dtype=None if self.residual_dtype is None else getattr(torch, self.residual_dtype))
 
     def _end_step(self) -> None:
         """Called when ``reduce`` ends, however it ends (methods with per-step state reset it)."""

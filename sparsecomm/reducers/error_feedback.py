@@ -8,6 +8,14 @@ Two flat buffers alternate: ``x`` is built in one while ``m`` is kept in the oth
 step that is abandoned (for example skipped for a non-finite gradient) leaves ``m``
 untouched, and no step allocates. Gradients that already form one flat vector are read in one
 pass; with error feedback off and the caller's permission, ``x`` is that vector itself.
+
+Two ways to hold less between steps, for sharded training where the residual is the memory
+that matters: ``residual_dtype`` keeps ``m`` in a narrower dtype than ``x`` (float16 or
+bfloat16 for float32 gradients: half the bytes; ``x`` is still built and selected in the
+gradients' dtype, and the commit rounds the new residual once into ``m``, so what rounding
+drops there is lost to error feedback), and ``keep_spare=False`` drops ``x``'s buffer after
+each commit (it is allocated again by the next step: one allocation per step, no change to any
+value).
 """
 from __future__ import annotations
 
@@ -27,12 +35,18 @@ _HALF = (torch.float16, torch.bfloat16)
 class ErrorFeedback:
     """Residual memory ``m`` and the compensated vector ``x`` of one worker. With ``wide``, both
     are kept in float32 when the gradients are float16/bfloat16 (for methods whose dense
-    residual would lose too much to 16-bit rounding)."""
+    residual would lose too much to 16-bit rounding). ``residual_dtype``: ``m``'s dtype when it
+    is to differ from ``x``'s (see the module's docstring); ``keep_spare``: keep ``x``'s buffer
+    from one step to the next."""
 
-    def __init__(self, enabled: bool, wide: bool = False) -> None:
+    def __init__(self, enabled: bool, wide: bool = False, residual_dtype: torch.dtype | None = None,
+                 keep_spare: bool = True) -> None:
         self.enabled = bool(enabled)
         self.wide = bool(wide)
+        self.residual_dtype = residual_dtype
+        self.keep_spare = bool(keep_spare)
         self._shape: tuple[int, torch.dtype, torch.device] | None = None
+        self._m_dtype: torch.dtype | None = None
         self._m: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
 
@@ -42,10 +56,12 @@ class ErrorFeedback:
         d = layout.numel
         dtype = torch.float32 if self.wide and layout.dtype in _HALF else layout.dtype
         self._shape = (d, dtype, layout.device)
+        self._m_dtype = self.residual_dtype or dtype
         self._m = self._x = None
         if self.enabled:
-            self._m = torch.zeros(d, dtype=dtype, device=layout.device)
-            self._x = torch.empty(d, dtype=dtype, device=layout.device)
+            self._m = torch.zeros(d, dtype=self._m_dtype, device=layout.device)
+            if self.keep_spare:
+                self._x = torch.empty(d, dtype=dtype, device=layout.device)
             if residual is not None:
                 if residual.numel() != d:
                     raise ValueError(f"saved residual has {residual.numel()} elements, the gradients {d}")
@@ -57,8 +73,8 @@ class ErrorFeedback:
         if self._shape is None:
             raise RuntimeError("no residual yet: reduce() has not been called")
         if self._m is None:
-            d, dtype, device = self._shape
-            self._m = torch.zeros(d, dtype=dtype, device=device)
+            d, _, device = self._shape
+            self._m = torch.zeros(d, dtype=self._m_dtype, device=device)
         return self._m
 
     @property
@@ -104,7 +120,8 @@ class ErrorFeedback:
     def operands(self, g: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What :meth:`compensate_flat` would read and write, for a caller that builds ``x`` itself
         (a fused selection pass): ``(m, buffer)``, ``x = g + m`` to be written into ``buffer``; m
-        None: ``x`` is a copy of ``g`` in ``buffer``; both None: ``x`` is ``g`` itself."""
+        None: ``x`` is a copy of ``g`` in ``buffer``; both None: ``x`` is ``g`` itself. ``m`` may
+        have another dtype than ``buffer`` (``residual_dtype``)."""
         if not self.enabled and overwrite and g.dtype == self._shape[1]:
             return None, None
         return (self._m if self.enabled else None), self._spare()
@@ -138,6 +155,20 @@ class ErrorFeedback:
             self._swap(x)
 
     def _swap(self, x: torch.Tensor) -> None:
-        if x.data_ptr() != self._x.data_ptr():
+        """``x`` (the spare buffer) becomes the residual: the buffers trade places, or, for a
+        residual of another dtype, ``x`` is rounded into ``m``; the spare is then dropped unless
+        kept."""
+        if self._x is None or x.data_ptr() != self._x.data_ptr():
             raise RuntimeError("commit expects the buffer returned by compensate()")
-        self._m, self._x = self._x, self._m
+        if self._m.dtype != x.dtype:
+            self._m.copy_(x)
+        else:
+            self._m, self._x = self._x, self._m
+        if not self.keep_spare:
+            self._x = None
+
+    def release(self) -> None:
+        """Drop ``x``'s buffer now (unless kept): a step that ended without a commit (skipped,
+        or error feedback off) leaves it behind otherwise."""
+        if not self.keep_spare:
+            self._x = None

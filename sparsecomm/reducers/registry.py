@@ -11,7 +11,7 @@ __all__ = ["register", "available", "build", "lookup", "method_options", "COMMON
 _REGISTRY: dict[str, type[Reducer]] = {}
 
 # Accepted by every method (keyword arguments of Reducer.__init__ beyond build's own).
-COMMON_OPTIONS = ("nonfinite", "sync_timing")
+COMMON_OPTIONS = ("nonfinite", "sync_timing", "residual_dtype", "keep_buffers")
 _BUILD_ARGS = ("density", "error_feedback", "group", "seed")
 
 
@@ -67,8 +67,12 @@ def build(name: str, density: float = 0.001, error_feedback: bool = True, group:
     ``density`` is the target fraction of coordinates to send (0 < density <= 1); ``group``
     a ``torch.distributed`` process group, a :class:`~sparsecomm.reducers.comm.communicator.Communicator`,
     or None (the default group when initialized, else a single worker). ``options`` are the
-    method's own (see ``method_options(name)``) plus ``nonfinite`` ("raise" or "skip") and
-    ``sync_timing`` (synchronise CUDA at phase boundaries for a true time split).
+    method's own (see ``method_options(name)``) plus ``nonfinite`` ("raise" or "skip"),
+    ``sync_timing`` (synchronise CUDA at phase boundaries for a true time split),
+    ``residual_dtype`` (the error-feedback residual kept in "float16" or "bfloat16": half the
+    bytes of a float32 residual, what the rounding drops is lost; None: the gradients' dtype)
+    and ``keep_buffers`` (False: the compensated vector's and the scratch buffers are dropped
+    after each reduce, for sharded training where only the residual should stay).
     """
     cls = lookup(name)
     allowed = sorted(method_options(name)) + list(COMMON_OPTIONS)
