@@ -1,7 +1,10 @@
 """Bytes per step of a method as FSDP2's reduce-scatter with and without routing (issue 22):
 ``register_reducer(..., route=True)`` sends each selected pair only to the rank owning its
 shard (one all-to-all, after a small all-gather of the counts), ``route=False`` all-gathers
-every rank's pairs to every rank.
+every rank's pairs to every rank. For the quantisers and casts (qsgd, terngrad, efsignsgd,
+signsgd, fp16, bf16), where every coordinate travels, routing sends each rank only its shard's
+part of every encoded row (one all-to-all per window) instead of all-gathering the rows;
+``--density`` is not used by them.
 
 P gloo processes; the model split with ``shard_children`` (one FSDP unit per child, the root's
 unit holding the rest), each rank its own seeded batches; per backward, every unit's counters

@@ -30,8 +30,11 @@ module's reducer is told which rank owns which coordinates (:meth:`ModuleReduceS
 global_topk, thresh, sage, legacy, accordion's gather-sum steps, dgc's compressed tensors;
 default wire format) sends each pair only to its owner by one all-to-all (after an all-gather
 of the per-owner counts), or all-gathers them where that moves no more bytes at the step's
-counts. The shard is bit for bit the unrouted one; the reducer's average is then filled only
-in this rank's rows (the rest left 0, never read), and its ``density`` is a lower bound
+counts; the quantisers (qsgd, terngrad, efsignsgd, signsgd) and the casts (fp16, bf16 with
+``exchange="gather"``) send each owner only its part of their encoded rows (with the scales
+it needs), one all-to-all per window, and the owner alone decodes it. The shard is bit for
+bit the unrouted one; the reducer's average is then filled only in this rank's rows (the
+rest left 0, never read), and for the sparse methods its ``density`` is a lower bound
 (``shard_density`` exact). The other methods ignore the owners: every rank receives their
 whole average and keeps its rows. ``exact`` is FSDP's own
 reduce-scatter (a sum over the process group, divided as FSDP asks), with no reducer.
@@ -40,8 +43,10 @@ What this costs and changes (docs/reducers.md, *FSDP2*): each rank keeps one uns
 residual per module (the residual of error feedback is the full gradient's size, not the
 shard's) and a flat buffer of the module's gradient during the call; methods that select over
 the whole model (exdyna, micro, sage, global_topk, gtopk, cltk, deft, omgs, agtf) select over
-each module's gradient, with the module's share of the density each. Not done: quantised
-or dense methods decoding only their owner's chunk (a reduce-scatter of their payload).
+each module's gradient, with the module's share of the density each. Not routed: the
+methods whose sums are formed over every coordinate by the backend or over shared positions
+(randomk, micro, exdyna, deft, gtopk, cltk, omgs, agtf, powersgd, fp16/bf16 with
+``exchange="allreduce"``).
 
 Refused in one line at registration: modules with a 2-D mesh (HSDP) or a replicate mesh,
 parameters sharded on a dimension other than 0, several parameter groups on one module.

@@ -188,6 +188,35 @@ def _pairs_all_gather_is_no_dearer(counts: list[int], world: int, pair_bytes: in
     return max(counts) * pair_bytes <= 8 * world
 
 
+def _same_shards_and_residuals(got: dict, t: int, what: str) -> None:
+    """Step ``t`` of :func:`fsdp_scenarios.routed_vs_unrouted` for one method on one rank:
+    routed and unrouted gradient shards and every unit's residuals identical bit for bit."""
+    for i, (a, b) in enumerate(zip(got[True]["shards"][t], got[False]["shards"][t], strict=True)):
+        assert torch.equal(a, b), f"{what}, parameter {i}"
+    for unit, ms in got[True]["residuals"][t].items():
+        for a, b in zip(ms, got[False]["residuals"][t][unit], strict=True):
+            assert torch.equal(a, b), f"{what}, unit {unit}: residual"
+
+
+def _checked_steps(results: list[dict], world: int, steps: int):
+    """``(method, its results on one rank, step)`` for every rank, method and step of
+    :func:`fsdp_scenarios.routed_vs_unrouted`'s ``results``, each after checking that step's
+    shards and residuals (:func:`_same_shards_and_residuals`)."""
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            for t in range(steps):
+                _same_shards_and_residuals(got, t, f"{name}, rank {rank}/{world}, step {t}")
+                yield name, got, t
+
+
+def _add_bytes(totals: dict[bool, list[float]], routed: dict, plain: dict) -> None:
+    """Add one unit call's ``bytes_wire`` and ``bytes_sent``, routed and not, into ``totals``
+    (route -> [wire, sent])."""
+    for route, entry in ((True, routed), (False, plain)):
+        totals[route][0] += entry["bytes_wire"]
+        totals[route][1] += entry["bytes_sent"]
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_routed_shards_and_residuals_equal_unrouted_bit_for_bit(clusters, world):
     """route=True against route=False on the model of three FSDP units: every rank's gradient
@@ -197,36 +226,27 @@ def test_routed_shards_and_residuals_equal_unrouted_bit_for_bit(clusters, world)
     results = clusters(world).run(sc.routed_vs_unrouted, ROUTING, 3)
     routed_units, table = 0, 8 * world
     totals = {True: [0.0, 0.0], False: [0.0, 0.0]}
-    for rank, by_name in enumerate(results):
-        for name, got in by_name.items():
-            for t in range(3):
-                for i, (a, b) in enumerate(zip(got[True]["shards"][t], got[False]["shards"][t], strict=True)):
-                    assert torch.equal(a, b), f"{name}, rank {rank}/{world}, step {t}, parameter {i}"
-                for unit, ms in got[True]["residuals"][t].items():
-                    for a, b in zip(ms, got[False]["residuals"][t][unit], strict=True):
-                        assert torch.equal(a, b), f"{name}, rank {rank}/{world}, step {t}, unit {unit}: residual"
-                for unit, st in got[True]["stats"][t].items():
-                    plain = got[False]["stats"][t][unit]
-                    assert "routed" not in plain and st["local_density"] == plain["local_density"]
-                    if st.get("routed") is None:  # no gather-sum this step (accordion's dense step)
-                        assert st["bytes_wire"] == plain["bytes_wire"], (name, unit, st, plain)
-                    elif st["routed"]:
-                        routed_units += 1
-                        for key, bound in (("bytes_wire", (world - 1) * table), ("bytes_sent", table)):
-                            assert st[key] <= plain[key] + bound, (name, unit, key, st, plain)
-                        for route, entry in ((True, st), (False, plain)):
-                            totals[route][0] += entry["bytes_wire"]
-                            totals[route][1] += entry["bytes_sent"]
-                        assert st["density"] <= plain["density"] and 0 <= st["shard_density"] <= 1
-                    else:  # the all-gather: what the unrouted step moves, the whole union known
-                        assert st["bytes_wire"] == plain["bytes_wire"] and st["density"] == plain["density"]
-                units = [st for st in got[True]["stats"][t].values() if st.get("shard_density") is not None]
-                total = got[True]["state"][t]
-                if units:  # the state's figures over its units: a count and a weighted mean
-                    assert total["routed"] == sum(bool(st["routed"]) for st in units)
-                    assert total["shard_density"] == pytest.approx(
-                        sum(st["owned"] * st["shard_density"] for st in units) / (sum(st["owned"] for st in units) or 1))
-                assert "shard_density" not in got[False]["state"][t]
+    for name, got, t in _checked_steps(results, world, 3):
+        for unit, st in got[True]["stats"][t].items():
+            plain = got[False]["stats"][t][unit]
+            assert "routed" not in plain and st["local_density"] == plain["local_density"]
+            if st.get("routed") is None:  # no gather-sum this step (accordion's dense step)
+                assert st["bytes_wire"] == plain["bytes_wire"], (name, unit, st, plain)
+            elif st["routed"]:
+                routed_units += 1
+                for key, bound in (("bytes_wire", (world - 1) * table), ("bytes_sent", table)):
+                    assert st[key] <= plain[key] + bound, (name, unit, key, st, plain)
+                _add_bytes(totals, st, plain)
+                assert st["density"] <= plain["density"] and 0 <= st["shard_density"] <= 1
+            else:  # the all-gather: what the unrouted step moves, the whole union known
+                assert st["bytes_wire"] == plain["bytes_wire"] and st["density"] == plain["density"]
+        units = [st for st in got[True]["stats"][t].values() if st.get("shard_density") is not None]
+        total = got[True]["state"][t]
+        if units:  # the state's figures over its units: a count and a weighted mean
+            assert total["routed"] == sum(bool(st["routed"]) for st in units)
+            assert total["shard_density"] == pytest.approx(
+                sum(st["owned"] * st["shard_density"] for st in units) / (sum(st["owned"] for st in units) or 1))
+        assert "shard_density" not in got[False]["state"][t]
     assert routed_units, "some unit must route"
     assert totals[True][0] < totals[False][0] and totals[True][1] < totals[False][1], totals
 
@@ -316,3 +336,30 @@ def test_a_bfloat16_residual_resumes_bit_exactly_under_fully_shard(clusters):
     for a, b, c in zip(straight, resumed, wide, strict=True):
         assert torch.equal(a, b), f"max difference {float((a - b).abs().max()):.3g}"
         assert not torch.equal(a, c), "the narrow residual must round something"
+
+
+DENSE_ROUTING = ["qsgd", "terngrad", "efsignsgd", "signsgd", "fp16", "bf16"]
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_routed_quantisers_and_casts_give_the_unrouted_shards(clusters, world):
+    """The quantisers and casts, route=True against route=False on the model of three FSDP
+    units, 3 steps: every rank's gradient shards and every unit's residual identical bit for
+    bit; every unit call routed, shard_density 1 (0 for a rank owning nothing of a unit); what
+    reaches a rank at most what the all-gather brought it, and over all ranks fewer bytes
+    received and sent."""
+    results = clusters(world).run(sc.routed_vs_unrouted, DENSE_ROUTING, 3)
+    totals = {name: {True: [0.0, 0.0], False: [0.0, 0.0]} for name in DENSE_ROUTING}
+    for name, got, t in _checked_steps(results, world, 3):
+        for unit, st in got[True]["stats"][t].items():
+            plain = got[False]["stats"][t][unit]
+            assert st["routed"] is True and "routed" not in plain, (name, unit, st)
+            assert st["shard_density"] == (1.0 if st["owned"] else 0.0), (name, unit, st)
+            assert st["density"] == plain["density"] == 1.0
+            assert st["bytes_wire"] <= plain["bytes_wire"], (name, unit, st, plain)
+            _add_bytes(totals[name], st, plain)
+        assert got[True]["state"][t]["routed"] == len(got[True]["stats"][t])
+    for name, by_route in totals.items():
+        assert by_route[True][0] < by_route[False][0] and by_route[True][1] < by_route[False][1], (name, by_route)
+    efsign = results[0]["efsignsgd"][True]["residuals"][-1]
+    assert any(m.any() for ms in efsign.values() for m in ms), "efsignsgd keeps a residual"

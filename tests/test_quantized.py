@@ -2,6 +2,7 @@
 beyond the generic tests: bit packing, bytes as they travel, unbiasedness within a confidence
 bound, the vote, saturation, DGC's momentum identity, warm-up, clipping and skipped steps."""
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -484,3 +485,87 @@ def test_rows_gathered_in_windows_give_the_same_bits(clusters, P):
                                                                    torch.equal(whole[1], windowed[1])), name
             assert whole[2] <= windowed[2] <= whole[2] + 8 * len(sc.SHAPES), name  # a group sent twice at most per cut
             assert torch.equal(results[r][cases.index((name, _))][0][0][0], results[0][cases.index((name, _))][0][0][0])
+
+
+# ------------------------------------------------------------- routed to the owners (issue 22)
+def owners_of(P):
+    """Owners of the flat vector of sc.SHAPES in pieces that start off groups of eight codes
+    and off tensor boundaries (1,200 and 1,230 are tensor starts), a worker owning several."""
+    from sparsecomm.reducers.comm.exchange import Owners
+
+    cuts = [0, 13, 501, 517, 1207, 1230, 1500, 1733, 1901, 1903, D]
+    return Owners([(a, b, (i * 5) % P) for i, (a, b) in enumerate(pairwise(cuts))], P)
+
+
+def routed_and_unrouted(cases, steps=2):
+    """Each case reduced by two reducers on this rank, one routed to :func:`owners_of`: with
+    the default tables, then a few bytes at a time. Per case and table: both averages and
+    residuals per step, and both reducers' stats."""
+    import torch.distributed as dist
+
+    from sparsecomm.reducers.comm import exchange
+
+    default = (exchange.TABLE_MIN, exchange.TABLE_SHARE)
+    owners = owners_of(dist.get_world_size())
+    out = []
+    for name, options in cases:
+        by_table = []
+        for table_min, share in (default, (64, 10 ** 9)):
+            exchange.TABLE_MIN, exchange.TABLE_SHARE = table_min, share
+            try:
+                pair = [reducers.build(name, seed=3, **options) for _ in range(2)]
+                pair[0].route_to(owners)
+                got = [[], []]
+                for s in range(steps):
+                    for r, into in zip(pair, got):
+                        avg = torch.cat([a.reshape(-1) for a in r.reduce(sc.make_grads(sc.SHAPES, sc.rank(), s))])
+                        into.append((avg, torch.cat([m.reshape(-1) for m in r.residual]), dict(r.stats)))
+            finally:
+                exchange.TABLE_MIN, exchange.TABLE_SHARE = default
+            by_table.append(got)
+        out.append(by_table)
+    return out
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_routed_rows_give_the_owned_average_bit_for_bit(clusters, P):
+    """Every quantizer and cast routed to the owners against unrouted, with whole and tiny
+    tables: each rank's owned coordinates bit-identical to the unrouted average, the others
+    0, the residual bit-identical; stats routed and shard_density 1; what this rank receives
+    (bytes_wire) at most the unrouted all-gather's, and the bytes sent over all ranks fewer."""
+    cases = [c for c in CASES if c[1].get("exchange") != "allreduce"]
+    results = clusters(P).run(routed_and_unrouted, cases)
+    owners = owners_of(P)
+    for (name, options), *per_rank in zip(cases, *results):
+        for table in range(2):
+            sent = [0, 0]
+            for r in range(P):
+                mask = torch.zeros(D, dtype=torch.bool)
+                for a, b in owners.owned(r):
+                    mask[a:b] = True
+                for t, (routed, plain) in enumerate(zip(*per_rank[r][table])):
+                    what = f"{name} {options}, rank {r}/{P}, table {table}, step {t}"
+                    assert torch.equal(routed[0][mask], plain[0][mask]), what
+                    assert not routed[0][~mask].any(), what
+                    assert torch.equal(routed[1], plain[1]), what + ": residual"
+                    assert routed[2]["routed"] and routed[2]["shard_density"] == 1.0, what
+                    assert "routed" not in plain[2], what
+                    assert routed[2]["bytes_wire"] <= plain[2]["bytes_wire"], what
+                    sent[0] += routed[2]["bytes_sent"]
+                    sent[1] += plain[2]["bytes_sent"]
+            assert sent[0] < sent[1], (name, options, table, sent)
+    assert any(results[0][i][0][0][0][1].any() for i, c in enumerate(cases) if c[0] == "efsignsgd"), \
+        "efsignsgd keeps a residual"
+
+
+def test_routing_with_one_worker_is_the_plain_exchange():
+    """One worker: the owners cover everything; the step is the plain one (``routed`` False)."""
+    from sparsecomm.reducers.comm.exchange import Owners
+
+    grads = sc.make_grads(sc.SHAPES, 0, 0)
+    routed, plain = (reducers.build("qsgd", seed=3, group=reducers.SoloCommunicator()) for _ in range(2))
+    routed.route_to(Owners([(0, D, 0)], 1))
+    for a, b in zip(routed.reduce(grads), plain.reduce(grads)):
+        assert torch.equal(a, b)
+    assert routed.stats["routed"] is False and routed.stats["shard_density"] == 1.0
+    assert routed.stats["bytes_sent"] == plain.stats["bytes_sent"]

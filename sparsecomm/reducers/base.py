@@ -252,6 +252,16 @@ class ReduceCall:
         ``local_density`` and ``density`` (fractions of d)."""
         self.selected, self.received = int(selected), int(received)
 
+    def counted_dense(self, owners: Owners | None, routed: bool) -> None:
+        """The counts of a step in which every coordinate travels (quantisers, casts): all d
+        selected and received; with ``owners`` set, also ``routed`` (every worker's coordinates
+        went to their owners only) and ``shard_density``, the part of this rank's owned
+        coordinates that got a value: all of them (0 for an empty part), as for the sparse
+        methods (:func:`~.methods.sparse_base.routed_stats`)."""
+        self.counted(selected=self.d, received=self.d)
+        if owners is not None:
+            self.stats.update(routed=routed, shard_density=1.0 if owners.numel(self.comm.rank) else 0.0)
+
     def fraction(self, count: float) -> float:
         """``count / d`` (0 for an empty layout)."""
         return count / self.d if self.d else 0.0
@@ -398,11 +408,14 @@ class Reducer(abc.ABC):
     def route_to(self, owners: Owners | None) -> None:
         """Tell the reducer which worker needs which coordinates of the average (the same
         :class:`~sparsecomm.reducers.comm.exchange.Owners` on every rank; None: every worker
-        needs all). A method that can send each selected pair straight to its owner
-        (the sparse gather-sum of topk, global_topk, thresh, sage, accordion, legacy and dgc)
-        then fills the average only at this rank's owned coordinates, bit for
-        bit as without routing, and leaves the rest 0; the others ignore it. Every rank must
-        set the same owners before the same step."""
+        needs all). A method that can send each worker's contribution straight to its owner
+        then fills the average only at this rank's owned coordinates, bit for bit as without
+        routing, and leaves the rest 0: the sparse gather-sum of topk, global_topk, thresh,
+        sage, accordion, legacy and dgc (each selected pair to its owner), and the quantisers
+        qsgd, terngrad, efsignsgd and signsgd and the casts fp16 and bf16 with
+        ``exchange="gather"`` (each owner's part of every encoded row). The residual stays as
+        without routing. The others ignore it. Every rank must set the same owners before the
+        same step."""
         if owners is not None and (owners.size != self.world_size or (self._layout is not None and owners.d != self._layout.numel)):
             raise ValueError(f"route_to: {owners!r} does not fit {self.world_size} workers"
                              + ("" if self._layout is None else f" and {self._layout.numel} coordinates"))

@@ -17,7 +17,8 @@ and size padded all-gathers from the counts. The schemes below then move the pay
 * :func:`allreduce_at` -- all-reduce at positions every worker already agrees on;
 * :func:`gather_decoded_mean` -- every worker's encoded row (quantized codes, 16-bit values)
   all-gathered a window at a time (:func:`gather_in_windows`), decoded and added in rank
-  order.
+  order; with :class:`Owners`, each owner's part of every row sent to it only, by one
+  all-to-all per window (:func:`routed_windows`), and decoded by it alone.
 
 Every exchange of positions and values travels in one format (:func:`pack`): each part
 padded to the same count, widest element type first. Padding is zero-initialised, counted as
@@ -40,6 +41,7 @@ __all__ = [
     "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "Owners", "routed_gather_sum", "union_allreduce",
     "allreduce_at", "union_of", "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight",
     "gather_decoded_mean", "Encoded", "gather_in_windows", "RowBytes", "windows", "table_limit", "chunks",
+    "HeadSpan", "by_owner", "merged", "Run", "runs", "routed_windows", "encoded_windows",
 ]
 
 _STATUS_LAYOUT_CHANGED = 1.0
@@ -546,11 +548,169 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
         del table, body
 
 
+HeadSpan = Callable[[int, int], tuple[int, int]]
+"""Bytes ``[lo, hi)`` of a row's head that decoding its coordinates ``[a, b)`` needs."""
+
+
+def by_owner(ranges: Sequence[tuple[int, int]], owners: Owners) -> list[tuple[int, int, int]]:
+    """``ranges`` (covering ``[0, d)`` in order) cut where the owner changes: ``(start, end,
+    owner)`` in order, each inside one range and one owner's part."""
+    out, own, j = [], owners.ranges, 0
+    for a, b in ranges:
+        while a < b:
+            while own[j][1] <= a:
+                j += 1
+            end = min(b, own[j][1])
+            out.append((a, end, own[j][2]))
+            a = end
+    return out
+
+
+def merged(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The union of byte spans ``(lo, hi)`` as sorted disjoint spans (empty ones dropped)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(s for s in spans if s[1] > s[0]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+@dataclass
+class Run:
+    """Consecutive cut ranges of one window, ``first`` to ``last - 1``, that one worker,
+    ``owner``, owns; their codes are the row's bytes ``[lo, hi)``, which start with the group
+    of eight codes that holds the first range's start (coordinate ``start``, a multiple of 8)."""
+
+    owner: int
+    first: int
+    last: int
+    start: int
+    lo: int
+    hi: int
+
+
+def runs(cut: Sequence[tuple[int, int, int]], first: int, last: int, head: int, width: int) -> list[Run]:
+    """The :class:`Run` s of cut ranges ``first`` to ``last - 1`` (one window)."""
+    out: list[Run] = []
+    for i in range(first, last):
+        a, b, w = cut[i]
+        if out and out[-1].owner == w:
+            out[-1].last, out[-1].hi = i + 1, head + (b * width + 7) // 8
+        else:
+            start = a - a % 8
+            out.append(Run(w, i, i + 1, start, head + start * width // 8, head + (b * width + 7) // 8))
+    return out
+
+
+def routed_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, width: int,
+                   ranges: Sequence[tuple[int, int]], owners: Owners, head_span: HeadSpan | None = None,
+                   limit: int | None = None,
+                   size: int | None = None) -> Iterator[tuple[Sequence[tuple[int, int]], list, bool]]:
+    """:func:`gather_in_windows` with each worker's row sent to each owner only where it covers
+    the owner's coordinates (:class:`Owners`), by one all-to-all per window. The windows are
+    those of the all-gather (of the ranges cut where the owner changes, :func:`by_owner`); in a
+    window, each worker sends each other owner the bytes of that owner's runs (:func:`runs`:
+    whole groups of eight codes, so a group cut by an owner boundary goes to both) and, in the
+    first window, the bytes of its head that ``head_span`` says the owner's coordinates need
+    (default: the whole head). What a worker sends and receives follows from the owners alone:
+    no count travels, and a worker's own runs do not travel.
+
+    Yields ``(ranges, parts, owned)`` run by run, every run of every window in order. ``owned``:
+    the run is this worker's; ``parts`` then holds every worker's :class:`Encoded` part of it
+    (a head is a full-length copy holding the bytes received, zero elsewhere). For the other
+    runs ``parts`` holds this worker's own part only (None for the others), from which it can
+    still decode its own vector (its residual). The list is emptied when the next run is asked
+    for. A window's table (the bytes this worker receives) is at most (P - 1) / P of
+    :func:`gather_in_windows`'s, the same windows' bound."""
+    P, me = comm.size, comm.rank
+    d = ranges[-1][1] if ranges else 0
+    limit = table_limit(d, 4) if limit is None else limit
+    if isinstance(row, torch.Tensor):
+        data = row.view(torch.uint8)
+        size, part = data.numel(), (lambda lo, hi: data[lo:hi])
+    else:
+        assert size is not None, "a row given as a function needs its size"
+        part = row
+    cut = by_owner(ranges, owners)
+    span = head_span or (lambda a, b: (0, head))
+    needs = [merged([span(a, b) for a, b, w in cut if w == owner]) for owner in range(P)]
+    heads: list[torch.Tensor] = []
+    for j, (first, last, lo, hi, _) in enumerate(windows([(a, b) for a, b, _ in cut], head, width, size,
+                                                         max(1, limit // P))):
+        mine = part(lo, hi)
+        if j == 0:
+            heads = [mine[:head].clone() if w == me else torch.zeros(head, dtype=torch.uint8, device=mine.device)
+                     for w in range(P)]
+        window = runs(cut, first, last, head, width)
+        bodies = _exchange_runs(comm, mine, lo, window, needs if j == 0 else None, heads)
+        for run in window:
+            parts: list[Encoded | None] = [None] * P
+            if run.owner == me:
+                parts = [Encoded(heads[w], body, run.start, width) for w, body in enumerate(bodies.pop(0))]
+            parts[me] = Encoded(heads[me], mine[run.lo - lo:run.hi - lo], run.start, width)
+            yield [(a, b) for a, b, _ in cut[run.first:run.last]], parts, run.owner == me
+            parts.clear()
+        if not isinstance(row, torch.Tensor):
+            release(mine)
+
+
+def _exchange_runs(comm: Communicator, mine: torch.Tensor, lo: int, window: list[Run],
+                   needs: list[list[tuple[int, int]]] | None, heads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """One window's all-to-all (:func:`routed_windows`): to each other owner, this worker's
+    bytes of its runs in ``mine`` (the row's bytes from ``lo``), after the head spans ``needs``
+    of that owner (the first window only; None after), which arrive into ``heads``. Returns,
+    for each of this worker's own runs, every worker's bytes of it (its own: empty)."""
+    P, me = comm.size, comm.rank
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(P)]
+    for w in range(P):
+        if w != me:
+            pieces[w] += [mine[a:b] for a, b in (needs[w] if needs is not None else [])]
+            pieces[w] += [mine[run.lo - lo:run.hi - lo] for run in window if run.owner == w]
+    send = [sum(p.numel() for p in pieces[w]) for w in range(P)]
+    own = [run.hi - run.lo for run in window if run.owner == me]
+    expect = sum(own) + sum(b - a for a, b in (needs[me] if needs is not None else []))
+    recv = [0 if w == me else expect for w in range(P)]
+    flat = torch.cat([p for w in range(P) for p in pieces[w]] or [mine[:0]])
+    got = comm.all_to_all(flat, send, recv)
+    release(flat)
+    bodies: list[list[torch.Tensor]] = [[got[:0]] * P for _ in own]
+    at = 0
+    for w in range(P):
+        if w == me:
+            continue
+        for a, b in (needs[me] if needs is not None else []):
+            heads[w][a:b] = got[at:at + b - a]
+            at += b - a
+        for i, n in enumerate(own):
+            bodies[i][w] = got[at:at + n]
+            at += n
+    return bodies
+
+
+def encoded_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, width: int,
+                    ranges: Sequence[tuple[int, int]], limit: int | None = None, size: int | None = None,
+                    owners: Owners | None = None,
+                    head_span: HeadSpan | None = None) -> Iterator[tuple[Sequence[tuple[int, int]], list, bool]]:
+    """Every worker's encoded row, as ``(ranges, parts, owned)`` (see :func:`routed_windows`):
+    routed to the owners where ``owners`` is given and there are several workers, else
+    all-gathered (:func:`gather_in_windows`; every range then this worker's to decode)."""
+    if owners is not None and comm.size > 1:
+        if owners.d != (ranges[-1][1] if ranges else 0) or owners.size != comm.size:
+            raise ValueError(f"routed exchange: {owners!r} for {len(ranges)} ranges over {comm.size} workers")
+        yield from routed_windows(comm, row, head, width, ranges, owners, head_span, limit, size)
+        return
+    for window, parts in gather_in_windows(comm, row, head, width, ranges, limit, size):
+        yield window, parts, True
+
+
 def gather_decoded_mean(comm: Communicator, row: torch.Tensor | RowBytes,
                         decode: Callable[[Encoded, int, int], torch.Tensor], avg: torch.Tensor,
                         ranges: Sequence[tuple[int, int]] | None = None, residual: torch.Tensor | None = None,
                         *, head: int = 0, width: int = 8, limit: int | None = None,
-                        size: int | None = None) -> torch.Tensor:
+                        size: int | None = None, owners: Owners | None = None,
+                        head_span: HeadSpan | None = None) -> torch.Tensor:
     """Dense gather-sum of encoded rows: all-gather this worker's ``row`` (the same length on
     every worker; ``head`` bytes, then ``width`` bits per coordinate), add every worker's
     decoded vector into the zeroed ``avg`` in rank order, and divide by P. Every rank forms
@@ -566,20 +726,36 @@ def gather_decoded_mean(comm: Communicator, row: torch.Tensor | RowBytes,
     vector x, from which its own decoded vector q (what the others received from it) is
     subtracted in place, leaving the error-feedback residual x - q. ``row`` (a tensor or a
     function with ``size``, as for :func:`gather_in_windows`) is released (its storage
-    emptied) once sent. Returns ``avg``."""
-    P = comm.size
+    emptied) once sent. Returns ``avg``.
+
+    ``owners`` (several workers): routed (:func:`routed_windows`): each worker decodes only
+    the coordinates it owns, from every worker's part of them, and ``avg`` holds the mean
+    there, bit for bit, 0 elsewhere. ``decode`` is then also asked for sub-ranges of
+    ``ranges`` (cut where the owner changes), and ``head_span(start, end)`` says which head
+    bytes those coordinates need. The residual is the same: each worker decodes its own row
+    everywhere, locally."""
     ranges = chunks(avg.numel()) if ranges is None else ranges
     limit = table_limit(avg.numel(), avg.element_size()) if limit is None else limit
-    for window, parts in gather_in_windows(comm, row, head, width, ranges, limit, size):
+    for window, parts, owned in encoded_windows(comm, row, head, width, ranges, limit, size, owners, head_span):
         for a, b in window:
-            part = avg[a:b]
-            for w in range(P):
-                decoded = decode(parts[w], a, b)
-                part.add_(decoded)
-                if residual is not None and w == comm.rank:
-                    residual[a:b].sub_(decoded)
-            if P > 1:
-                part.div_(P)
+            if owned:
+                _add_decoded(avg[a:b], parts, decode, a, b, comm.rank, residual)
+            elif residual is not None:
+                residual[a:b].sub_(decode(parts[comm.rank], a, b))
     if isinstance(row, torch.Tensor):
         release(row)
     return avg
+
+
+def _add_decoded(part: torch.Tensor, parts: list[Encoded], decode: Callable[[Encoded, int, int], torch.Tensor],
+                 a: int, b: int, me: int, residual: torch.Tensor | None) -> None:
+    """``part`` (coordinates ``[a, b)`` of the zeroed average) := the mean of every worker's
+    decoded ``parts``, added in rank order; this worker's own decoded part subtracted from
+    ``residual`` where given."""
+    for w, encoded in enumerate(parts):
+        decoded = decode(encoded, a, b)
+        part.add_(decoded)
+        if residual is not None and w == me:
+            residual[a:b].sub_(decoded)
+    if len(parts) > 1:
+        part.div_(len(parts))

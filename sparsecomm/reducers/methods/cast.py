@@ -29,6 +29,16 @@ class CastReducer(Reducer):
     all-gather receives (P - 1) 2d bytes per worker where a ring all-reduce of the same values
     moves 2 (P - 1) / P 2d (equal at P = 2, twice as much at P = 4).
 
+    Routed (``exchange="gather"`` with :meth:`~sparsecomm.reducers.base.Reducer.route_to` set,
+    FSDP2): each worker sends each owner only the 16-bit values of the owner's coordinates
+    (:func:`~sparsecomm.reducers.comm.exchange.routed_windows`, one all-to-all per window,
+    each cast as it is sent), and each owner widens and adds them in rank order: its
+    coordinates bit for bit as unrouted, the rest 0; the residual is the same (each worker
+    widens its own values everywhere). ``bytes_sent`` and ``bytes_wire`` are then (P - 1) / P
+    2d and the values of this rank's coordinates from the P - 1 others, at most as a ring
+    all-reduce's. ``exchange="allreduce"`` is not routed: its sums are formed by the backend
+    over every coordinate.
+
     ``exchange="allreduce"``: as PyTorch's ``fp16_compress_hook``: each worker casts x / P,
     the 16-bit values are all-reduced (summed in 16 bits by the backend; gloo and NCCL give
     every rank the same bits) and widened. The ring's wire cost, but every partial sum is
@@ -88,7 +98,8 @@ class CastReducer(Reducer):
                 avg = gather_decoded_mean(self.comm, self._row_bytes(call),
                                           lambda part, a, b: part.values(a, b, self.wire).to(dtype), call.output(),
                                           residual=call.x if call.error_feedback else None,
-                                          width=8 * self.wire.itemsize, size=call.d * self.wire.itemsize)
+                                          width=8 * self.wire.itemsize, size=call.d * self.wire.itemsize,
+                                          owners=self.owners)
             call.commit_subtracted()
         else:
             with call.phase("select"):
@@ -98,7 +109,7 @@ class CastReducer(Reducer):
                 self.comm.all_reduce_(row)
                 avg = call.output().copy_(row)
             call.commit_dense(mine)
-        call.counted(selected=call.d, received=call.d)
+        call.counted_dense(self.owners if self.exchange == "gather" else None, P > 1)
         call.stats.update(payload_ratio=self.wire.itemsize / dtype.itemsize)
         return avg
 

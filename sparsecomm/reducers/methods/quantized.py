@@ -8,6 +8,16 @@ all-gathered a window at a time, and every rank decodes them and adds them in ra
 temporary is larger than a range and no gathered table larger than a window), so the average
 is bit-identical everywhere and ``bytes_sent`` is the packed row itself.
 
+Routed (:meth:`~sparsecomm.reducers.base.Reducer.route_to`, FSDP2; every method of the family):
+each worker sends each owner only the groups of codes that cover the owner's coordinates, and
+the scales of the head they need (QSGD: their buckets' norms; EF-SignSGD and signSGD: their
+tensors' scales), by one all-to-all per window
+(:func:`~sparsecomm.reducers.comm.exchange.routed_windows`); each owner decodes only its own
+coordinates, from every worker in rank order, bit for bit as unrouted, and the rest of the
+average stays 0. Each worker still decodes its own row everywhere, so the residual is the
+same. ``bytes_sent`` is then what this worker hands to the all-to-alls, ``bytes_wire`` what it
+receives; stats ``routed`` and ``shard_density`` (1: every owned coordinate gets a value).
+
 Error feedback: ``efsignsgd`` keeps ``x - q`` as its residual, q being this worker's own
 decoded row, so nothing is lost. ``qsgd`` and ``terngrad`` are unbiased (E q = x) and, as in
 their papers, keep no residual whatever ``error_feedback`` says (like ``exact``): error
@@ -30,6 +40,7 @@ saved in the state. CPU and CUDA streams of one seed differ.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any, Callable
 
 import torch
@@ -37,7 +48,7 @@ import torch
 from ...validate import choice, number, positive_int
 from ..base import ReduceCall, Reducer
 from ..comm.bitpack import code_width, pack_bits, packed_bytes
-from ..comm.exchange import (DECODE_CHUNK, Encoded, Header, chunks, gather_decoded_mean, gather_in_windows,
+from ..comm.exchange import (DECODE_CHUNK, Encoded, Header, chunks, encoded_windows, gather_decoded_mean,
                              release, table_limit)
 from ..layout import Layout
 from ..registry import register
@@ -75,6 +86,11 @@ def _values_of(row: torch.Tensor, count: int, dtype: torch.dtype, first: int = 0
     """Values ``first`` to ``first + count`` of ``dtype`` at the start of a byte row (copied, so
     that a row of a gathered table need not be aligned)."""
     return row[first * dtype.itemsize:(first + count) * dtype.itemsize].clone().view(dtype)
+
+
+def _scale_span(i: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The bytes of tensor ``i``'s scale in a head of one ``dtype`` scale per tensor."""
+    return i * dtype.itemsize, (i + 1) * dtype.itemsize
 
 
 def _row(head: torch.Tensor | None, d: int, width: int, device: torch.device) -> torch.Tensor:
@@ -120,6 +136,7 @@ class QuantizedReducer(Reducer):
         self._pieces = [(a + s, min(a + s + DECODE_CHUNK, b), i) for i, (a, b) in enumerate(layout.segments)
                         for s in range(0, b - a, DECODE_CHUNK)]
         self._tensor_at = {a: i for a, _, i in self._pieces}
+        self._starts = [a for a, _, _ in self._pieces]  # sorted: the tensor of any coordinate
         if self.random_rounding:
             self._generator = torch.Generator(device=layout.device)
             self._generator.manual_seed(stream_seed(self.seed, self.rank))
@@ -146,6 +163,16 @@ class QuantizedReducer(Reducer):
         """Bytes of scales at the start of every row."""
         return 0
 
+    def _head_span(self, a: int, b: int) -> tuple[int, int]:
+        """The bytes of the head that decoding coordinates ``[a, b)`` (inside one tensor) needs:
+        all of it unless a method says less (what a routed exchange sends each owner)."""
+        return 0, self._head()
+
+    def _tensor_of(self, a: int) -> int:
+        """The tensor that holds coordinate ``a`` (of a non-empty tensor)."""
+        i = self._tensor_at.get(a)
+        return i if i is not None else self._pieces[bisect_right(self._starts, a) - 1][2]
+
     def _ranges(self) -> list[tuple[int, int]]:
         """The ranges :meth:`_decode` is asked for, in order: pieces of single tensors."""
         return [(a, b) for a, b, _ in self._pieces]
@@ -160,9 +187,9 @@ class QuantizedReducer(Reducer):
         with call.phase("comm"):
             avg = gather_decoded_mean(self.comm, row, self._decode, call.output(), self._ranges(),
                                       residual=call.x if call.error_feedback else None, head=self._head(),
-                                      width=self.width)
+                                      width=self.width, owners=self.owners, head_span=self._head_span)
         call.commit_subtracted()
-        call.counted(selected=call.d, received=call.d)
+        call.counted_dense(self.owners, self.comm.size > 1)
         call.stats.update(payload_ratio=call.fraction(sent / call.layout.dtype.itemsize),
                           bits_per_coordinate=call.fraction(8.0 * sent))
         return avg
@@ -270,11 +297,33 @@ class QSGD(QuantizedReducer):
     def _head(self) -> int:
         return self._buckets * self._cdtype.itemsize
 
+    def _buckets_of(self, a: int, b: int) -> tuple[int, torch.Tensor | None]:
+        """The first bucket of coordinates ``[a, b)`` (inside one tensor) and how many of
+        them each of its buckets holds (None where the range is one of :meth:`_ranges`:
+        whole buckets, or a tensor's short last one)."""
+        piece = self._piece_at.get(a)
+        if piece is not None and piece[1] == b:
+            return piece[2], None
+        start, _, size, _, j = self._plan[self._tensor_of(a)]
+        first, last = (a - start) // size, (b - 1 - start) // size
+        edges = torch.arange(first + 1, last + 1, dtype=torch.int64) * size + start
+        counts = torch.diff(torch.cat([torch.tensor([a]), edges, torch.tensor([b])]))
+        return j + first, counts
+
+    def _head_span(self, a: int, b: int) -> tuple[int, int]:
+        first, counts = self._buckets_of(a, b)
+        n = (self._piece_at[a][3] or 1) if counts is None else counts.numel()
+        return first * self._cdtype.itemsize, (first + n) * self._cdtype.itemsize
+
     def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
         cdtype = self._cdtype
-        _, _, j, rows = self._piece_at[a]
-        scale = _values_of(row.head, max(rows, 1), cdtype, first=j) / self.levels
+        j, counts = self._buckets_of(a, b)
         values = row.codes(a, b).to(cdtype).sub_(self.levels)
+        if counts is not None:  # part of a piece (routed): each coordinate times its bucket's scale
+            scale = _values_of(row.head, counts.numel(), cdtype, first=j) / self.levels
+            return values.mul_(torch.repeat_interleave(scale, counts.to(scale.device))).to(self.layout.dtype)
+        rows = self._piece_at[a][3]
+        scale = _values_of(row.head, max(rows, 1), cdtype, first=j) / self.levels
         if rows:
             values.view(rows, -1).mul_(scale[:, None])
         else:
@@ -349,7 +398,7 @@ class TernGrad(QuantizedReducer):
         return _pack_into(_row(None, call.d, 2, x.device), 0, call.d, 2, lambda a, b: codes[a:b])
 
     def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
-        values = row.codes(a, b).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_at[a]])
+        values = row.codes(a, b).to(self._cdtype).sub_(1).mul_(self._scaler[self._tensor_of(a)])
         return values.to(self.layout.dtype)
 
     def _end_step(self) -> None:
@@ -385,8 +434,11 @@ class EFSignSGD(QuantizedReducer):
     def _head(self) -> int:
         return len(self.layout.shapes) * self._cdtype.itemsize
 
+    def _head_span(self, a: int, b: int) -> tuple[int, int]:
+        return _scale_span(self._tensor_of(a), self._cdtype)
+
     def _decode(self, row: Encoded, a: int, b: int) -> torch.Tensor:
-        scale = _values_of(row.head, 1, self._cdtype, first=self._tensor_at[a])[0]
+        scale = _values_of(row.head, 1, self._cdtype, first=self._tensor_of(a))[0]
         bits = row.codes(a, b)
         return bits.to(self._cdtype).mul_(-2).add_(1).mul_(scale).to(self.layout.dtype)
 
@@ -410,7 +462,11 @@ class SignSGD(QuantizedReducer):
     used with a learning rate suited to sign updates (every coordinate moves by the full
     rate). Signum's
     momentum (the sign of a momentum) is not part of it: momentum in the optimizer acts on the
-    votes. Stats: ``tie_fraction``, the fraction of coordinates whose vote was 0."""
+    votes. Stats: ``tie_fraction``, the fraction of coordinates whose vote was 0 (of this
+    rank's owned coordinates when routed).
+
+    The vote is per coordinate (the scales per tensor), so it routes (``route_to``): each
+    owner counts the votes on its own coordinates only, with the scales of its tensors."""
 
     name = "signsgd"
     per_tensor = True  # a vote per coordinate, each tensor's scale its own
@@ -438,26 +494,40 @@ class SignSGD(QuantizedReducer):
             scale: torch.Tensor | None = None
             avg = call.output()
             ties = torch.zeros((), dtype=torch.int64, device=x.device)
-            for window, parts in gather_in_windows(self.comm, row, at, 1, self._ranges(),
-                                                   table_limit(call.d, layout.dtype.itemsize)):
+            voted = 0
+            for window, parts, owned in encoded_windows(self.comm, row, at, 1, self._ranges(),
+                                                        table_limit(call.d, layout.dtype.itemsize),
+                                                        owners=self.owners, head_span=self._head_span):
+                if not owned:  # another worker's coordinates (routed): no residual to keep
+                    continue
                 if self.scale == "l1" and scale is None:
                     scale = torch.zeros(L, dtype=cdtype, device=x.device)
                     for w in range(P):  # rank order
                         scale.add_(_values_of(parts[w].head, L, cdtype))
                     scale.div_(P)
                 for a, b in window:  # range by range: small temporaries
-                    negative = torch.zeros(b - a, dtype=torch.int32, device=x.device)  # workers voting -1
-                    for w in range(P):  # rank order
-                        negative.add_(parts[w].codes(a, b))
-                    votes = negative.mul_(-2).add_(P)  # the sum of the +-1 votes
+                    votes = self._votes(parts, a, b)
                     result = torch.sign(votes).to(cdtype)
                     if scale is not None:
-                        result.mul_(scale[self._tensor_at[a]])
+                        result.mul_(scale[self._tensor_of(a)])
                     avg[a:b].copy_(result)
                     ties.add_((votes == 0).sum())
+                    voted += b - a
             release(row)
-        call.counted(selected=call.d, received=call.d)
+        call.counted_dense(self.owners, P > 1)
         call.stats.update(payload_ratio=call.fraction(sent / layout.dtype.itemsize),
                           bits_per_coordinate=call.fraction(8.0 * sent),
-                          tie_fraction=ties / call.d if call.d else 0.0)
+                          tie_fraction=ties / voted if voted else 0.0)
         return avg
+
+    def _head_span(self, a: int, b: int) -> tuple[int, int]:
+        return _scale_span(self._tensor_of(a), self._cdtype) if self.scale == "l1" else (0, 0)
+
+    @staticmethod
+    def _votes(parts: list[Encoded], a: int, b: int) -> torch.Tensor:
+        """The sum of every worker's +-1 votes on coordinates ``[a, b)`` (int32), added in rank
+        order."""
+        negative = torch.zeros(b - a, dtype=torch.int32, device=parts[0].body.device)  # workers voting -1
+        for part in parts:
+            negative.add_(part.codes(a, b))
+        return negative.mul_(-2).add_(len(parts))
