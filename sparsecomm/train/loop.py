@@ -35,6 +35,11 @@ __all__ = ["Trainer", "Stopped", "STOP_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
+# The method's own stats of the last step before a training line that the line carries: the
+# threshold controllers' state (SAGE's alpha, beta, gamma and examined density among them),
+# the residual's norm and the index all-gather's padding waste.
+_LOGGED_STATS = ("threshold", "residual_norm", "load_imbalance", "exam_density", "alpha", "beta", "gamma")
+
 # What SLURM sends before a time limit or preemption (--signal), what schedulers send to stop,
 # and Ctrl-C: each makes every rank checkpoint and stop at the same step.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -384,7 +389,7 @@ class Trainer:
             return
         stats = self.reducer.stats
         line["lr"] = self._lr
-        line.update({key: stats[key] for key in ("threshold", "residual_norm", "load_imbalance") if key in stats})
+        line.update({key: stats[key] for key in _LOGGED_STATS if key in stats})
         line["skipped_steps"] = self.meter.totals["skipped"]
         line["time"] = self.elapsed
         self.recorder.log(line)
