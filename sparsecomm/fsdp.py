@@ -66,6 +66,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from . import reducers
 from .reducers import Communicator, LayoutMismatchError, ProcessGroupCommunicator, Reducer
+from .reducers.base import results_options
 from .reducers.comm.exchange import Owners
 
 __all__ = ["register_reducer", "shard_children", "FSDPReducerState", "ModuleReduceScatter", "STATE_FORMAT"]
@@ -309,8 +310,8 @@ class FSDPReducerState:
 
     def residual_bytes(self) -> int:
         """The bytes this rank's residuals hold (allocated after each module's first backward)."""
-        return sum(t.numel() * t.element_size() for rs in self.modules.values() if rs.reducer is not None
-                   for t in rs.reducer.residual)
+        return sum(t.numel() * t.element_size() for rs in self.modules.values()
+                   if rs.reducer is not None and rs.reducer.workspace.feedback.enabled for t in rs.reducer.residual)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's reducer states (residuals included), by module, with the modules' shapes."""
@@ -325,7 +326,9 @@ class FSDPReducerState:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm FSDP reducer state (expected format {STATE_FORMAT!r})")
         mine = {**self._settings(), "rank": self.rank, "world_size": self.world_size}
-        wrong = [f"{k}: saved {state.get(k)!r}, this state {v!r}" for k, v in mine.items() if state.get(k) != v]
+        settings = {**state, "options": results_options(state.get("options"))}  # keep_buffers may differ
+        mine["options"] = results_options(mine["options"])
+        wrong = [f"{k}: saved {settings.get(k)!r}, this state {v!r}" for k, v in mine.items() if settings.get(k) != v]
         if wrong:
             raise ValueError("FSDP reducer state does not match this one (" + "; ".join(wrong) + ")")
         shapes = {name: [list(s) for s in rs.shapes] for name, rs in self.modules.items()}

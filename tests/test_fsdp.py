@@ -363,3 +363,10 @@ def test_routed_quantisers_and_casts_give_the_unrouted_shards(clusters, world):
         assert by_route[True][0] < by_route[False][0] and by_route[True][1] < by_route[False][1], (name, by_route)
     efsign = results[0]["efsignsgd"][True]["residuals"][-1]
     assert any(m.any() for ms in efsign.values() for m in ms), "efsignsgd keeps a residual"
+
+
+def test_a_state_resumes_whether_or_not_buffers_were_kept():
+    saved = FSDPReducerState("topk", 0.01, keep_buffers=True).state_dict()
+    FSDPReducerState("topk", 0.01).load_state_dict(saved)  # keep_buffers changes no value
+    with pytest.raises(ValueError, match="residual_dtype"):
+        FSDPReducerState("topk", 0.01).load_state_dict(FSDPReducerState("topk", 0.01, residual_dtype="bfloat16").state_dict())

@@ -55,3 +55,32 @@ def test_a_state_with_another_residual_dtype_is_refused():
 def test_bad_memory_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         reducers.build("topk", **options)
+
+
+def test_a_float16_residual_saturates_instead_of_overflowing():
+    """Gradients of 4e4 sent at 1% pile up past float16's 65504 in the residual: it holds the
+    largest finite value there, and the next steps go on (no non-finite x, nothing skipped)."""
+    r = reducers.build("topk", density=0.01, residual_dtype="float16", nonfinite="skip")
+    for step in range(6):
+        r.reduce([torch.full((1000,), 4e4) + torch.arange(1000.0)])
+        assert r.stats["skipped"] is False, step
+    m = torch.cat([t.reshape(-1) for t in r.residual])
+    assert torch.isfinite(m).all() and m.max() == torch.finfo(torch.float16).max
+
+
+def test_keep_buffers_is_not_part_of_what_a_state_means():
+    kept = reducers.build("topk", density=0.1, keep_buffers=True)
+    kept.reduce(sc.make_grads(sc.SHAPES, 0, 0))
+    lean = reducers.build("topk", density=0.1, keep_buffers=False)
+    lean.load_state_dict(kept.state_dict())
+    assert torch.equal(sc.flat(lean.reduce(sc.make_grads(sc.SHAPES, 0, 1))),
+                       sc.flat(kept.reduce(sc.make_grads(sc.SHAPES, 0, 1))))
+
+
+def test_a_bucket_reducer_refuses_a_state_with_another_residual_dtype():
+    from sparsecomm.reducers.buckets import BucketReducer
+
+    narrow = BucketReducer("topk", 0.1, residual_dtype="bfloat16")
+    narrow.reduce(sc.make_grads(sc.SHAPES, 0, 0))
+    with pytest.raises(ValueError, match=r"residual_dtype: saved 'bfloat16', this reducer None"):
+        BucketReducer("topk", 0.1).load_state_dict(narrow.state_dict())

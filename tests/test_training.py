@@ -148,7 +148,7 @@ def test_the_closing_lines_say_what_a_run_reached_and_cost():
     assert "not evaluated" in report({**summary, "final": {}, "best": None, "complete": True}, "/runs")
     cast = report({**summary, "reducer": "fp16", "uses_density": False, "mean_density": 1.0,
                    "mean_target_density": 1.0}, "/runs")
-    assert "1 (fp16 sends every coordinate; the density setting 0.001 was not used)" in cast
+    assert "1 (fp16 does not use the density setting 0.001)" in cast
     chosen = report({**summary, "reducer": "accordion", "uses_density": False, "mean_target_density": 0.4321}, "/runs")
     assert "(target 0.4321 on average, chosen by accordion; the density setting 0.001 was not used)" in chosen
     warm = report({**summary, "reducer": "dgc", "uses_density": True, "mean_target_density": 0.02}, "/runs")

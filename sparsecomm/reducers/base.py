@@ -560,9 +560,9 @@ class Reducer(abc.ABC):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm reducer state (expected format {STATE_FORMAT!r})")
         mine = {"method": self.name, "density": self.density, "error_feedback": self.error_feedback,
-                "seed": self.seed, "options": _results_options(self.options()),
+                "seed": self.seed, "options": results_options(self.options()),
                 "residual_dtype": self.residual_dtype, "rank": self.rank, "world_size": self.world_size}
-        saved = {**state, "options": _results_options(state.get("options"))}
+        saved = {**state, "options": results_options(state.get("options"))}
         wrong = [f"{k}: saved {saved.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if saved.get(k) != v]
         if wrong:
             raise ValueError("reducer state does not match this reducer (" + "; ".join(wrong) + ")")
@@ -696,10 +696,12 @@ class Reducer(abc.ABC):
 
 
 # Options that choose how, never what: a state saved with one value loads into a reducer with another.
-SPEED_OPTIONS = ("selection",)
+SPEED_OPTIONS = ("selection", "keep_buffers")
 
 
-def _results_options(options: Any) -> Any:
+def results_options(options: Any) -> Any:
+    """``options`` without those that change no value (:data:`SPEED_OPTIONS`), for comparing
+    the settings of a saved state with a reducer's."""
     if not isinstance(options, dict):
         return options
     return {k: v for k, v in options.items() if k not in SPEED_OPTIONS}

@@ -408,7 +408,7 @@ class BucketReducer:
         comm = self._probe_comm()
         return {"format": STATE_FORMAT, "method": self.name, "density": self.density,
                 "error_feedback": self.error_feedback, "seed": self.seed, "options": self.options(),
-                "rank": comm.rank, "world_size": comm.size, "steps": self.steps, "skipped_steps": self.skipped_steps,
+                "residual_dtype": self._probe.residual_dtype, "rank": comm.rank, "world_size": comm.size, "steps": self.steps, "skipped_steps": self.skipped_steps,
                 "serial": self._serial, "epoch": None if self._epoch is None else list(self._epoch),
                 "shapes": None if self._shapes is None else [list(s) for s in self._shapes],
                 "residual": self._flat_residual(cpu=True), "units": units,
@@ -424,7 +424,7 @@ class BucketReducer:
             raise ValueError(f"not a sparsecomm bucket reducer state (expected format {STATE_FORMAT!r} or "
                              f"{REDUCER_STATE_FORMAT!r})")
         mine = {"method": self.name, "density": self.density, "error_feedback": self.error_feedback,
-                "seed": self.seed, "options": self.options()}
+                "seed": self.seed, "options": self.options(), "residual_dtype": self._probe.residual_dtype}
         wrong = [f"{k}: saved {state.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if state.get(k) != v]
         if wrong:
             raise ValueError("bucket reducer state does not match this reducer (" + "; ".join(wrong) + ")")

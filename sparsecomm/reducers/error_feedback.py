@@ -12,8 +12,9 @@ pass; with error feedback off and the caller's permission, ``x`` is that vector 
 Two ways to hold less between steps, for sharded training where the residual is the memory
 that matters: ``residual_dtype`` keeps ``m`` in a narrower dtype than ``x`` (float16 or
 bfloat16 for float32 gradients: half the bytes; ``x`` is still built and selected in the
-gradients' dtype, and the commit rounds the new residual once into ``m``, so what rounding
-drops there is lost to error feedback), and ``keep_spare=False`` drops ``x``'s buffer after
+gradients' dtype, and the commit rounds the new residual once into ``m``, saturated at the
+narrow dtype's largest finite value, so what rounding and saturation drop there is lost to
+error feedback), and ``keep_spare=False`` drops ``x``'s buffer after
 each commit (it is allocated again by the next step: one allocation per step, no change to any
 value).
 """
@@ -69,12 +70,15 @@ class ErrorFeedback:
 
     @property
     def residual(self) -> torch.Tensor:
-        """The flat residual ``m`` (zeros when error feedback is off, made when first asked for)."""
+        """The flat residual ``m`` (fresh zeros each time when error feedback is off)."""
         if self._shape is None:
             raise RuntimeError("no residual yet: reduce() has not been called")
         if self._m is None:
             d, _, device = self._shape
-            self._m = torch.zeros(d, dtype=self._m_dtype, device=device)
+            zeros = torch.zeros(d, dtype=self._m_dtype, device=device)
+            if not self.enabled:  # nothing kept for a reducer without error feedback
+                return zeros
+            self._m = zeros
         return self._m
 
     @property
@@ -162,6 +166,9 @@ class ErrorFeedback:
             raise RuntimeError("commit expects the buffer returned by compensate()")
         if self._m.dtype != x.dtype:
             self._m.copy_(x)
+            if torch.finfo(self._m.dtype).max < torch.finfo(x.dtype).max:  # saturated, never inf
+                top = torch.finfo(self._m.dtype).max
+                self._m.nan_to_num_(nan=0.0, posinf=top, neginf=-top)
         else:
             self._m, self._x = self._x, self._m
         if not self.keep_spare:

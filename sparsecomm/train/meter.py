@@ -118,8 +118,15 @@ class Meter:
         return {"mean_density": t["density"] / steps, "mean_local_density": t["local_density"] / steps,
                 "total_bytes_sent": t["bytes_sent"], "total_bytes_wire": t["bytes_wire"],
                 "bytes_sent_per_step": t["bytes_sent"] / steps, "skipped_steps": t["skipped"],
-                "mean_target_density": t["target"] / t["targeted_steps"] if t.get("targeted_steps") else None,
+                "mean_target_density": self._mean_target(),
                 "time_split": {k: t.get(k, 0.0) / timed for k in TIME_PARTS} if t.get("timed_steps") else None}
+
+    def _mean_target(self) -> float | None:
+        """The reducer's own target over the run; None unless every step that was not skipped
+        had one and was counted (a run resumed from a checkpoint older than this total)."""
+        t = self.totals
+        counted = t.get("targeted_steps", 0)
+        return t["target"] / counted if counted and counted == t["steps"] - t["skipped"] else None
 
     def warnings(self, target: float) -> list[str]:
         """What a reader of the results must know: a method that missed its target density."""

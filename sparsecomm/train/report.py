@@ -31,8 +31,8 @@ def report(summary: dict[str, Any], where: str) -> str:
 
 def _target(summary: dict[str, Any]) -> str:
     """What the achieved density is to be read against: dense, the density setting, the target
-    the method chose itself (Accordion, DGC's warm-up), or nothing (a method that sends every
-    coordinate whatever the setting)."""
+    the method chose itself (Accordion, DGC's warm-up), or none (a method without a density:
+    the casts, the quantisers, PowerSGD)."""
     name, setting = summary["reducer"], summary["target_density"]
     mean, unused = summary.get("mean_target_density"), summary.get("uses_density") is False
     if name == "exact":
@@ -41,7 +41,7 @@ def _target(summary: dict[str, Any]) -> str:
         return (f"target {mean:.4g} on average, chosen by {name}; "
                 + (f"the density setting {setting:g} was not used" if unused else f"density setting {setting:g}"))
     if unused:
-        return f"{name} sends every coordinate; the density setting {setting:g} was not used"
+        return f"{name} does not use the density setting {setting:g}"
     return f"target {setting:g}"
 
 

@@ -34,9 +34,10 @@ class CastReducer(Reducer):
     (:func:`~sparsecomm.reducers.comm.exchange.routed_windows`, one all-to-all per window,
     each cast as it is sent), and each owner widens and adds them in rank order: its
     coordinates bit for bit as unrouted, the rest 0; the residual is the same (each worker
-    widens its own values everywhere). ``bytes_sent`` and ``bytes_wire`` are then (P - 1) / P
-    2d and the values of this rank's coordinates from the P - 1 others, at most as a ring
-    all-reduce's. ``exchange="allreduce"`` is not routed: its sums are formed by the backend
+    widens its own values everywhere). ``bytes_sent`` is then the 16-bit values of the other
+    ranks' coordinates, (P - 1) / P 2d summed over ranks (a rank that owns little sends more,
+    and a group of codes cut by an owner boundary goes to both owners), and ``bytes_wire`` the
+    values of this rank's coordinates from the P - 1 others. ``exchange="allreduce"`` is not routed: its sums are formed by the backend
     over every coordinate.
 
     ``exchange="allreduce"``: as PyTorch's ``fp16_compress_hook``: each worker casts x / P,
