@@ -4,7 +4,10 @@ shard (one all-to-all, after a small all-gather of the counts), ``route=False`` 
 every rank's pairs to every rank. For the quantisers and casts (qsgd, terngrad, efsignsgd,
 signsgd, fp16, bf16), where every coordinate travels, routing sends each rank only its shard's
 part of every encoded row (one all-to-all per window) instead of all-gathering the rows;
-``--density`` is not used by them.
+``--density`` is not used by them. For the methods whose values were all-reduced at positions
+everyone learns or knows (exdyna, micro, deft, randomk, cltk, gtopk), the positions travel as
+before and each rank's values only to their owners (one all-to-all): ``bytes_wire`` compares
+the ring all-reduce's estimate with the bytes the all-to-all brings.
 
 P gloo processes; the model split with ``shard_children`` (one FSDP unit per child, the root's
 unit holding the rest), each rank its own seeded batches; per backward, every unit's counters

@@ -33,8 +33,13 @@ of the per-owner counts), or all-gathers them where that moves no more bytes at 
 counts; the quantisers (qsgd, terngrad, efsignsgd, signsgd) and the casts (fp16, bf16 with
 ``exchange="gather"``) send each owner only its part of their encoded rows (with the scales
 it needs), one all-to-all per window, and the owner alone decodes it. The shard is bit for
-bit the unrouted one; the reducer's average is then filled only in this rank's rows (the
-rest left 0, never read), and for the sparse methods its ``density`` is a lower bound
+bit the unrouted one. The methods whose values went by all-reduce at positions everyone
+learns or knows (the union exchange of exdyna, micro, deft and of ``exchange="union"``;
+randomk, cltk, gtopk) still share the positions but send each owner only its values there,
+one all-to-all, summed by the owner in rank order: bit for bit the unrouted shard with 2
+ranks, within float rounding with more (the all-reduce sums in gloo's order), residual and
+method state as unrouted. The reducer's average is filled only in this rank's rows (the rest
+left 0, never read), and for the sparse gather-sum its ``density`` is a lower bound
 (``shard_density`` exact). The other methods ignore the owners: every rank receives their
 whole average and keeps its rows. ``exact`` is FSDP's own
 reduce-scatter (a sum over the process group, divided as FSDP asks), with no reducer.
@@ -43,10 +48,11 @@ What this costs and changes (docs/reducers.md, *FSDP2*): each rank keeps one uns
 residual per module (the residual of error feedback is the full gradient's size, not the
 shard's) and a flat buffer of the module's gradient during the call; methods that select over
 the whole model (exdyna, micro, sage, global_topk, gtopk, cltk, deft, omgs, agtf) select over
-each module's gradient, with the module's share of the density each. Not routed: the
-methods whose sums are formed over every coordinate by the backend or over shared positions
-(randomk, micro, exdyna, deft, gtopk, cltk, omgs, agtf, powersgd, fp16/bf16 with
-``exchange="allreduce"``).
+each module's gradient, with the module's share of the density each. Not routed: omgs and
+agtf (their pairs' all-gathers overlap backward), powersgd and fp16/bf16 with
+``exchange="allreduce"`` (sums the backend forms over every coordinate), dgc's dense 1-d
+tensors, accordion's dense step, and the sparse gather-sum in a wire format other than the
+default.
 
 Refused in one line at registration: modules with a 2-D mesh (HSDP) or a replicate mesh,
 parameters sharded on a dimension other than 0, several parameter groups on one module.

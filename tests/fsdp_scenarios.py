@@ -183,10 +183,11 @@ def train_resumed(name: str, cut: int, total: int, options: dict | None = None) 
     return full(model.parameters())
 
 
-def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSITY) -> dict[str, Any]:
+def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSITY, lr: float = LR) -> dict[str, Any]:
     """For each method, two registrations on the same model, ``route=True`` and ``route=False``,
-    trained side by side: per step, this rank's gradient shards, each unit's residual and each
-    unit's stats (bytes, routed, counts)."""
+    trained side by side: per step, this rank's gradient shards, each unit's residual, each
+    unit's stats (bytes, routed, counts) and method state. ``lr`` 0: the parameters stay, so
+    both see the same gradients every step even where their averages differ by rounding."""
     me = dist.get_rank()
     out = {}
     for name in names:
@@ -195,9 +196,9 @@ def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSIT
         for route in (True, False):
             model = shard(make_model())
             state = register_reducer(model, name, density=density, seed=0, route=route, **options)
-            runs[route] = (model, state, torch.optim.SGD(model.parameters(), lr=LR))
-        got: dict[bool, dict[str, list]] = {route: {"shards": [], "residuals": [], "stats": [], "state": []}
-                                            for route in (True, False)}
+            runs[route] = (model, state, torch.optim.SGD(model.parameters(), lr=lr))
+        got: dict[bool, dict[str, list]] = {route: {"shards": [], "residuals": [], "stats": [], "state": [],
+                                                    "methods": []} for route in (True, False)}
         for t in range(steps):
             for route, (model, state, opt) in runs.items():
                 opt.zero_grad()
@@ -208,6 +209,8 @@ def routed_vs_unrouted(names: list[str], steps: int = 3, density: float = DENSIT
                 got[route]["stats"].append({u: {**rs.reducer.stats, "d": rs.numel,
                                                 "owned": rs.owners.numel(me)} for u, rs in state.modules.items()})
                 got[route]["state"].append(state.stats)
+                got[route]["methods"].append({u: rs.reducer.state_dict()["method_state"]
+                                              for u, rs in state.modules.items()})
                 opt.step()
         out[name] = got
     return out

@@ -28,6 +28,18 @@ def flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).cpu() for t in tensors])
 
 
+def same_state(a: Any, b: Any) -> bool:
+    """Two saved states (nested dicts, lists, tensors, numbers) equal, tensors bit for bit and
+    of one dtype."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(same_state, a, b))
+    return a == b
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

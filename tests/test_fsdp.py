@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fsdp_scenarios as sc
+import reducer_scenarios
 from nonfinite_outcomes import assert_skip_then_raise
 from reducer_reference import Simulation
 from sparsecomm import reducers
@@ -193,6 +194,12 @@ def _same_shards_and_residuals(got: dict, t: int, what: str) -> None:
     routed and unrouted gradient shards and every unit's residuals identical bit for bit."""
     for i, (a, b) in enumerate(zip(got[True]["shards"][t], got[False]["shards"][t], strict=True)):
         assert torch.equal(a, b), f"{what}, parameter {i}"
+    _same_residuals(got, t, what)
+
+
+def _same_residuals(got: dict, t: int, what: str) -> None:
+    """Step ``t`` of :func:`fsdp_scenarios.routed_vs_unrouted`: every unit's routed and
+    unrouted residuals identical bit for bit."""
     for unit, ms in got[True]["residuals"][t].items():
         for a, b in zip(ms, got[False]["residuals"][t][unit], strict=True):
             assert torch.equal(a, b), f"{what}, unit {unit}: residual"
@@ -370,3 +377,54 @@ def test_a_state_resumes_whether_or_not_buffers_were_kept():
     FSDPReducerState("topk", 0.01).load_state_dict(saved)  # keep_buffers changes no value
     with pytest.raises(ValueError, match="residual_dtype"):
         FSDPReducerState("topk", 0.01).load_state_dict(FSDPReducerState("topk", 0.01, residual_dtype="bfloat16").state_dict())
+
+
+UNION_ROUTING = ["exdyna", "micro", "deft", "randomk", "cltk", "gtopk"]
+
+
+def _close_shards(got: dict, t: int, world: int, what: str) -> int:
+    """Step ``t``'s routed gradient shards against the unrouted ones: bit for bit with 2
+    workers; with more, every coordinate within 4 P eps of the largest magnitude in this rank's
+    unrouted shards of the step (the routed owner sums in rank order, gloo's ring in its own;
+    the terms of a sum can be far larger than the sum, so the bound is not taken per
+    coordinate or parameter). Returns how many coordinates differ."""
+    pairs = list(zip(got[True]["shards"][t], got[False]["shards"][t], strict=True))
+    bound = 4 * world * torch.finfo(torch.float32).eps * max(float(b.abs().max()) for _, b in pairs if b.numel())
+    differ = 0
+    for i, (a, b) in enumerate(pairs):
+        if world == 2:
+            assert torch.equal(a, b), f"{what}, parameter {i}"
+        else:
+            assert bool(((a - b).abs() <= bound).all()), f"{what}, parameter {i}"
+        differ += int((a != b).sum())
+    return differ
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_routed_union_methods_give_the_unrouted_shards(clusters, world):
+    """The methods whose values travel to the union (exdyna, micro, deft) or to agreed
+    positions (randomk, cltk, gtopk), route=True against route=False under fully_shard, 3 steps:
+    every rank's shards bit for bit with 2 workers (trained, lr 0.1), within float rounding with
+    3 and 4 (lr 0, so both keep seeing the same gradients); every unit's residual and method
+    state bit for bit; every unit call routed; fewer bytes over all ranks, sent and received."""
+    results = clusters(world).run(sc.routed_vs_unrouted, UNION_ROUTING, 3, sc.DENSITY, sc.LR if world == 2 else 0.0)
+    totals = {name: {True: [0.0, 0.0], False: [0.0, 0.0]} for name in UNION_ROUTING}
+    differ = 0
+    for rank, by_name in enumerate(results):
+        for name, got in by_name.items():
+            for t in range(3):
+                what = f"{name}, rank {rank}/{world}, step {t}"
+                differ += _close_shards(got, t, world, what)
+                _same_residuals(got, t, what)
+                for unit, state in got[True]["methods"][t].items():
+                    assert reducer_scenarios.same_state(state, got[False]["methods"][t][unit]), f"{what}, {unit}"
+                for unit, st in got[True]["stats"][t].items():
+                    plain = got[False]["stats"][t][unit]
+                    assert st["routed"] is True and "routed" not in plain, (what, unit, st)
+                    assert st["density"] == plain["density"] and 0 <= st["shard_density"] <= 1, (what, unit, st)
+                    _add_bytes(totals[name], st, plain)
+                assert got[True]["state"][t]["routed"] == len(got[True]["stats"][t]), what
+    for name, by_route in totals.items():
+        assert by_route[True][0] < by_route[False][0] and by_route[True][1] < by_route[False][1], (name, by_route)
+    if world > 2:
+        assert differ, "gloo's ring should round some sum of 3 or 4 workers otherwise than rank order"

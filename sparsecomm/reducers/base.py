@@ -410,12 +410,20 @@ class Reducer(abc.ABC):
         :class:`~sparsecomm.reducers.comm.exchange.Owners` on every rank; None: every worker
         needs all). A method that can send each worker's contribution straight to its owner
         then fills the average only at this rank's owned coordinates, bit for bit as without
-        routing, and leaves the rest 0: the sparse gather-sum of topk, global_topk, thresh,
-        sage, accordion, legacy and dgc (each selected pair to its owner), and the quantisers
-        qsgd, terngrad, efsignsgd and signsgd and the casts fp16 and bf16 with
-        ``exchange="gather"`` (each owner's part of every encoded row). The residual stays as
-        without routing. The others ignore it. Every rank must set the same owners before the
-        same step."""
+        routing (the former all-reduces: see below), and leaves the rest 0: the sparse
+        gather-sum of topk, global_topk, thresh, sage, accordion, legacy and dgc (each selected
+        pair to its owner), the quantisers qsgd, terngrad, efsignsgd and signsgd and the casts
+        fp16 and bf16 with ``exchange="gather"`` (each owner's part of every encoded row); and
+        the exchanges at positions every worker learns or knows, whose values went by
+        all-reduce: the union exchange of exdyna, micro, deft and of the sparse methods with
+        ``exchange="union"``, and randomk, cltk and gtopk (each value to its position's owner,
+        :func:`~.comm.exchange.routed_sum_at`). Those owners sum in rank order where the
+        all-reduce summed in the backend's: bit for bit with 2 workers (and with 16-bit wire
+        values at any P), within float rounding with more. The residual and the method's
+        state stay as without routing. Not routed: dgc's dense 1-d tensors (its momentum reads
+        their whole average), the sparse gather-sum in a wire format other than the default,
+        accordion's dense step, omgs, agtf, powersgd, fp16/bf16 with ``exchange="allreduce"``.
+        Every rank must set the same owners before the same step."""
         if owners is not None and (owners.size != self.world_size or (self._layout is not None and owners.d != self._layout.numel)):
             raise ValueError(f"route_to: {owners!r} does not fit {self.world_size} workers"
                              + ("" if self._layout is None else f" and {self._layout.numel} coordinates"))

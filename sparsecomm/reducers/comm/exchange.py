@@ -14,7 +14,9 @@ and size padded all-gathers from the counts. The schemes below then move the pay
   position (:class:`Owners`: FSDP's shards) by one all-to-all;
 * :func:`union_allreduce` -- indices are all-gathered, then every worker all-reduces its own
   values at the union of everyone's indices;
-* :func:`allreduce_at` -- all-reduce at positions every worker already agrees on;
+* :func:`allreduce_at` -- all-reduce at positions every worker already agrees on; with
+  :class:`Owners`, each value sent only to its position's owner by one all-to-all and summed
+  there in rank order (:func:`routed_sum_at`);
 * :func:`gather_decoded_mean` -- every worker's encoded row (quantized codes, 16-bit values)
   all-gathered a window at a time (:func:`gather_in_windows`), decoded and added in rank
   order; with :class:`Owners`, each owner's part of every row sent to it only, by one
@@ -38,8 +40,9 @@ from ..layout import Layout
 
 __all__ = [
     "LayoutMismatchError", "NonFiniteGradientError", "SkipStep", "Header", "handshake",
-    "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "Owners", "routed_gather_sum", "union_allreduce",
-    "allreduce_at", "union_of", "pack", "unpack", "packed_count", "start_pairs_gather", "PairsInFlight",
+    "gather_counts", "dense_allreduce_mean", "sparse_gather_sum", "Owners", "routed_gather_sum", "to_owners",
+    "union_allreduce", "allreduce_at", "routed_sum_at", "union_of", "pack", "unpack", "packed_count",
+    "start_pairs_gather", "PairsInFlight",
     "gather_decoded_mean", "Encoded", "gather_in_windows", "RowBytes", "windows", "table_limit", "chunks",
     "HeadSpan", "by_owner", "merged", "Run", "runs", "routed_windows", "encoded_windows",
 ]
@@ -310,29 +313,9 @@ def routed_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, co
         return avg, start_pairs_gather(comm, idx, values, n).add_into(avg, counts), False
     dest = owners.of(idx)
     table = comm.all_gather(torch.bincount(dest, minlength=P)).cpu()  # [sender, receiver]
-    order = torch.argsort(dest, stable=True)  # by owner, each owner's pairs in their order
-    del dest
-    idx, values = idx.index_select(0, order), values.index_select(0, order)
-    del order
-    send = table[me].tolist()
-    lo = sum(send[:me])
-    hi = lo + send[me]
-    mine = (idx[lo:hi], values[lo:hi])
-    recv = [0 if w == me else int(table[w, me]) for w in range(P)]
-    send[me] = 0
-    got_idx = got_values = None
-    if int(table.sum() - table.diagonal().sum()):  # the same on every rank
-        got_idx = comm.all_to_all(torch.cat([idx[:lo], idx[hi:]]), send, recv)
-        got_values = comm.all_to_all(torch.cat([values[:lo], values[hi:]]), send, recv)
-    received, at = [], 0
-    for w in range(P):
-        if w == me:
-            iw, vw = mine
-        elif recv[w]:
-            iw, vw = got_idx[at:at + recv[w]], got_values[at:at + recv[w]]
-            at += recv[w]
-        else:
-            continue
+    travels = bool(table.sum() - table.diagonal().sum())  # the same on every rank
+    received = []
+    for iw, vw in to_owners(comm, dest, [idx, values], table[me].tolist(), table[:, me].tolist(), travels):
         if iw.numel():
             avg.index_add_(0, iw, vw)
             received.append(iw)
@@ -342,13 +325,41 @@ def routed_gather_sum(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, co
     return avg, union, True
 
 
+def to_owners(comm: Communicator, dest: torch.Tensor, parts: Sequence[torch.Tensor], send: list[int],
+              recv: list[int], travels: bool) -> list[list[torch.Tensor]]:
+    """Each element of ``parts`` (1-D, one element per entry of ``dest``) sent to the worker
+    ``dest`` names, by one all-to-all per part: ``send[w]`` of this worker's elements go to w,
+    ``recv[w]`` come from w (this worker's own entries: kept, not sent). ``travels``: whether
+    any worker sends another anything (the same on every rank; False: no collective). Returns,
+    for every worker in rank order, the elements of each part that this worker got from it
+    (its own included), in the sender's order."""
+    P, me = comm.size, comm.rank
+    order = torch.argsort(dest, stable=True)  # by owner, each owner's elements in their order
+    parts = [p.index_select(0, order) for p in parts]
+    del order
+    lo = sum(send[:me])
+    hi = lo + send[me]
+    send, recv = [0 if w == me else send[w] for w in range(P)], [0 if w == me else recv[w] for w in range(P)]
+    got = [comm.all_to_all(torch.cat([p[:lo], p[hi:]]), send, recv) for p in parts] if travels else []
+    out, at = [], 0
+    for w in range(P):
+        if w == me:
+            out.append([p[lo:hi] for p in parts])
+        else:
+            out.append([g[at:at + recv[w]] for g in got] if recv[w] else [p[:0] for p in parts])
+            at += recv[w]
+    return out
+
+
 def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: list[int],
-                    avg: torch.Tensor, disjoint: bool = False,
-                    extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                    avg: torch.Tensor, disjoint: bool = False, extra: Sequence[torch.Tensor] = (),
+                    owners: Owners | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Union all-reduce: all-gather indices, then all-reduce everyone's ``x`` at the union,
     written into the zeroed ``avg``. ``extra``: positions every worker already agrees on that
     join the union without travelling. With ``disjoint`` (exclusive partitions, no extra) the
-    union is the plain concatenation in rank order. Returns ``(avg, union)``."""
+    union is the plain concatenation in rank order. Returns ``(avg, union)``: every worker
+    learns the whole union, routed or not. ``owners``: the values are summed by their owners
+    only (:func:`allreduce_at`)."""
     n = max(counts) if counts else 0
     received = list(extra)
     if n:
@@ -359,17 +370,54 @@ def union_allreduce(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, coun
     if not received:
         return avg, idx[:0]
     union = torch.cat(received) if disjoint and not extra else union_of(received, x.numel())
-    return allreduce_at(comm, x, union, avg), union
+    return allreduce_at(comm, x, union, avg, owners), union
 
 
-def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, avg: torch.Tensor) -> torch.Tensor:
+def allreduce_at(comm: Communicator, x: torch.Tensor, positions: torch.Tensor, avg: torch.Tensor,
+                 owners: Owners | None = None) -> torch.Tensor:
     """Write the mean over workers of ``x`` at ``positions`` (the same on all workers) into the
-    zeroed ``avg``."""
+    zeroed ``avg``: one all-reduce of the values there, summed in the backend's order. With
+    ``owners`` and several workers: :func:`routed_sum_at` (each value to its position's owner,
+    summed in rank order, ``avg`` filled at this worker's owned positions only)."""
     values = x.index_select(0, positions)  # int32 positions as they are (no int64 copy)
-    comm.all_reduce_(values)
-    put_at(avg, positions, values.div_(comm.size) if comm.size > 1 else values)
+    if owners is not None and comm.size > 1:
+        routed_sum_at(comm, values, positions, avg, owners)
+    else:
+        comm.all_reduce_(values)
+        put_at(avg, positions, values.div_(comm.size) if comm.size > 1 else values)
     release(values)
     return avg
+
+
+def routed_sum_at(comm: Communicator, values: torch.Tensor, positions: torch.Tensor, avg: torch.Tensor,
+                  owners: Owners) -> torch.Tensor:
+    """The mean over workers of ``values`` (this worker's, one per entry of ``positions``, the
+    same distinct positions on every worker, any order) written into the zeroed ``avg`` at the
+    positions this worker owns, 0 left at the others; returns those owned positions (in the
+    order of ``positions``). Each worker sends each owner its values at that owner's positions
+    by one all-to-all (its own stay; no count travels: everyone knows the positions); the owner
+    adds every worker's values, converted to ``avg``'s dtype, in rank order and divides by P.
+
+    Against :func:`allreduce_at`'s all-reduce: the sum is in rank order where the all-reduce's
+    is the backend's, so the two are bit-identical with 2 workers (a + b either way) and within
+    float rounding with more (gloo's ring adds the chunks starting at different ranks). Against
+    an all-gather of 16-bit values summed in rank order (:func:`~.wire.union_pairs`), bit for
+    bit at any P. Bytes, for n positions of which this worker owns n_r: ``bytes_sent`` n - n_r
+    values (the all-reduce: n), ``bytes_wire`` (P - 1) n_r (the ring's estimate: 2 (P - 1) / P
+    n): (P - 1) n over all ranks, half the all-reduce's; one rank owning more than 2 / P of the
+    positions receives more than the ring's estimate gives it."""
+    P, me = comm.size, comm.rank
+    if owners.d != avg.numel() or owners.size != P:
+        raise ValueError(f"routed_sum_at: {owners!r} for a vector of {avg.numel()} coordinates over {P} workers")
+    dest = owners.of(positions)
+    per_owner = torch.bincount(dest, minlength=P).tolist()
+    owned = positions[dest == me]
+    received = to_owners(comm, dest, [values], per_owner, [per_owner[me]] * P, bool(positions.numel()))
+    total = received[0][0].to(avg.dtype, copy=True)
+    for (vw,) in received[1:]:
+        total += vw.to(avg.dtype)
+    put_at(avg, owned, total.div_(P))
+    return owned
 
 
 INDEX_CHUNK = 1 << 18

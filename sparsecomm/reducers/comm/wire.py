@@ -43,7 +43,7 @@ import torch
 from ...validate import choice
 from .bitpack import pack_bits, unpack_bits
 from .communicator import Communicator
-from .exchange import allreduce_at, pack, union_of, unpack
+from .exchange import Owners, allreduce_at, pack, routed_sum_at, union_of, unpack
 
 __all__ = ["VALUE_FORMATS", "INDEX_FORMATS", "WireFormat", "floor_bits", "index_bytes", "encode_positions",
            "decode_positions", "gather_pairs", "union_pairs"]
@@ -229,12 +229,15 @@ def gather_pairs(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts:
 
 
 def union_pairs(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: Sequence[int], avg: torch.Tensor,
-                fmt: WireFormat, spans: Sequence[tuple[int, int]] | None = None, disjoint: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                fmt: WireFormat, spans: Sequence[tuple[int, int]] | None = None, disjoint: bool = False,
+                owners: Owners | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Union all-reduce in format ``fmt``: positions all-gathered (encoded), then everyone's
     values at the union: all-reduced at full width, or, as 16-bit values, all-gathered and
     summed in float32 in rank order. Returns ``(avg, union, kept)``: this worker's residual at
-    the union is ``kept`` (None: zero)."""
+    the union is ``kept`` (None: zero). ``owners`` (several workers): the positions still reach
+    everyone, the values (full or 16-bit) only their owners (:func:`~.exchange.routed_sum_at`),
+    which sum them in rank order: ``avg`` is filled at this worker's owned positions only, bit
+    for bit the 16-bit all-gather's sum there (full values: see :func:`~.exchange.allreduce_at`)."""
     n = max(counts) if counts else 0
     if n == 0:
         return avg, idx[:0], None
@@ -252,7 +255,10 @@ def union_pairs(comm: Communicator, x: torch.Tensor, idx: torch.Tensor, counts: 
     union = torch.cat(received) if disjoint else union_of(received, x.numel())
     sent, kept = fmt.encode_values(x[union])
     if kept is None:
-        return allreduce_at(comm, x, union, avg), union, None
+        return allreduce_at(comm, x, union, avg, owners), union, None
+    if owners is not None and comm.size > 1:
+        routed_sum_at(comm, sent, union, avg, owners)
+        return avg, union, kept
     rows = comm.all_gather(sent)
     total = rows[0].to(avg.dtype)
     for w in range(1, comm.size):

@@ -8,6 +8,7 @@ from ..base import ReduceCall
 from ..comm.exchange import allreduce_at
 from ..registry import register
 from ..select.primitives import target_count
+from .sparse_base import union_stats
 from .topk_selecting import TopKSelecting
 
 
@@ -29,6 +30,9 @@ class CyclicLocalTopK(TopKSelecting):
     that picks the leader counts completed steps only (a skipped step does not move it), and
     is part of every reducer's saved state, so a resumed run keeps the rotation.
 
+    Routed (:meth:`~..base.Reducer.route_to`): the leader's positions are still broadcast, the
+    values go to their owners only (:func:`~..comm.exchange.routed_sum_at`).
+
     Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`).
     """
 
@@ -47,8 +51,9 @@ class CyclicLocalTopK(TopKSelecting):
         call.handshake(count=k if leads else 0)
         with call.phase("comm"):
             self.comm.broadcast_(idx, leader)
-            avg = allreduce_at(self.comm, x, idx, call.output())
+            avg = allreduce_at(self.comm, x, idx, call.output(), self.owners)
         call.commit_sparse(idx)
         call.counted(selected=k if leads else 0, received=k)
+        union_stats(call, self.owners, idx)
         call.stats["leader"] = leader
         return avg

@@ -11,6 +11,7 @@ from ..comm.exchange import gather_counts, union_allreduce
 from ..layout import Layout
 from ..registry import register
 from ..select.primitives import allocate_k, target_count
+from .sparse_base import union_stats
 from .topk_selecting import TopKSelecting
 
 __all__ = ["Deft", "split_units", "pack_units", "COMMON"]
@@ -94,6 +95,12 @@ class Deft(TopKSelecting):
     ``leader``; ``load_imbalance`` = max count * P / sum of counts - 1 over the index
     all-gather (its padding waste).
 
+    Routed (:meth:`~..base.Reducer.route_to`, FSDP2): step 5's indices are all-gathered as
+    before, its values go to their owners only (:func:`~..comm.exchange.routed_sum_at`), summed
+    there in rank order: bit for bit the all-reduce's mean at this worker's owned positions
+    with 2 workers, within float rounding with more, 0 elsewhere; the residual, norms and
+    assignment are as unrouted.
+
     Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`; the norms read x first,
     so the fused path reads x, only over this worker's units); the paper has no tunable
     constants besides c.
@@ -145,10 +152,11 @@ class Deft(TopKSelecting):
         with call.phase("comm"):
             counts = gather_counts(comm, idx.numel(), x.device)
             everyone = [torch.arange(a, b, dtype=index_dtype, device=x.device) for a, b in common]
-            avg, union = union_allreduce(comm, x, idx, counts, call.output(), extra=everyone)
+            avg, union = union_allreduce(comm, x, idx, counts, call.output(), extra=everyone, owners=self.owners)
         call.commit_sparse(union)
         total = sum(counts)
         call.counted(selected=idx.numel() + n_common, received=union.numel())
+        union_stats(call, self.owners, union)
         call.stats.update(common_density=call.fraction(n_common), units=len(units), leader=leader,
                           load_imbalance=max(counts) * P / total - 1.0 if total else 0.0)
         return avg

@@ -159,7 +159,8 @@ class DGC(Reducer):
             routed = None
             if self.owners is None:
                 avg, union = sparse_gather_sum(self.comm, x, idx, header.counts, call.output())
-            else:  # route_to: each pair to its owner; the 1-d tensors stay all-reduced (everyone has them)
+            else:  # route_to: each pair to its owner; the 1-d tensors stay all-reduced: the momentum below
+                # reads their whole average (method state every rank keeps alike)
                 avg, union, routed = routed_gather_sum(self.comm, x, idx, header.counts, call.output(), self.owners)
             if dense.numel():
                 allreduce_at(self.comm, x, dense, avg)

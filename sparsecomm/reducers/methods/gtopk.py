@@ -9,6 +9,7 @@ from ..comm.communicator import Communicator
 from ..comm.exchange import allreduce_at, pack, unpack
 from ..registry import register
 from ..select.primitives import target_count
+from .sparse_base import union_stats
 from .topk_selecting import TopKSelecting
 
 __all__ = ["GlobalTreeTopK", "merge_top", "tree_rounds"]
@@ -70,6 +71,9 @@ class GlobalTreeTopK(TopKSelecting):
     pairs. ``stats``: ``density`` = ``local_density`` = k / d, ``rounds`` = merges this worker
     ran (:func:`tree_rounds`).
 
+    Routed (:meth:`~..base.Reducer.route_to`): the tree merge is as before, the final
+    all-reduce's values go to their owners only (:func:`~..comm.exchange.routed_sum_at`).
+
     Options: ``selection`` (:class:`~.topk_selecting.TopKSelecting`).
     """
 
@@ -88,9 +92,10 @@ class GlobalTreeTopK(TopKSelecting):
         call.handshake(count=k)
         with call.phase("comm"):
             chosen = _tree(self.comm, idx, val, k) if k else idx
-            avg = allreduce_at(self.comm, x, chosen, call.output())
+            avg = allreduce_at(self.comm, x, chosen, call.output(), self.owners)
         call.commit_sparse(chosen)
         call.counted(selected=k, received=k)
+        union_stats(call, self.owners, chosen)
         call.stats["rounds"] = tree_rounds(self.rank, self.comm.size) if k else 0
         return avg
 

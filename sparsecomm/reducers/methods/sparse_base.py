@@ -39,7 +39,12 @@ class SparseReducer(Reducer):
               exchange: str | None = None) -> torch.Tensor:
         """Exchange the positions ``idx`` selected by this worker; return the flat average.
         ``values``: ``x[idx]`` when the selection already has it (the fused pass).
-        ``exchange``: ``"gather"`` or ``"union"`` (default: the reducer's own)."""
+        ``exchange``: ``"gather"`` or ``"union"`` (default: the reducer's own). With owners
+        (:meth:`~..base.Reducer.route_to`): the gather-sum in the default wire format goes by
+        :meth:`_send_routed`; the union exchange, in any wire format, still all-gathers the
+        positions (everyone knows the union, which its residual zeroes) and sends the values to
+        their owners only (:func:`~..comm.exchange.routed_sum_at`); a gather-sum in another
+        wire format is not routed (its encoded positions would have to be split by owner)."""
         exchange = exchange or self.exchange
         kept = None
         if self.owners is not None and exchange == "gather" and self.wire.default:
@@ -49,15 +54,18 @@ class SparseReducer(Reducer):
                 if exchange == "gather":
                     avg, union = sparse_gather_sum(self.comm, call.x, idx, counts, call.output(), values)
                 else:
-                    avg, union = union_allreduce(self.comm, call.x, idx, counts, call.output())
+                    avg, union = union_allreduce(self.comm, call.x, idx, counts, call.output(), owners=self.owners)
                 sent = idx if exchange == "gather" else union
             elif exchange == "gather":
                 avg, union, sent, kept = gather_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
             else:
-                avg, union, kept = union_pairs(self.comm, call.x, idx, counts, call.output(), self.wire)
+                avg, union, kept = union_pairs(self.comm, call.x, idx, counts, call.output(), self.wire,
+                                               owners=self.owners)
                 sent = union
         call.commit_sparse(sent, kept)
         call.counted(selected=idx.numel(), received=union.numel())
+        if exchange == "union":
+            union_stats(call, self.owners, union)
         self._wire_floor(call, idx.numel(), sent.numel())
         return avg
 
@@ -116,11 +124,33 @@ def routed_stats(call: ReduceCall, owners: Owners, selected: int, union: torch.T
     for accordion's dense step. ``shard_density``: coordinates of this rank's owned part that
     got a value, divided by that part's size (exact either way)."""
     me = call.comm.rank
-    in_shard = int((owners.of(union) == me).sum()) if union.numel() else 0
+    in_shard = owned_count(owners, me, union)
     received = union.numel() if not routed else max(selected, in_shard)
     extra = 0 if dense is None else dense.numel()
     if extra:
-        in_shard += int((owners.of(dense) == me).sum())
+        in_shard += owned_count(owners, me, dense)
     call.counted(selected=selected + extra, received=received + extra)
-    size = owners.numel(me)
+    shard_stats(call, owners, routed, in_shard)
+
+
+def owned_count(owners: Owners, worker: int, positions: torch.Tensor) -> int:
+    """How many of ``positions`` ``worker`` owns."""
+    return int((owners.of(positions) == worker).sum()) if positions.numel() else 0
+
+
+def shard_stats(call: ReduceCall, owners: Owners, routed: bool, in_shard: int) -> None:
+    """``routed`` and ``shard_density`` (``in_shard`` coordinates of this rank's owned part got
+    a value, divided by that part's size; 0 for an empty part) of a step under :meth:`route_to
+    <..base.Reducer.route_to>`."""
+    size = owners.numel(call.comm.rank)
     call.stats.update(routed=routed, shard_density=in_shard / size if size else 0.0)
+
+
+def union_stats(call: ReduceCall, owners: Owners | None, union: torch.Tensor) -> None:
+    """``routed`` and ``shard_density`` of a step whose values went to the union of everyone's
+    positions (:func:`~..comm.exchange.union_allreduce`, :func:`~..comm.exchange.allreduce_at`),
+    where :meth:`route_to <..base.Reducer.route_to>` set owners: routed with several workers
+    (one: the plain all-reduce). Every rank still learns the whole union, so the method's
+    ``received`` (``density``) stays exact; nothing here when no owners are set."""
+    if owners is not None:
+        shard_stats(call, owners, call.comm.size > 1, owned_count(owners, call.comm.rank, union))
