@@ -35,8 +35,10 @@ def test_core_methods_average_as_their_reducer_per_unit(clusters, world, reshard
     results = clusters(world).run(sc.methods_vs_reducer, CORE, 3, reshard)
     for rank, by_name in enumerate(results):
         for name, got in by_name.items():
-            # exact is a reduce-scatter, its reference an all-reduce: the sums round in another order
-            _same(got["fsdp"], got["reducer"], f"{name} on rank {rank} of {world}", 1e-7 if name == "exact" else 0.0)
+            # exact is a reduce-scatter, its reference an all-reduce: the sums round in another order;
+            # so do the routed union exchanges on 3 or more ranks (rank order against gloo's ring)
+            rounded = name == "exact" or (world > 2 and name in UNION_ROUTING)
+            _same(got["fsdp"], got["reducer"], f"{name} on rank {rank} of {world}", 1e-7 if rounded else 0.0)
             _same(got["fsdp"], results[0][name]["fsdp"], f"{name}: rank {rank} against rank 0")
             assert got["conservation"] <= 1e-5, f"{name}: conservation off by {got['conservation']:.3g}"
     assert {"topk", "exdyna"} <= {n for n in CORE if results[0][n]["density"] < 0.5}, "the methods must compress"
