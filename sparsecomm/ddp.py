@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from . import reducers
 from .reducers import LayoutMismatchError
-from .reducers.base import results_options
+from .reducers.base import setting_differences
 from .reducers.buckets import SCOPES, BucketReducer, resolve_scope
 
 __all__ = ["ReducerHookState", "reducer_hook", "STATE_FORMAT", "SCOPES"]
@@ -173,10 +173,7 @@ class ReducerHookState:
     def _load(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") not in _FORMATS:
             raise ValueError(f"not a ReducerHookState state (expected format {STATE_FORMAT!r})")
-        saved_settings = {**state, "options": results_options(state.get("options"))}
-        wrong = [f"{k}: saved {saved_settings.get(k)!r}, this state {v!r}"
-                 for k, v in {**self._settings(), "options": results_options(self.options)}.items()
-                 if saved_settings.get(k) != v]
+        wrong = setting_differences(state, self._settings(), "state")
         if wrong:
             raise ValueError("hook state does not match this ReducerHookState (" + "; ".join(wrong) + ")")
         saved = state["reducer"]

@@ -72,7 +72,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from . import reducers
 from .reducers import Communicator, LayoutMismatchError, ProcessGroupCommunicator, Reducer
-from .reducers.base import results_options
+from .reducers.base import setting_differences
 from .reducers.comm.exchange import Owners
 
 __all__ = ["register_reducer", "shard_children", "FSDPReducerState", "ModuleReduceScatter", "STATE_FORMAT"]
@@ -331,10 +331,8 @@ class FSDPReducerState:
         takes effect at the next backward."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm FSDP reducer state (expected format {STATE_FORMAT!r})")
-        mine = {**self._settings(), "rank": self.rank, "world_size": self.world_size}
-        settings = {**state, "options": results_options(state.get("options"))}  # keep_buffers may differ
-        mine["options"] = results_options(mine["options"])
-        wrong = [f"{k}: saved {settings.get(k)!r}, this state {v!r}" for k, v in mine.items() if settings.get(k) != v]
+        wrong = setting_differences(state, {**self._settings(), "rank": self.rank, "world_size": self.world_size},
+                                   "state")
         if wrong:
             raise ValueError("FSDP reducer state does not match this one (" + "; ".join(wrong) + ")")
         shapes = {name: [list(s) for s in rs.shapes] for name, rs in self.modules.items()}

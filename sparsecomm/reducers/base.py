@@ -568,10 +568,9 @@ class Reducer(abc.ABC):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a sparsecomm reducer state (expected format {STATE_FORMAT!r})")
         mine = {"method": self.name, "density": self.density, "error_feedback": self.error_feedback,
-                "seed": self.seed, "options": results_options(self.options()),
-                "residual_dtype": self.residual_dtype, "rank": self.rank, "world_size": self.world_size}
-        saved = {**state, "options": results_options(state.get("options"))}
-        wrong = [f"{k}: saved {saved.get(k)!r}, this reducer {v!r}" for k, v in mine.items() if saved.get(k) != v]
+                "seed": self.seed, "options": self.options(), "residual_dtype": self.residual_dtype,
+                "rank": self.rank, "world_size": self.world_size}
+        wrong = setting_differences(state, mine, "reducer")
         if wrong:
             raise ValueError("reducer state does not match this reducer (" + "; ".join(wrong) + ")")
         self.steps = int(state["steps"])
@@ -707,12 +706,20 @@ class Reducer(abc.ABC):
 SPEED_OPTIONS = ("selection", "keep_buffers")
 
 
-def results_options(options: Any) -> Any:
-    """``options`` without those that change no value (:data:`SPEED_OPTIONS`), for comparing
-    the settings of a saved state with a reducer's."""
+def _results_options(options: Any) -> Any:
     if not isinstance(options, dict):
         return options
     return {k: v for k, v in options.items() if k not in SPEED_OPTIONS}
+
+
+def setting_differences(saved: dict[str, Any], mine: dict[str, Any], this: str) -> list[str]:
+    """The settings in ``mine`` that a saved state holds other values of, one ``"key: saved X,
+    this <this> Y"`` each; ``options`` compared without those that change no value
+    (:data:`SPEED_OPTIONS`). Shared by the states of a reducer, the DDP hook and the FSDP
+    registration."""
+    saved = {**saved, "options": _results_options(saved.get("options"))}
+    mine = {**mine, "options": _results_options(mine.get("options"))}
+    return [f"{k}: saved {saved.get(k)!r}, this {this} {v!r}" for k, v in mine.items() if saved.get(k) != v]
 
 
 def _plain(value: Any) -> Any:

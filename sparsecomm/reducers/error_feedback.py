@@ -14,9 +14,9 @@ that matters: ``residual_dtype`` keeps ``m`` in a narrower dtype than ``x`` (flo
 bfloat16 for float32 gradients: half the bytes; ``x`` is still built and selected in the
 gradients' dtype, and the commit rounds the new residual once into ``m``, saturated at the
 narrow dtype's largest finite value, so what rounding and saturation drop there is lost to
-error feedback), and ``keep_spare=False`` drops ``x``'s buffer after
-each commit (it is allocated again by the next step: one allocation per step, no change to any
-value).
+error feedback), and ``keep_spare=False`` lets :meth:`ErrorFeedback.release` drop ``x``'s
+buffer at the end of each step (it is allocated again by the next step: one allocation per
+step, no change to any value).
 """
 from __future__ import annotations
 
@@ -160,8 +160,7 @@ class ErrorFeedback:
 
     def _swap(self, x: torch.Tensor) -> None:
         """``x`` (the spare buffer) becomes the residual: the buffers trade places, or, for a
-        residual of another dtype, ``x`` is rounded into ``m``; the spare is then dropped unless
-        kept."""
+        residual of another dtype, ``x`` is rounded into ``m``."""
         if self._x is None or x.data_ptr() != self._x.data_ptr():
             raise RuntimeError("commit expects the buffer returned by compensate()")
         if self._m.dtype != x.dtype:
@@ -171,11 +170,8 @@ class ErrorFeedback:
                 self._m.nan_to_num_(nan=0.0, posinf=top, neginf=-top)
         else:
             self._m, self._x = self._x, self._m
-        if not self.keep_spare:
-            self._x = None
 
     def release(self) -> None:
-        """Drop ``x``'s buffer now (unless kept): a step that ended without a commit (skipped,
-        or error feedback off) leaves it behind otherwise."""
+        """The step is over: drop ``x``'s buffer unless it is kept (``keep_spare``)."""
         if not self.keep_spare:
             self._x = None

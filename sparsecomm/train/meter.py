@@ -57,7 +57,8 @@ class Meter:
         self.log_every = log_every
         self.density_factor = density_factor
         self.totals: dict[str, float] = {**{k: 0.0 for k in _TOTALS + TIME_PARTS},
-                                         "steps": 0, "timed_steps": 0, "skipped": 0, "off_target": 0}
+                                         "steps": 0, "timed_steps": 0, "skipped": 0, "off_target": 0,
+                                         "target": 0.0, "targeted_steps": 0}
         self._window: dict[str, float] = {}
         self._loss: Any = None  # a tensor on the device (summed without a synchronisation per step)
         self._count = 0
@@ -74,8 +75,8 @@ class Meter:
         self.totals["timed_steps"] += 1
         self.totals["skipped"] += int(skipped)
         if not skipped and target > 0:
-            self.totals["target"] = self.totals.get("target", 0.0) + target  # absent in older checkpoints
-            self.totals["targeted_steps"] = self.totals.get("targeted_steps", 0) + 1
+            self.totals["target"] += target
+            self.totals["targeted_steps"] += 1
             ratio = float(measured["density"]) / target
             self.totals["off_target"] += int(not 1 / self.density_factor <= ratio <= self.density_factor)
         loss = loss.double()
@@ -125,7 +126,7 @@ class Meter:
         """The reducer's own target over the run; None unless every step that was not skipped
         had one and was counted (a run resumed from a checkpoint older than this total)."""
         t = self.totals
-        counted = t.get("targeted_steps", 0)
+        counted = t["targeted_steps"]
         return t["target"] / counted if counted and counted == t["steps"] - t["skipped"] else None
 
     def warnings(self, target: float) -> list[str]:

@@ -135,7 +135,6 @@ class QuantizedReducer(Reducer):
         # every tensor cut into ranges of at most DECODE_CHUNK: (start, end, tensor)
         self._pieces = [(a + s, min(a + s + DECODE_CHUNK, b), i) for i, (a, b) in enumerate(layout.segments)
                         for s in range(0, b - a, DECODE_CHUNK)]
-        self._tensor_at = {a: i for a, _, i in self._pieces}
         self._starts = [a for a, _, _ in self._pieces]  # sorted: the tensor of any coordinate
         if self.random_rounding:
             self._generator = torch.Generator(device=layout.device)
@@ -170,8 +169,7 @@ class QuantizedReducer(Reducer):
 
     def _tensor_of(self, a: int) -> int:
         """The tensor that holds coordinate ``a`` (of a non-empty tensor)."""
-        i = self._tensor_at.get(a)
-        return i if i is not None else self._pieces[bisect_right(self._starts, a) - 1][2]
+        return self._pieces[bisect_right(self._starts, a) - 1][2]
 
     def _ranges(self) -> list[tuple[int, int]]:
         """The ranges :meth:`_decode` is asked for, in order: pieces of single tensors."""
