@@ -38,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ddp_links  # noqa: E402  (bench/ddp_links.py: the configurations)
 import gloo_workers  # noqa: E402
 import results_files  # noqa: E402
+from sparsecomm.config import load_config  # noqa: E402
 from sparsecomm.data.augment import NORMALIZATION, normalize  # noqa: E402
 from sparsecomm.data.images import load_mnist  # noqa: E402
+from sparsecomm.train.presets import find_preset  # noqa: E402
 
-BATCH, LR, MOMENTUM, EPOCHS = 64, 0.05, 0.9, 2  # cnn-lstm/presets/mnist-cnn.yaml
+PRESET = "mnist-cnn"  # its batch per worker, SGD settings and epochs
 CONFIGS = "ddp,torch-fp16,torch-bf16,torch-powersgd,fp16/bucket,powersgd/bucket,topk/bucket,exdyna/bucket"
 TARGETS = (0.97, 0.98, 0.985)
 
@@ -64,22 +66,24 @@ def _accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
 def _train_one(label: str, args: argparse.Namespace, train: tuple, test: tuple) -> dict[str, Any]:
     """One configuration trained to the end of the preset; rank 0's test accuracies by step."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(find_preset(PRESET))
+    batch_size, epochs = cfg.data.batch_size, round(cfg.epochs)
     net, _ = ddp_links._build("mnist_cnn", label, args)
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.optimizer.lr, momentum=cfg.optimizer.momentum)
     images, labels = train
     per_worker = len(labels) // world
-    steps_per_epoch = per_worker // BATCH
+    steps_per_epoch = per_worker // batch_size
     curve, step, start = [], 0, time.perf_counter()
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(epoch))
         mine = order[rank * per_worker:(rank + 1) * per_worker]
         for b in range(steps_per_epoch):
-            batch = mine[b * BATCH:(b + 1) * BATCH]
+            batch = mine[b * batch_size:(b + 1) * batch_size]
             opt.zero_grad()
             F.cross_entropy(net(images[batch]), labels[batch]).backward()
             opt.step()
             step += 1
-            if step % args.eval_every == 0 or step == EPOCHS * steps_per_epoch:
+            if step % args.eval_every == 0 or step == epochs * steps_per_epoch:
                 accuracy = _accuracy(net.module, *test) if rank == 0 else None
                 curve.append((step, accuracy))
                 if rank == 0:
