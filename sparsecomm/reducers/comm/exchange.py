@@ -29,6 +29,8 @@ Sums are formed in a fixed order, so ``avg`` is bit-identical on every rank.
 """
 from __future__ import annotations
 
+import collections
+
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -475,9 +477,14 @@ def chunks(d: int, size: int = DECODE_CHUNK) -> list[tuple[int, int]]:
 
 
 TABLE_SHARE = 16
-"""A gathered table of encoded rows holds at most 1/TABLE_SHARE of the gradient's bytes (two
-tables are alive at once: the one decoded and the next one on its way; gloo copies each once
-more), or ``TABLE_MIN``."""
+"""A gathered table of encoded rows holds at most 1/TABLE_SHARE of the gradient's bytes (1 +
+IN_FLIGHT tables are alive at once: the one decoded and those on their way; gloo copies each
+once more), or ``TABLE_MIN``."""
+IN_FLIGHT = 2
+"""Windows of a gathered row on their way at once (:func:`gather_in_windows`). With one, the
+link idles while each window's collective starts: on 2 hosts joined by 100 Mbit/s a 16-bit
+row of 2.4 MB in three windows took 1.4x the time of one all-reduce of it; with two, the
+same as the all-reduce (docs/benchmarks.md, *Our 16-bit casts against PyTorch's*)."""
 TABLE_MIN = 1 << 21
 """Tables of up to 2 MiB are allowed whatever the gradient's size: a small model's rows travel
 in one all-gather or a few."""
@@ -551,8 +558,8 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
     """All-gather every worker's encoded ``row`` (the same length everywhere: ``head`` bytes,
     then ``width`` bits per coordinate of the ranges' vector) a window of ``ranges`` at a time
     (:func:`windows`, at most ``limit`` bytes of the table each; default :func:`table_limit`
-    of a float32 vector as long), the next window's all-gather started before the current one
-    is handed over. Yields ``(ranges of the window, every worker's Encoded part)``; the list of
+    of a float32 vector as long), :data:`IN_FLIGHT` windows' all-gathers on their way while
+    the current one is handed over. Yields ``(ranges of the window, every worker's Encoded part)``; the list of
     parts is emptied when the next window is asked for, so that its table can go.
 
     ``row``: the encoded row (1-D, any element type: its bytes travel), or a function giving
@@ -578,13 +585,14 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
         sent = part(plan[j][2], plan[j][3])
         return comm.all_gather_async(sent), sent
 
-    pending = send(0) if plan else None
+    pending = collections.deque(send(j) for j in range(min(IN_FLIGHT, len(plan))))
     for j, (first, last, lo, hi, start) in enumerate(plan):
-        assert pending is not None
-        table = pending[0].wait()
+        done, sent = pending.popleft()
+        table = done.wait()
         if not isinstance(row, torch.Tensor):
-            release(pending[1])  # gloo keeps a collective's input until its next one
-        pending = send(j + 1) if j + 1 < len(plan) else None
+            release(sent)  # gloo keeps a collective's input until its next one
+        if j + IN_FLIGHT < len(plan):
+            pending.append(send(j + IN_FLIGHT))
         if heads is None:
             heads = table[:, :head].clone()
             body = table[:, head:]
@@ -770,7 +778,7 @@ def gather_decoded_mean(comm: Communicator, row: torch.Tensor | RowBytes,
     (``ranges``, covering ``[0, d)`` in order; default :func:`chunks`), all workers' rows for
     one range before the next, so no decoded temporary is larger than a range; the rows are
     gathered a window of ranges at a time (:func:`gather_in_windows`), so beyond ``row`` and
-    ``avg`` the largest memory is two windows' tables. ``residual``: this worker's compensated
+    ``avg`` the largest memory is 1 + :data:`IN_FLIGHT` windows' tables. ``residual``: this worker's compensated
     vector x, from which its own decoded vector q (what the others received from it) is
     subtracted in place, leaving the error-feedback residual x - q. ``row`` (a tensor or a
     function with ``size``, as for :func:`gather_in_windows`) is released (its storage
