@@ -114,21 +114,29 @@ def _loss(model: str, net: Any, x: Any, y: Any) -> Any:
 def _build(model: str, label: str, args: argparse.Namespace) -> tuple[Any, Any]:
     """The DDP model of a configuration and its sparsecomm state (or None)."""
     import torch
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from sparsecomm.ddp import ReducerHookState, reducer_hook
     from sparsecomm.models import build_model
 
     name, options = SHAPES[model]
     torch.manual_seed(0)
+    return wrap(build_model(name, **options), label, args)
+
+
+def wrap(module: Any, label: str, args: argparse.Namespace) -> tuple[Any, Any]:
+    """``module`` in DistributedDataParallel as configuration ``label`` has it (the module
+    docstring's list), and the sparsecomm hook's state (None for DDP's and torch's own)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsecomm.ddp import ReducerHookState, reducer_hook
+
     caps = {} if args.bucket_mb is None else {"bucket_cap_mb": args.bucket_mb}
     if label == "torch-powersgd":
         # one bucket: with two or more, the hook's continuations start the buckets' collectives
         # from gloo's threads in an order that differs between ranks, and gloo aborts
         # ("Received data size doesn't match expected size ... collective mismatch")
         caps = {"bucket_cap_mb": 1024.0}
-    net = DDP(build_model(name, **options), **caps)
+    net = DDP(module, **caps)
     state = None
     if "/" in label:
         method, scope = label.split("/")

@@ -6,14 +6,19 @@ on a bridge, ``tc tbf`` egress limits; root and iproute2 needed); one worker run
 links and, for each model and method, trains ``--steps`` real steps with the project's trainer
 (real data, the model's preset; the first ``--log-every`` steps are warm-up) and reports rank
 0's means per step: forward, backward, select, communicate, optimizer step, bytes sent and on
-the wire, achieved density. For ``exact`` the dense all-reduce's achieved bandwidth is
-``bytes_wire * 8 / t_comm`` against the configured rate. Before training, each host count and
+the wire, achieved density, and the wall time per step (``t_iter``). ``--scopes`` runs each
+method in each of the loop's reducer scopes (``bucket``: reduced group by group beside backward,
+where the split's parts overlap and only ``t_iter`` is the step; ``model``: after backward).
+For ``exact`` the dense all-reduce's achieved bandwidth is ``bytes_wire * 8 / t_comm`` against
+the configured rate. Before training, each host count and
 rate times the bare all-reduce and all-gather at ``--collectives`` sizes: the points
 :func:`sparsecomm.tools.costmodel.fit` fits the links' alpha and beta to.
 
     .venv/bin/python bench/network.py run --hosts 2,4 --rates 100mbit,1gbit,10gbit,unlimited \
         --models mnist_cnn,resnet20 --methods exact,exdyna,sage,topk,gtopk,powersgd,randomk \
         --densities 0.01,0.001 --data-dir DATA --out bench/results/network.json
+    .venv/bin/python bench/network.py run --hosts 2 --rates 100mbit --models mnist_cnn,lstm \
+        --methods exact,fp16,topk,powersgd --densities 0.01 --scopes bucket,model --data-dir DATA
     .venv/bin/python bench/network.py tta --rate 100mbit --hosts 2 --methods exact,exdyna,powersgd \
         --data-dir DATA --out bench/results/network_tta.json
 
@@ -51,12 +56,21 @@ MODELS = {"mnist_cnn": ("mnist-cnn", []), "resnet20": ("resnet20-cifar10", []),
 PORT = 29640
 
 
-def _configs(methods: list[str], densities: list[float]) -> list[tuple[str, float]]:
+def _configs(methods: list[str], densities: list[float], scopes: list[str]) -> list[tuple[str, float, str]]:
     out = []
     for m in methods:
-        for c in ([1.0] if m in ("exact", "powersgd") else densities):
-            out.append((m, c))
+        for c in ([1.0] if m in ("exact", "powersgd", "fp16", "bf16") else densities):
+            out.extend((m, c, scope) for scope in scopes)
     return out
+
+
+def step_seconds(lines: list[dict]) -> float | None:
+    """Wall seconds per step between the first and the last of ``lines`` (training lines, each
+    with the run's ``time`` and ``step`` at its end): the step as a user waits for it, which the
+    time split's sum overstates where the reduce runs beside backward (bucket scope)."""
+    if len(lines) < 2 or lines[-1]["step"] == lines[0]["step"]:
+        return None
+    return (lines[-1]["time"] - lines[0]["time"]) / (lines[-1]["step"] - lines[0]["step"])
 
 
 # ------------------------------------------------------------------------------ worker
@@ -74,11 +88,13 @@ def worker(args: argparse.Namespace) -> int:
     results = collectives(job, [int(float(b)) for b in args.collectives.split(",") if b])
     for model in args.models.split(","):
         preset, extra = MODELS[model]
-        for method, density in _configs(args.methods.split(","), [float(c) for c in args.densities.split(",")]):
+        for method, density, scope in _configs(args.methods.split(","), [float(c) for c in args.densities.split(",")],
+                                               args.scopes.split(",")):
             with tempfile.TemporaryDirectory(dir=args.scratch) as out:
                 overrides = [f"reducer.name={method}", f"reducer.density={density}", f"data.dir={args.data_dir}",
                              f"output_dir={out}", "records.progress=false", f"records.log_every={args.log_every}",
-                             "records.checkpoint_every=0", "epochs=100", f"max_steps={args.steps}", *extra]
+                             "records.checkpoint_every=0", "epochs=100", f"max_steps={args.steps}",
+                             f"reducer.scope={scope}", *extra]
                 if method == "powersgd":
                     overrides.append("reducer.options={rank: 2}")
                 cfg = load_config(find_preset(preset), overrides, preset_name=preset)
@@ -91,8 +107,10 @@ def worker(args: argparse.Namespace) -> int:
                         raise
                 if job.is_main:
                     lines = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-                    timed = [line for line in lines if "split" not in line][1:]  # the first window is warm-up
-                    row = {"model": model, "method": method, "density": density, "steps": args.steps}
+                    training = [line for line in lines if "split" not in line]
+                    timed = training[1:]  # the first window is warm-up
+                    row = {"model": model, "method": method, "density": density, "scope": trainer.scope,
+                           "steps": args.steps, "t_iter": step_seconds(training)}
                     for key in (*PARTS, "bytes_sent", "bytes_wire", "density"):
                         values = [line[key] for line in timed if key in line]
                         row["achieved_density" if key == "density" else key] = sum(values) / len(values) \
@@ -168,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
                 netlab.up(hosts, rate)
                 result = scratch / f"h{hosts}-{rate}.json"
                 command = [sys.executable, str(Path(__file__).resolve()), "worker", "--models", args.models,
-                           "--methods", args.methods, "--densities", args.densities, "--steps", str(args.steps),
+                           "--methods", args.methods, "--densities", args.densities, "--scopes", args.scopes,
+                           "--steps", str(args.steps),
                            "--log-every", str(args.log_every), "--collectives", args.collectives, "--data-dir", str(Path(args.data_dir).resolve()),
                            "--scratch", str(scratch), "--result", str(result)]
                 print(f"== {hosts} hosts at {rate}", flush=True)
@@ -186,16 +205,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def table(cells: list[dict]) -> str:
-    head = (f"{'hosts':>5} {'rate':>9} {'model':<10} {'method':<9} {'c':>6} {'iter ms':>8} {'fwd':>6} {'bwd':>6} "
-            f"{'select':>7} {'comm':>8} {'MB sent':>8} {'density':>8} {'Gbit/s':>7}")
+    """One line per cell: ``step ms`` is the wall time per step (``t_iter``; cells of runs that
+    predate it: the time split's sum), ``sum ms`` the split's sum, larger in bucket scope by the
+    reduce time that ran beside backward."""
+    head = (f"{'hosts':>5} {'rate':>9} {'model':<10} {'method':<9} {'c':>6} {'scope':<6} {'step ms':>8} "
+            f"{'sum ms':>8} {'fwd':>6} {'bwd':>6} {'select':>7} {'comm':>8} {'MB sent':>8} {'density':>8} {'Gbit/s':>7}")
     lines = [head]
     for c in cells:
-        it = sum(c[k] or 0.0 for k in PARTS)
+        parts = sum(c[k] or 0.0 for k in PARTS)
+        step = c.get("t_iter") or parts
         gbits = c["bytes_wire"] * 8 / c["t_comm"] / 1e9 if c["method"] == "exact" and c["t_comm"] else None
         lines.append(f"{c['hosts']:>5} {c['rate']:>9} {c['model']:<10} {c['method']:<9} {c['density']:>6g} "
-                     f"{it * 1e3:8.1f} {c['t_forward'] * 1e3:6.1f} {c['t_backward'] * 1e3:6.1f} "
+                     f"{c.get('scope', 'model'):<6} {step * 1e3:8.1f} {parts * 1e3:8.1f} "
+                     f"{c['t_forward'] * 1e3:6.1f} {c['t_backward'] * 1e3:6.1f} "
                      f"{c['t_select'] * 1e3:7.2f} {c['t_comm'] * 1e3:8.1f} {c['bytes_sent'] / 1e6:8.3f} "
-                     f"{c['achieved_density']:8.4f} {'' if gbits is None else f'{gbits:7.3f}'}")
+                     f"{c['achieved_density'] or 0:8.4f} {'' if gbits is None else f'{gbits:7.3f}'}")
     return "\n".join(lines)
 
 
@@ -291,7 +315,10 @@ def validate(args: argparse.Namespace) -> int:
     from sparsecomm.train.presets import find_preset
 
     links = costmodel.Links.load(args.links)
-    cells = [c for c in _results(args.results, "cells") if c["rate"] != "unlimited"]
+    # the loop's bucket scope reduces beside backward, which this sum of parts does not price
+    # (bench/ddp_links.py validate does, for DDP's buckets)
+    cells = [c for c in _results(args.results, "cells")
+             if c["rate"] != "unlimited" and c.get("scope", "model") != "bucket"]
     rows, tasks, cache = [], {}, {}
     for c in cells:
         key = (c["model"], c["hosts"])
@@ -332,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--models", default="mnist_cnn,resnet20")
     r.add_argument("--methods", default="exact,exdyna,sage,topk,gtopk,powersgd,randomk")
     r.add_argument("--densities", default="0.01,0.001")
+    r.add_argument("--scopes", default="auto", help="the loop's reducer.scope values to run each method in, "
+                   "comma-separated (auto, bucket, model)")
     r.add_argument("--steps", type=int, default=25)
     r.add_argument("--log-every", type=int, default=5)
     r.add_argument("--data-dir", required=True)
@@ -343,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("--models", "--methods", "--densities", "--data-dir", "--scratch", "--result"):
         w.add_argument(name, required=True)
     w.add_argument("--collectives", default="")
+    w.add_argument("--scopes", default="auto")
     w.add_argument("--steps", type=int, required=True)
     w.add_argument("--log-every", type=int, required=True)
     t = verbs.add_parser("tta")

@@ -1,32 +1,48 @@
-"""bench/ddp_accuracy.py: one configuration's training loop on a 1-process gloo group, and the
-table that turns steps to a target into seconds on each link (the runs are a benchmark)."""
+"""bench/ddp_accuracy.py: configurations trained by a preset's task on a 1-process gloo group,
+and the table that turns steps to a target into seconds on each link (the runs are a benchmark)."""
 import argparse
 import json
 import os
 import sys
 
 import pytest
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import ddp_accuracy  # noqa: E402
+import tiny_data  # noqa: E402
 
 
-@pytest.mark.parametrize("label", ["ddp", "torch-fp16", "topk/bucket"])
-def test_a_configuration_trains_its_two_epochs_and_is_evaluated(tmp_path, label):
-    gen = torch.Generator().manual_seed(0)
-    train = (torch.randn(300, 1, 28, 28, generator=gen), torch.randint(0, 10, (300,), generator=gen))
-    test = (torch.randn(50, 1, 28, 28, generator=gen), torch.randint(0, 10, (50,), generator=gen))
+@pytest.mark.parametrize("model,label", [("mnist_cnn", "ddp"), ("mnist_cnn", "torch-fp16"),
+                                         ("mnist_cnn", "topk/bucket"), ("lstm", "torch-bf16"),
+                                         ("lstm", "powersgd/bucket")])
+def test_a_configuration_trains_by_the_preset_and_is_evaluated(tmp_path, model, label):
+    data = tiny_data.write_corpus(tiny_data.write_mnist(tmp_path / "data"), "ptb")
+    args = argparse.Namespace(model=model, data_dir=str(data), density=0.01, bucket_mb=None, eval_every=3,
+                              epochs=10, max_steps=7)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        args = argparse.Namespace(density=0.01, bucket_mb=None, eval_every=3)
-        run = ddp_accuracy._train_one(label, args, train, test)
+        results = {}
+        args.configs = label
+        ddp_accuracy._worker(0, results, args)
     finally:
         dist.destroy_process_group()
-    assert run["steps"] == 8  # 300 // 64 = 4 steps per epoch, 2 epochs
-    assert [s for s, _ in run["curve"]] == [3, 6, 8] and all(0 <= a <= 1 for _, a in run["curve"])
+    run = results["runs"][label]
+    assert results["model"] == model and run["steps"] == 7
+    assert [s for s, _ in run["curve"]] == [3, 6, 7]
+    if model == "lstm":  # validation perplexity, lower is better
+        assert run["split"] == "valid" and run["metric"] == "perplexity" and not run["higher_is_better"]
+        assert all(v > 1 for _, v in run["curve"])
+    else:
+        assert run["split"] == "test" and run["higher_is_better"] and all(0 <= v <= 1 for _, v in run["curve"])
+
+
+def test_a_lower_is_better_metric_is_reached_at_or_under_its_target():
+    curve = [[250, 260.0], [500, 180.0], [750, 151.0]]
+    assert ddp_accuracy.steps_to(curve, 180.0, higher_is_better=False) == 500
+    assert ddp_accuracy.steps_to(curve, 150.0, higher_is_better=False) is None
 
 
 def test_steps_to_a_target_times_the_step_on_each_link(tmp_path, capsys):
