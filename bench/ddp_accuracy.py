@@ -13,12 +13,12 @@ run`` results file (the same configurations and model, synthetic batches of the 
 
     .venv/bin/python bench/ddp_accuracy.py train --model mnist_cnn --data-dir DATA --workers 2 \\
         --out bench/results/ddp_accuracy.json
-    .venv/bin/python bench/ddp_accuracy.py table bench/results/ddp_accuracy.json bench/results/ddp_links-h2.json
+    .venv/bin/python bench/ddp_accuracy.py table bench/results/ddp_accuracy.json bench/results/ddp_links-h2-idle.json
     .venv/bin/python bench/ddp_accuracy.py train --model lstm --data-dir DATA --epochs 2 --eval-every 250 \\
         --configs ddp,torch-bf16,torch-powersgd,powersgd/bucket,exdyna/bucket,topk/bucket \\
         --out bench/results/ddp_accuracy-lstm.json
     .venv/bin/python bench/ddp_accuracy.py table bench/results/ddp_accuracy-lstm.json \\
-        bench/results/ddp_links-h2.json --targets 200,170,150
+        bench/results/ddp_links-h2-idle.json --targets 200,170,150
 
 The metric is the task's on its evaluation split: test accuracy for the MNIST CNN, validation
 perplexity for the PTB LSTM (lower is better; a target is reached at or under it).
@@ -70,9 +70,11 @@ def _train_one(label: str, args: argparse.Namespace, cfg: Any, task: Any) -> dic
     """One configuration trained by the preset for ``--epochs`` (default: the preset's) or
     ``--max-steps``; rank 0's metric by step."""
     job = task.job
+    if label == "local":  # in bench/ddp_links.py no exchange at all (no_sync), which cannot train together
+        raise ValueError("configuration 'local' does not train as one job; pick another of bench/ddp_links.py's")
     torch.manual_seed(cfg.seed)
     module = task.build_model()
-    net, _ = ddp_links.wrap(module, label, args)
+    net, state = ddp_links.wrap(module, label, args)
     for name in ("init_hidden", "detach_hidden"):  # what the language task's loss asks the model for
         if hasattr(module, name):
             setattr(net, name, getattr(module, name))
@@ -87,6 +89,9 @@ def _train_one(label: str, args: argparse.Namespace, cfg: Any, task: Any) -> dic
     curve, step, start, split = [], 0, time.perf_counter(), None
     module.train()
     for epoch in range(math.ceil(total / per_epoch)):
+        task.begin_epoch(epoch)  # as the training loop does, with the method's epoch context
+        if state is not None:
+            state.begin_epoch(epoch, schedule(float(epoch)), cfg.epochs)
         for batch in task.batches(epoch, 0):
             lr = schedule(step / per_epoch)
             for group in opt.param_groups:

@@ -29,15 +29,17 @@ def test_the_step_is_the_wall_time_between_training_lines():
     assert network.step_seconds(lines[:1]) is None
 
 
-def test_one_worker_trains_in_both_scopes_and_says_which_ran(tmp_path):
+def test_one_worker_trains_in_both_scopes_says_which_ran_and_skips_what_cannot_run(tmp_path):
     data = tiny_data.write_mnist(tmp_path / "data", n_train=640)
     result = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    subprocess.run([sys.executable, str(ROOT / "bench" / "network.py"), "worker", "--models", "mnist_cnn",
-                    "--methods", "topk", "--densities", "0.01", "--scopes", "bucket,model", "--steps", "6",
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "network.py"), "worker", "--models", "mnist_cnn",
+                    "--methods", "topk,omgs", "--densities", "0.01", "--scopes", "bucket,model", "--steps", "6",
                     "--log-every", "2", "--data-dir", str(data), "--scratch", str(tmp_path),
-                    "--result", str(result)], check=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300)
+                    "--result", str(result)], check=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, timeout=300,
+                          capture_output=True, text=True)
     rows = json.loads(result.read_text())
-    assert [(r["method"], r["scope"]) for r in rows] == [("topk", "bucket"), ("topk", "model")]
+    assert [(r["method"], r["scope"]) for r in rows] == [("topk", "bucket"), ("topk", "model"), ("omgs", "model")]
+    assert "skipped mnist_cnn omgs bucket: reducer.scope=bucket" in done.stdout
     assert all(r["t_iter"] > 0 and r["bytes_sent"] >= 0 for r in rows)
     assert "bucket" in network.table([{"hosts": 1, "rate": "none", **r} for r in rows])

@@ -483,7 +483,7 @@ once more), or ``TABLE_MIN``."""
 IN_FLIGHT = 2
 """Windows of a gathered row on their way at once (:func:`gather_in_windows`). With one, the
 link idles while each window's collective starts: on 2 hosts joined by 100 Mbit/s a 16-bit
-row of 2.4 MB in three windows took 1.4x the time of one all-reduce of it; with two, the
+row of 2.4 MB in three windows took 1.47x the time of one all-reduce of it; with two, the
 same as the all-reduce (docs/benchmarks.md, *Our 16-bit casts against PyTorch's*)."""
 TABLE_MIN = 1 << 21
 """Tables of up to 2 MiB are allowed whatever the gradient's size: a small model's rows travel
