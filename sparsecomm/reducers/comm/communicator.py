@@ -107,9 +107,14 @@ class Communicator:
         return Pending(out.view(self.size, *tensor.shape), work)
 
     def all_to_all(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """:meth:`all_to_all_async`, waited for."""
+        return self.all_to_all_async(tensor, send_counts, recv_counts).wait()
+
+    def all_to_all_async(self, tensor: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> Pending:
         """Send the consecutive parts of the flat ``tensor`` (``send_counts[r]`` elements for
-        worker r) to their workers; returns what the others sent here, in worker order
-        (``recv_counts[r]`` elements from worker r), as one new flat tensor. A collective: every
+        worker r) to their workers; the result (when waited for) is what the others sent here,
+        in worker order (``recv_counts[r]`` elements from worker r), as one new flat tensor;
+        ``tensor`` must stay unchanged until then. A collective: every
         worker calls it, with counts that agree (worker w's ``send_counts[r]`` is worker r's
         ``recv_counts[w]``), even when it sends and receives nothing. ``bytes_sent``: the whole
         ``tensor``; ``bytes_wire``: the bytes received from the others (this worker's own part,
@@ -123,9 +128,8 @@ class Communicator:
         self.bytes_wire += float(size * (sum(recv_counts) - recv_counts[self.rank]))
         out = torch.empty(sum(recv_counts), dtype=tensor.dtype, device=tensor.device)
         if self.size == 1:
-            return out.copy_(tensor)
-        self._all_to_all(out, tensor, list(send_counts), list(recv_counts))
-        return out
+            return Pending(out.copy_(tensor))
+        return Pending(out, self._all_to_all(out, tensor, list(send_counts), list(recv_counts)))
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
         """Send ``tensor`` to worker ``dst`` (which calls :meth:`recv_`)."""
@@ -186,8 +190,9 @@ class Communicator:
         raise NotImplementedError(f"{type(self).__name__} has no reduce-scatter")
 
     def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, send_counts: list[int],
-                    recv_counts: list[int]) -> None:
-        """Called with size > 1 on every worker, empty tensors included."""
+                    recv_counts: list[int]) -> Any:
+        """Called with size > 1 on every worker, empty tensors included; returns the collective's
+        work handle while it is in flight, or None once done."""
         raise NotImplementedError(f"{type(self).__name__} has no all-to-all")
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
@@ -233,8 +238,8 @@ class ProcessGroupCommunicator(Communicator):
         _reduce_scatter_flat(out, tensor, op=dist.ReduceOp.SUM, group=self.group)
 
     def _all_to_all(self, out: torch.Tensor, tensor: torch.Tensor, send_counts: list[int],
-                    recv_counts: list[int]) -> None:
-        dist.all_to_all_single(out, tensor, recv_counts, send_counts, group=self.group)
+                    recv_counts: list[int]) -> Any:
+        return dist.all_to_all_single(out, tensor, recv_counts, send_counts, group=self.group, async_op=True)
 
     def _exchange(self, send: torch.Tensor | None, recv: torch.Tensor | None, peer: int) -> None:
         ops = []

@@ -679,7 +679,8 @@ def routed_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, 
     runs ``parts`` holds this worker's own part only (None for the others), from which it can
     still decode its own vector (its residual). The list is emptied when the next run is asked
     for. A window's table (the bytes this worker receives) is at most (P - 1) / P of
-    :func:`gather_in_windows`'s, the same windows' bound."""
+    :func:`gather_in_windows`'s, the same windows' bound; as there, :data:`IN_FLIGHT` windows'
+    all-to-alls are on their way while one is handed over."""
     P, me = comm.size, comm.rank
     d = ranges[-1][1] if ranges else 0
     limit = table_limit(d, 4) if limit is None else limit
@@ -693,14 +694,23 @@ def routed_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, 
     span = head_span or (lambda a, b: (0, head))
     needs = [merged([span(a, b) for a, b, w in cut if w == owner]) for owner in range(P)]
     heads: list[torch.Tensor] = []
-    for j, (first, last, lo, hi, _) in enumerate(windows([(a, b) for a, b, _ in cut], head, width, size,
-                                                         max(1, limit // P))):
+    plan = windows([(a, b) for a, b, _ in cut], head, width, size, max(1, limit // P))
+
+    def start(j: int) -> tuple[torch.Tensor, int, list[Run], RunsInFlight]:
+        first, last, lo, hi, _ = plan[j]
         mine = part(lo, hi)
         if j == 0:
-            heads = [mine[:head].clone() if w == me else torch.zeros(head, dtype=torch.uint8, device=mine.device)
-                     for w in range(P)]
+            heads[:] = [mine[:head].clone() if w == me else torch.zeros(head, dtype=torch.uint8, device=mine.device)
+                        for w in range(P)]
         window = runs(cut, first, last, head, width)
-        bodies = _exchange_runs(comm, mine, lo, window, needs if j == 0 else None, heads)
+        return mine, lo, window, _start_runs(comm, mine, lo, window, needs if j == 0 else None)
+
+    pending = collections.deque(start(j) for j in range(min(IN_FLIGHT, len(plan))))
+    for j in range(len(plan)):
+        mine, lo, window, inflight = pending.popleft()
+        bodies = inflight.finish(heads)
+        if j + IN_FLIGHT < len(plan):
+            pending.append(start(j + IN_FLIGHT))
         for run in window:
             parts: list[Encoded | None] = [None] * P
             if run.owner == me:
@@ -712,12 +722,41 @@ def routed_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, 
             release(mine)
 
 
-def _exchange_runs(comm: Communicator, mine: torch.Tensor, lo: int, window: list[Run],
-                   needs: list[list[tuple[int, int]]] | None, heads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """One window's all-to-all (:func:`routed_windows`): to each other owner, this worker's
-    bytes of its runs in ``mine`` (the row's bytes from ``lo``), after the head spans ``needs``
-    of that owner (the first window only; None after), which arrive into ``heads``. Returns,
-    for each of this worker's own runs, every worker's bytes of it (its own: empty)."""
+@dataclass
+class RunsInFlight:
+    """One window's all-to-all on its way (:func:`_start_runs`): what arrives, and where."""
+
+    pending: Pending
+    sent: torch.Tensor
+    own: list[int]
+    needs: list[tuple[int, int]]
+    me: int
+    size: int
+
+    def finish(self, heads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Wait for the window; the head spans it brought go into ``heads``. Returns, for each
+        of this worker's own runs, every worker's bytes of it (its own: empty)."""
+        got = self.pending.wait()
+        release(self.sent)
+        bodies: list[list[torch.Tensor]] = [[got[:0]] * self.size for _ in self.own]
+        at = 0
+        for w in range(self.size):
+            if w == self.me:
+                continue
+            for a, b in self.needs:
+                heads[w][a:b] = got[at:at + b - a]
+                at += b - a
+            for i, n in enumerate(self.own):
+                bodies[i][w] = got[at:at + n]
+                at += n
+        return bodies
+
+
+def _start_runs(comm: Communicator, mine: torch.Tensor, lo: int, window: list[Run],
+                needs: list[list[tuple[int, int]]] | None) -> RunsInFlight:
+    """Start one window's all-to-all (:func:`routed_windows`): to each other owner, this
+    worker's bytes of its runs in ``mine`` (the row's bytes from ``lo``), after the head spans
+    ``needs`` of that owner (the first window only; None after)."""
     P, me = comm.size, comm.rank
     pieces: list[list[torch.Tensor]] = [[] for _ in range(P)]
     for w in range(P):
@@ -726,23 +765,11 @@ def _exchange_runs(comm: Communicator, mine: torch.Tensor, lo: int, window: list
             pieces[w] += [mine[run.lo - lo:run.hi - lo] for run in window if run.owner == w]
     send = [sum(p.numel() for p in pieces[w]) for w in range(P)]
     own = [run.hi - run.lo for run in window if run.owner == me]
-    expect = sum(own) + sum(b - a for a, b in (needs[me] if needs is not None else []))
+    mine_needs = needs[me] if needs is not None else []
+    expect = sum(own) + sum(b - a for a, b in mine_needs)
     recv = [0 if w == me else expect for w in range(P)]
     flat = torch.cat([p for w in range(P) for p in pieces[w]] or [mine[:0]])
-    got = comm.all_to_all(flat, send, recv)
-    release(flat)
-    bodies: list[list[torch.Tensor]] = [[got[:0]] * P for _ in own]
-    at = 0
-    for w in range(P):
-        if w == me:
-            continue
-        for a, b in (needs[me] if needs is not None else []):
-            heads[w][a:b] = got[at:at + b - a]
-            at += b - a
-        for i, n in enumerate(own):
-            bodies[i][w] = got[at:at + n]
-            at += n
-    return bodies
+    return RunsInFlight(comm.all_to_all_async(flat, send, recv), flat, own, mine_needs, me, P)
 
 
 def encoded_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, width: int,
