@@ -144,6 +144,9 @@ def test_the_closing_lines_say_what_a_run_reached_and_cost():
     assert text.splitlines()[0] == "stopped before the end: r at step 94 of 100 after 1 min 15 s, in /runs"
     assert "final 0.9123 (test); best 0.92 at epoch 0.512" in text and "0.00123 (target 0.001)" in text
     assert "2.05 kB sent per worker per step, 193 kB in all" in text and "per step   35 ms: data 1 ms" in text
+    overlapped = report({**summary, "scope": "bucket"}, "/runs")
+    assert "per step   parts adding to 35 ms, select and communicate beside backward (bucket scope): data 1 ms" \
+        in overlapped
     assert "off target" not in text, "the warnings are logged once, when the summary is written"
     assert "not evaluated" in report({**summary, "final": {}, "best": None, "complete": True}, "/runs")
     cast = report({**summary, "reducer": "fp16", "uses_density": False, "mean_density": 1.0,

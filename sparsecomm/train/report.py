@@ -12,8 +12,9 @@ __all__ = ["report"]
 
 def report(summary: dict[str, Any], where: str) -> str:
     """``summary.json`` for a person: the headline metric (final and best), the density
-    achieved against the target, the bytes one worker sent, and the time split of a step (its
-    warnings are logged when the summary is written)."""
+    achieved against the target, the bytes one worker sent, and the time split of a step (in
+    bucket scope its parts overlap, and the line says so; its warnings are logged when the
+    summary is written)."""
     steps, total = summary["steps"], summary.get("total_steps")
     state = "done" if summary.get("complete") else "stopped before the end"
     head = (f"{state}: {summary['run']} at step {steps:,}" + (f" of {total:,}" if total else "")
@@ -25,7 +26,12 @@ def report(summary: dict[str, Any], where: str) -> str:
     split = summary.get("time_split")
     if split:
         parts = ", ".join(f"{PART_NAMES[k]} {seconds(v)}" for k, v in split.items())
-        lines.append(f"  {'per step':<10} {seconds(sum(split.values()))}: {parts}")
+        total = seconds(sum(split.values()))
+        if summary.get("scope") == "bucket":  # the reduce ran beside backward: the parts overlap
+            lines.append(f"  {'per step':<10} parts adding to {total}, select and communicate beside backward "
+                         f"(bucket scope): {parts}")
+        else:
+            lines.append(f"  {'per step':<10} {total}: {parts}")
     return "\n".join(lines)
 
 
