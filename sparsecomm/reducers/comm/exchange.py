@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -552,6 +552,19 @@ RowBytes = Callable[[int, int], torch.Tensor]
 """Bytes ``[lo, hi)`` of a row encoded on demand (a uint8 tensor of ``hi - lo`` bytes)."""
 
 
+def in_flight(count: int, start: Callable[[int], Any], finish: Callable[[Any], Any]) -> Iterator[Any]:
+    """``finish(start(j))`` for j in ``range(count)``, in order, with :data:`IN_FLIGHT` started
+    ahead: item j is finished before item j + IN_FLIGHT is started, and handed over after it.
+    The windowed exchanges' pipeline (:func:`gather_in_windows`, :func:`routed_windows`)."""
+    pending = collections.deque(start(j) for j in range(min(IN_FLIGHT, count)))
+    for j in range(count):
+        done = finish(pending.popleft())
+        if j + IN_FLIGHT < count:
+            pending.append(start(j + IN_FLIGHT))
+        yield done
+        del done  # the caller is done with it: its table may go before the next wait
+
+
 def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, width: int,
                       ranges: Sequence[tuple[int, int]], limit: int | None = None,
                       size: int | None = None) -> Iterator[tuple[Sequence[tuple[int, int]], list[Encoded]]]:
@@ -585,14 +598,13 @@ def gather_in_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: in
         sent = part(plan[j][2], plan[j][3])
         return comm.all_gather_async(sent), sent
 
-    pending = collections.deque(send(j) for j in range(min(IN_FLIGHT, len(plan))))
-    for j, (first, last, lo, hi, start) in enumerate(plan):
-        done, sent = pending.popleft()
-        table = done.wait()
+    def finish(started: tuple[Pending, torch.Tensor]) -> torch.Tensor:
+        table = started[0].wait()
         if not isinstance(row, torch.Tensor):
-            release(sent)  # gloo keeps a collective's input until its next one
-        if j + IN_FLIGHT < len(plan):
-            pending.append(send(j + IN_FLIGHT))
+            release(started[1])  # gloo keeps a collective's input until its next one
+        return table
+
+    for (first, last, lo, hi, start), table in zip(plan, in_flight(len(plan), send, finish)):
         if heads is None:
             heads = table[:, :head].clone()
             body = table[:, head:]
@@ -705,12 +717,11 @@ def routed_windows(comm: Communicator, row: torch.Tensor | RowBytes, head: int, 
         window = runs(cut, first, last, head, width)
         return mine, lo, window, _start_runs(comm, mine, lo, window, needs if j == 0 else None)
 
-    pending = collections.deque(start(j) for j in range(min(IN_FLIGHT, len(plan))))
-    for j in range(len(plan)):
-        mine, lo, window, inflight = pending.popleft()
-        bodies = inflight.finish(heads)
-        if j + IN_FLIGHT < len(plan):
-            pending.append(start(j + IN_FLIGHT))
+    def finish(started: tuple[torch.Tensor, int, list[Run], RunsInFlight]) -> tuple:
+        mine, lo, window, runs_in_flight = started
+        return mine, lo, window, runs_in_flight.finish(heads)
+
+    for mine, lo, window, bodies in in_flight(len(plan), start, finish):
         for run in window:
             parts: list[Encoded | None] = [None] * P
             if run.owner == me:
