@@ -245,10 +245,7 @@ def run(args: argparse.Namespace, script: str | Path = __file__, base: str = "dd
     """Bring up a netlab per host count and rate, run ``script``'s ``worker`` on each host
     (bench/fsdp_links.py passes its own), gather rank 0's rows into ``args.out``; ``base``: the
     configuration the tables divide by."""
-    current = netlab.status()
-    if current is not None:
-        print(f"a netlab is up ({current.hosts} hosts at {current.rate}), perhaps another job's; "
-              f"not touching it (`python -m sparsecomm netlab down` if it is a leftover)", file=sys.stderr)
+    if netlab_in_use():
         return 2
     results: dict[str, Any] = {"settings": vars(args), "command": " ".join([sys.executable] + sys.argv),
                                "cells": []}
@@ -276,6 +273,16 @@ def run(args: argparse.Namespace, script: str | Path = __file__, base: str = "dd
         netlab.down(force=True)
     print(f"wrote {args.out}")
     return 0
+
+
+def netlab_in_use() -> bool:
+    """Whether a netlab is up already (perhaps another job's), said on stderr: a run then leaves
+    it alone and does not start (also bench/duplex.py's)."""
+    current = netlab.status()
+    if current is not None:
+        print(f"a netlab is up ({current.hosts} hosts at {current.rate}), perhaps another job's; "
+              f"not touching it (`python -m sparsecomm netlab down` if it is a leftover)", file=sys.stderr)
+    return current is not None
 
 
 def table(cells: list[dict], base: str = "ddp") -> str:
