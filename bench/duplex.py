@@ -1,23 +1,25 @@
 """Gloo's collectives that move the same bytes, on hosts joined by rate-limited links, with the
 calling thread idle or busy.
 
-Each worker holds a row of ``--values`` float16 values (the MNIST CNN's gradient, 1,181,066 of
-them, by default: 2.36 MB) and, after a barrier, starts one collective asynchronously, keeps its
-own thread busy for ``--busy`` milliseconds (matrix products standing for the backward pass that
-DDP's communication runs beside), then waits. Each of these puts every row's bytes on each
-host's link once at 2 hosts:
+Each of 2 hosts holds a row of ``--values`` float16 values (by default 1,181,066 of them, 2.36
+MB: the MNIST CNN's first DDP bucket, 98% of its gradient) and, after a barrier, starts one
+collective asynchronously, keeps its own thread busy for ``--busy`` milliseconds (matrix products
+standing for the backward pass that DDP's communication runs beside), then waits. Each of these
+puts the row's bytes on each host's link once (at 2 hosts; with more, they would not move the
+same bytes, so the benchmark runs 2):
 
   - ``all_reduce``   the row summed (what DDP and PyTorch's ``fp16_compress_hook`` send)
   - ``all_gather``   every row gathered into one table (``all_gather_single``, formerly ``all_gather_into_tensor``; what
                      sparsecomm's casts send with ``exchange="gather"``, a window at a time)
-  - ``send_recv``    at 2 hosts: the row sent to the peer while the peer's is received
-                     (``isend`` and ``irecv``)
+  - ``send_recv``    the row sent to the peer while the peer's is received (``isend`` and
+                     ``irecv``)
   - ``all_to_all``   each row sent whole to every worker (``all_to_all_single``)
 
-Reported: rank 0's median, fastest and slowest of ``--repeats`` timed collectives (one more
-first, untimed), per host count, rate, busy time and collective, as JSON lines and a table.
+Reported: rank 0's median, fastest and slowest of ``--repeats`` timed collectives, per rate,
+busy time and collective. One more collective runs first, untimed, and its result is checked
+against the rows every worker holds (each is drawn from a generator seeded with its rank).
 
-    .venv/bin/python bench/duplex.py run --hosts 2 --rates 100mbit --busy 0,80 --repeats 8
+    .venv/bin/python bench/duplex.py run --rates 100mbit,1gbit --busy 0,80 --repeats 8
 
 Needs root and iproute2 (``sparsecomm.tools.netlab``); refuses to start while another netlab is up.
 """
@@ -43,23 +45,46 @@ KINDS = ("all_reduce", "all_gather", "send_recv", "all_to_all")
 PORT = 29660
 
 
-def start(kind: str, row: Any, table: Any) -> list[Any]:
-    """Start collective ``kind`` of ``row`` (results into ``table``, P rows); its works."""
+HOSTS = 2
+
+
+def row_of(rank: int, values: int) -> Any:
+    """Worker ``rank``'s row: ``values`` float16 values drawn from a generator seeded with it."""
+    import torch
+    return torch.randn(values, generator=torch.Generator().manual_seed(rank)).half()
+
+
+def start(kind: str, row: Any, table: Any) -> tuple[list[Any], Any]:
+    """Start collective ``kind`` of ``row`` between the 2 workers: its works, and the tensor that
+    holds its result once they are done (``table``, 2 rows, for all but the all-reduce)."""
     import torch.distributed as dist
-    rank, size = dist.get_rank(), dist.get_world_size()
     if kind == "all_reduce":
-        return [dist.all_reduce(row.clone(), async_op=True)]
+        total = row.clone()
+        return [dist.all_reduce(total, async_op=True)], total
     if kind == "all_gather":
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the newer name where it exists
-        return [gather(table, row, async_op=True)]
+        return [gather(table, row, async_op=True)], table
     if kind == "all_to_all":
-        return [dist.all_to_all_single(table, row.repeat(size), async_op=True)]
+        return [dist.all_to_all_single(table, row.repeat(HOSTS), async_op=True)], table
     if kind == "send_recv":
-        if size != 2:
-            raise ValueError(f"send_recv is a 2-host collective, not one of {size} hosts")
-        peer = 1 - rank
-        return [dist.isend(row, peer), dist.irecv(table[:row.numel()], peer)]
+        peer = 1 - dist.get_rank()
+        return [dist.isend(row, peer), dist.irecv(table[:row.numel()], peer)], table[:row.numel()]
     raise ValueError(f"unknown collective {kind!r}; expected one of {KINDS}")
+
+
+def check(kind: str, result: Any, values: int) -> None:
+    """Raise unless ``result`` holds what collective ``kind`` should have given this worker."""
+    import torch
+    import torch.distributed as dist
+    rows = [row_of(r, values) for r in range(HOSTS)]
+    if kind == "all_reduce":
+        expected = rows[0] + rows[1]  # two float16 rows: one rounding, whichever order
+    elif kind == "send_recv":
+        expected = rows[1 - dist.get_rank()]
+    else:
+        expected = torch.cat(rows)
+    if not torch.equal(result, expected):
+        raise RuntimeError(f"{kind}: rank {dist.get_rank()} did not receive what the other worker sent")
 
 
 def busy(seconds: float, work: Any) -> None:
@@ -74,8 +99,10 @@ def measure(kinds: list[str], values: int, busy_ms: list[float], repeats: int) -
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
-    row = torch.randn(values, generator=torch.Generator().manual_seed(dist.get_rank())).half()
-    table = torch.empty(dist.get_world_size() * values, dtype=torch.float16)
+    if dist.get_world_size() != HOSTS:
+        raise ValueError(f"bench/duplex.py runs on {HOSTS} workers, not {dist.get_world_size()}")
+    row = row_of(dist.get_rank(), values)
+    table = torch.empty(HOSTS * values, dtype=torch.float16)
     work = torch.randn(256, 256)
     rows = []
     for ms in busy_ms:
@@ -84,12 +111,15 @@ def measure(kinds: list[str], values: int, busy_ms: list[float], repeats: int) -
             for i in range(repeats + 1):
                 dist.barrier()
                 t0 = time.perf_counter()
-                works = start(kind, row, table)
+                works, result = start(kind, row, table)
                 busy(ms / 1e3, work)
                 for w in works:
                     w.wait()
-                if i:  # the first is warm-up
+                if i:  # the first is warm-up, and checked
                     times.append(time.perf_counter() - t0)
+                else:
+                    check(kind, result, values)
+                    table.zero_()
             rows.append({"collective": kind, "busy_ms": ms, "bytes": 2 * values, "median": statistics.median(times),
                          "min": min(times), "max": max(times), "repeats": repeats})
     return rows
@@ -106,9 +136,9 @@ def worker(args: argparse.Namespace) -> int:
 
 
 def table(cells: list[dict]) -> str:
-    lines = ["hosts  rate      busy ms  collective   median ms  fastest  slowest"]
+    lines = ["rate      busy ms  collective   median ms  fastest  slowest"]
     for c in cells:
-        lines.append(f"{c['hosts']:>5}  {c['rate']:<8}  {c['busy_ms']:>7g}  {c['collective']:<11}  "
+        lines.append(f"{c['rate']:<8}  {c['busy_ms']:>7g}  {c['collective']:<11}  "
                      f"{c['median'] * 1e3:>9.1f}  {c['min'] * 1e3:>7.1f}  {c['max'] * 1e3:>7.1f}")
     return "\n".join(lines)
 
@@ -116,24 +146,21 @@ def table(cells: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     if ddp_links.netlab_in_use():
         return 2
-    kinds = args.kinds.split(",")
     cells: list[dict] = []
     scratch = Path(tempfile.mkdtemp(prefix="duplex-"))
     try:
-        for hosts in [int(h) for h in args.hosts.split(",")]:
-            for rate in args.rates.split(","):
-                netlab.down(force=True)
-                netlab.up(hosts, rate)
-                result = scratch / f"h{hosts}-{rate}.json"
-                wanted = [k for k in kinds if hosts == 2 or k != "send_recv"]
-                command = [sys.executable, str(Path(__file__).resolve()), "worker", "--kinds", ",".join(wanted),
-                           "--values", str(args.values), "--busy", args.busy, "--repeats", str(args.repeats),
-                           "--result", str(result)]
-                print(f"== {hosts} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
-                network.run_hosts(hosts, command, {}, args.timeout, port=PORT)
-                rows = [{"hosts": hosts, "rate": rate, **r} for r in json.loads(result.read_text())]
-                cells += rows
-                print(table(rows), flush=True)
+        for rate in args.rates.split(","):
+            netlab.down(force=True)
+            netlab.up(HOSTS, rate)
+            result = scratch / f"{rate}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), "worker", "--kinds", args.kinds,
+                       "--values", str(args.values), "--busy", args.busy, "--repeats", str(args.repeats),
+                       "--result", str(result)]
+            print(f"== {HOSTS} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
+            network.run_hosts(HOSTS, command, {}, args.timeout, port=PORT)
+            rows = [{"hosts": HOSTS, "rate": rate, **r} for r in json.loads(result.read_text())]
+            cells += rows
+            print(table(rows), flush=True)
     finally:
         netlab.down(force=True)
     if args.out:
@@ -147,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
     r = verbs.add_parser("run")
-    r.add_argument("--hosts", default="2")
     r.add_argument("--rates", default="100mbit")
     r.add_argument("--timeout", type=float, default=900)
     r.add_argument("--out", default=None, help="also write the rows here as JSON")
@@ -162,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds.split(","):
         if kind not in KINDS:
             p.error(f"--kinds: unknown collective {kind!r}; expected some of {', '.join(KINDS)}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    try:
+        busy_ms = [float(b) for b in args.busy.split(",")]
+    except ValueError:
+        busy_ms = [-1.0]
+    if any(not b >= 0 for b in busy_ms):
+        p.error(f"--busy: milliseconds >= 0, comma-separated, got {args.busy!r}")
     return {"run": run, "worker": worker}[args.verb](args)
 
 
