@@ -43,8 +43,6 @@ from sparsecomm.tools import netlab
 
 KINDS = ("all_reduce", "all_gather", "send_recv", "all_to_all")
 PORT = 29660
-
-
 HOSTS = 2
 
 
@@ -128,7 +126,7 @@ def measure(kinds: list[str], values: int, busy_ms: list[float], repeats: int) -
 def worker(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     dist.init_process_group("gloo")
-    rows = measure(args.kinds.split(","), args.values, [float(b) for b in args.busy.split(",")], args.repeats)
+    rows = measure(args.kinds, args.values, args.busy, args.repeats)
     if dist.get_rank() == 0:
         Path(args.result).write_text(json.dumps(rows))
     dist.destroy_process_group()
@@ -153,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
             netlab.down(force=True)
             netlab.up(HOSTS, rate)
             result = scratch / f"{rate}.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "worker", "--kinds", args.kinds,
-                       "--values", str(args.values), "--busy", args.busy, "--repeats", str(args.repeats),
-                       "--result", str(result)]
+            command = [sys.executable, str(Path(__file__).resolve()), "worker", "--kinds", ",".join(args.kinds),
+                       "--values", str(args.values), "--busy", ",".join(map(str, args.busy)),
+                       "--repeats", str(args.repeats), "--result", str(result)]
             print(f"== {HOSTS} hosts at {rate} ({time.strftime('%H:%M:%S')})", flush=True)
             network.run_hosts(HOSTS, command, {}, args.timeout, port=PORT)
             rows = [{"hosts": HOSTS, "rate": rate, **r} for r in json.loads(result.read_text())]
@@ -170,6 +168,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def collectives(text: str) -> list[str]:
+    """``--kinds``: some of :data:`KINDS`, comma-separated."""
+    kinds = text.split(",")
+    for kind in kinds:
+        if kind not in KINDS:
+            raise argparse.ArgumentTypeError(f"unknown collective {kind!r}; expected some of {', '.join(KINDS)}")
+    return kinds
+
+
+def milliseconds(text: str) -> list[float]:
+    """``--busy``: milliseconds >= 0, comma-separated."""
+    try:
+        values = [float(b) for b in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"milliseconds >= 0, comma-separated, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -180,22 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     w = verbs.add_parser("worker")
     w.add_argument("--result", required=True)
     for q in (r, w):
-        q.add_argument("--kinds", default=",".join(KINDS), help=f"some of {','.join(KINDS)}")
+        q.add_argument("--kinds", type=collectives, default=list(KINDS), help=f"some of {','.join(KINDS)}")
         q.add_argument("--values", type=int, default=1_181_066, help="float16 values per worker")
-        q.add_argument("--busy", default="0,80", help="milliseconds the calling thread stays busy, comma-separated")
+        q.add_argument("--busy", type=milliseconds, default=[0.0, 80.0],
+                       help="milliseconds the calling thread stays busy, comma-separated (default 0,80)")
         q.add_argument("--repeats", type=int, default=8)
     args = p.parse_args(argv)
-    for kind in args.kinds.split(","):
-        if kind not in KINDS:
-            p.error(f"--kinds: unknown collective {kind!r}; expected some of {', '.join(KINDS)}")
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
-    try:
-        busy_ms = [float(b) for b in args.busy.split(",")]
-    except ValueError:
-        busy_ms = [-1.0]
-    if any(not b >= 0 for b in busy_ms):
-        p.error(f"--busy: milliseconds >= 0, comma-separated, got {args.busy!r}")
     return {"run": run, "worker": worker}[args.verb](args)
 
 
